@@ -1,0 +1,201 @@
+"""``tlsproxy certs bootstrap|check|inspect``: make, dry-run-reload and describe certificates.
+
+Exit codes: 0 success; 1 ``check`` found material a reload would refuse; 2 bad usage or unusable
+input (one line ``tlsproxy: error: ...`` on stderr, never a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from .. import cli as _cli
+from ..errors import CertError, ConfigError
+from . import bootstrap as bs
+from . import inspect as insp
+from .bundle import load_dir, load_files
+
+EXIT_OK = 0
+EXIT_REFUSED = 1
+
+
+def _argtype(fn: Callable[[str], object], name: str) -> Callable[[str], object]:
+    def parse(text: str) -> object:
+        try:
+            return fn(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = name
+    return parse
+
+
+def _days(text: str) -> int:
+    try:
+        days = int(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a whole number of days") from None
+    if not 1 <= days <= bs.MAX_DAYS:
+        raise ValueError(f"{days} is out of range (1..{bs.MAX_DAYS})")
+    return days
+
+
+# ---------------------------------------------------------------------------- arguments
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="certs_action", metavar="ACTION", parser_class=type(parser))
+
+    b = sub.add_parser("bootstrap", help="make a CA and a server (and client) certificate for a Service",
+                       description="Make a CA and a server certificate for a Kubernetes Service (and a "
+                       "client certificate for mutual TLS), as kubernetes.io/tls Secret files or manifests.")
+    b.add_argument("--service", required=True, type=_argtype(bs.k8s_label, "name"), metavar="NAME",
+                   help="Service name (SANs NAME, NAME.NS, NAME.NS.svc, NAME.NS.svc.cluster.local)")
+    b.add_argument("--namespace", required=True, type=_argtype(bs.k8s_label, "name"), metavar="NS",
+                   help="the Service's namespace")
+    b.add_argument("--out", type=Path, metavar="DIR",
+                   help="directory to write ca.crt, ca.key, tls.crt, tls.key (and client/) into; created "
+                   "if missing (required unless --format secret-yaml)")
+    b.add_argument("--dns", action="append", default=[], type=_argtype(bs.dns_name, "DNS name"),
+                   metavar="NAME", help="extra DNS SAN (repeatable)")
+    b.add_argument("--ip", action="append", default=[], type=_argtype(bs.ip_address, "IP address"),
+                   metavar="ADDR", help="extra IP SAN (repeatable)")
+    b.add_argument("--key-type", choices=("ecdsa", "rsa"), default="ecdsa",
+                   help="ECDSA P-256 or RSA 2048 (for a new CA too) [default: ecdsa]")
+    b.add_argument("--days", type=_argtype(_days, "days"), default=bs.DEFAULT_DAYS, metavar="N",
+                   help=f"validity of the issued certificates [default: {bs.DEFAULT_DAYS}]")
+    b.add_argument("--ca-dir", type=Path, metavar="DIR",
+                   help="reuse the CA in DIR (ca.crt + ca.key) instead of making a new one")
+    b.add_argument("--client", type=_argtype(bs.k8s_label, "name"), metavar="NAME",
+                   help="also issue a client certificate (CN=NAME, clientAuth) into OUT/client/")
+    b.add_argument("--client-uri", action="append", default=[], type=_argtype(bs.uri_san, "URI"),
+                   metavar="URI", help="URI SAN of the client certificate, e.g. a SPIFFE ID (repeatable)")
+    b.add_argument("--format", choices=("files", "secret-yaml", "cabundle"), default="files",
+                   help="files: write files, print a summary; secret-yaml: print kubernetes.io/tls Secret "
+                   "manifests; cabundle: print the base64 CA [default: files]")
+    b.add_argument("--force", action="store_true", help="replace existing files in --out")
+
+    c = sub.add_parser("check", help="dry-run a reload: would this certificate be served?",
+                       description="Validate a Secret directory (or --cert/--key) exactly as a reload "
+                       "would. Exit 0: would be served; 1: would be refused; 2: bad usage.")
+    c.add_argument("dir", nargs="?", type=Path, metavar="DIR", help="kubernetes.io/tls Secret directory")
+    c.add_argument("--cert", type=Path, metavar="FILE", help="certificate chain PEM (with --key)")
+    c.add_argument("--key", type=Path, metavar="FILE", help="private key PEM (with --cert)")
+    c.add_argument("--ca", type=Path, metavar="FILE", help="CA bundle PEM (with --cert/--key)")
+    c.add_argument("--require-client-cert", action="store_true",
+                   help="also load the directory's ca.crt as the client CA, as serve would")
+    c.add_argument("--json", action="store_true", help="print JSON")
+
+    i = sub.add_parser("inspect", help="show subject, SANs, issuer, validity and key match",
+                       description="Describe a PEM certificate file or a Secret directory.")
+    i.add_argument("path", type=Path, metavar="PATH", help="a PEM file or a Secret directory")
+    i.add_argument("--json", action="store_true", help="print JSON")
+
+
+# ---------------------------------------------------------------------------- bootstrap
+
+def _run_bootstrap(ns: argparse.Namespace) -> int:
+    if ns.out is None and ns.format != "secret-yaml":
+        raise ConfigError(f"--out DIR is required with --format {ns.format}")
+    if ns.client_uri and not ns.client:
+        raise ConfigError("--client-uri needs --client NAME")
+    spec = bs.Spec(service=ns.service, namespace=ns.namespace, dns=tuple(ns.dns), ips=tuple(ns.ip),
+                   key_type=ns.key_type, days=ns.days, client=ns.client, client_uris=tuple(ns.client_uri))
+    ca = bs.load_ca(ns.ca_dir) if ns.ca_dir is not None else None
+    material = bs.issue_material(spec, ca)
+    written = []
+    if ns.out is not None:
+        if ns.out.exists() and not ns.out.is_dir():
+            raise ConfigError(f"--out {ns.out}: exists and is not a directory")
+        written = bs.write_files(ns.out, bs.files_of(material), force=ns.force)
+    if ns.format == "secret-yaml":
+        sys.stdout.write(bs.render_yaml(bs.secret_manifests(spec, material)))
+    elif ns.format == "cabundle":
+        sys.stdout.write(bs.cabundle(material) + "\n")
+    else:
+        sys.stdout.write(_bootstrap_summary(spec, material, ns.out, written))
+    return EXIT_OK
+
+
+def _bootstrap_summary(spec: bs.Spec, material: bs.Material, out: Path, written: list[Path]) -> str:
+    server = insp.CertInfo.of(material.server.cert)
+    lines = [f"wrote {len(written)} files to {out}: "
+             + ", ".join(str(p.relative_to(out)) for p in written),
+             f"CA:     {insp.CertInfo.of(material.ca.cert).subject}"
+             + (" (new)" if material.ca_is_new else " (reused; its key stays where it is)"),
+             f"server: {server.subject}; SANs {', '.join(server.dns_names + server.ip_addresses)}; "
+             f"not after {server.not_after.isoformat()}"]
+    if material.client is not None:
+        client = insp.CertInfo.of(material.client.cert)
+        lines.append(f"client: {client.subject} in {out / bs.CLIENT_SUBDIR}; "
+                     f"not after {client.not_after.isoformat()}")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------- check
+
+def _run_check(ns: argparse.Namespace) -> int:
+    if ns.dir is not None and (ns.cert or ns.key or ns.ca):
+        raise ConfigError("give DIR or --cert/--key, not both")
+    if ns.dir is None and (ns.cert is None or ns.key is None):
+        raise ConfigError("give a Secret directory DIR, or --cert FILE and --key FILE")
+    if ns.dir is not None and not ns.dir.is_dir():
+        raise ConfigError(f"{ns.dir}: no such directory")
+    now = dt.datetime.now(dt.UTC)
+    try:
+        # The same loaders the watcher uses; then the same context build a reload does, because
+        # OpenSSL can refuse what cryptography accepted. (Imported here: the CLI shell is the one
+        # place in certs/ allowed to reach up into tls/.)
+        from ..tls.contexts import ServerTLSOptions, server_context
+
+        bundle = load_dir(ns.dir, now=now) if ns.dir is not None else load_files(ns.cert, ns.key, ns.ca,
+                                                                                  now=now)
+        client_ca = None
+        if ns.require_client_cert:
+            if bundle.ca_pem is None:
+                raise CertError(ns.dir or ns.cert, "--require-client-cert needs a ca.crt (or --ca)")
+            client_ca = bundle.ca_pem
+        server_context([bundle], ServerTLSOptions(client_ca_pem=client_ca))
+    except CertError as exc:
+        if ns.json:
+            sys.stdout.write(json.dumps({"ok": False, "path": exc.path, "reason": exc.reason}) + "\n")
+        else:
+            sys.stdout.write(f"refused: {exc.path}: {exc.reason}\n"
+                             "  a reload would keep serving the previous certificate\n")
+        return EXIT_REFUSED
+    report = insp.check_report(bundle, now)
+    if ns.json:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    else:
+        sys.stdout.write(insp.render_check(report))
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------- inspect
+
+def _run_inspect(ns: argparse.Namespace) -> int:
+    now = dt.datetime.now(dt.UTC)
+    report = insp.inspect_path(ns.path).as_dict(now)
+    if ns.json:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    else:
+        sys.stdout.write(insp.render_inspection(report))
+    return EXIT_OK
+
+
+_ACTIONS = {"bootstrap": _run_bootstrap, "check": _run_check, "inspect": _run_inspect}
+
+
+def _run(ns: argparse.Namespace) -> int:
+    action = getattr(ns, "certs_action", None)
+    if action is None:
+        sys.stderr.write("tlsproxy: error: certs needs an action: bootstrap, check or inspect\n")
+        return _cli.EXIT_USAGE
+    return _ACTIONS[action](ns)
+
+
+_cli.register("certs", "make (bootstrap), dry-run reload (check) and describe (inspect) certificates",
+              _add_arguments, _run)
