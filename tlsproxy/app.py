@@ -1,0 +1,295 @@
+"""Wiring: settings in, one root nursery of services out; signals; drain.
+
+Nursery layout (outer to inner)::
+
+    root        admin listener, signal handling, certificate watchers   (cancelled last)
+      handlers  one task per client connection                         (deadline on drain)
+        accept  the TLS (and plain) listeners' accept loops            (cancelled first on drain)
+
+Drain: readiness turns 503 → ``drain_delay_s`` of normal service (endpoints update) → the accept
+nursery is cancelled (listeners close) → idle keep-alive connections are woken and closed →
+in-flight requests get until ``drain_timeout_s`` after the signal → the handlers nursery is
+cancelled → exit 0.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+import trio
+
+from . import log as logging_setup
+from .admin.health import Health
+from .admin.server import AdminRequest, AdminRoutes, Reply, serve_admin
+from .certs import devca
+from .certs.bundle import Bundle
+from .certs.source import CertSource
+from .config import HostPort, Settings
+from .errors import CertError, ConfigError
+from .http.forward import Drain, Forwarder, Limits, Route
+from .http.pool import Pool
+from .inbound import upstream as upstream_mod
+from .inbound.server import ConnectionHandler, TLSListenerConfig, forwarder_serve, serve_tls
+from .log import get_logger
+from .metrics import Metrics
+from .tls.contexts import ServerTLSOptions, server_context
+from .tls.store import ContextStore, Generation
+
+log = get_logger("")
+
+
+@dataclass
+class Bound:
+    """Where each listener ended up (port 0 picks a free port; tests read this)."""
+
+    tls: HostPort | None = None
+    admin: HostPort | None = None
+    extra: dict[str, HostPort] = field(default_factory=dict)
+
+
+class App:
+    def __init__(self, settings: Settings, *, state_env: dict[str, str] | None = None) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.health = Health()
+        self.drain = Drain()
+        self.store = ContextStore()
+        self.admin_routes = AdminRoutes()
+        self.bound = Bound()
+        self.started_at = time.time()
+        self.drain_started_at: float | None = None
+        self._drain_requested = trio.Event()
+        self._state_env = state_env
+        self.standalone_dir = None
+        self.source = self._cert_source()
+        self.store.subscribe(self._on_swap)
+        self._install_admin_routes()
+
+    # ------------------------------------------------------------------ certificates
+    def _cert_source(self) -> CertSource:
+        s = self.settings
+        if s.cert_dir is not None:
+            return CertSource(cert_dir=s.cert_dir)
+        if s.cert is not None:
+            return CertSource(cert=s.cert, key=s.key)
+        state = s.state_dir or devca.default_state_dir(self._state_env)
+        try:
+            directory, _created = devca.ensure(state)
+        except OSError as exc:
+            raise ConfigError(f"--state-dir: cannot create the development CA in {state}: "
+                              f"{exc.strerror or exc}") from None
+        self.standalone_dir = directory
+        return CertSource(cert_dir=directory)
+
+    def tls_options(self) -> ServerTLSOptions:
+        s = self.settings
+        return ServerTLSOptions(min_version=s.tls_min_version, session_tickets=s.tls_session_tickets)
+
+    def build_generation(self) -> tuple[object, list[Bundle]]:
+        """Load and validate the material and build a context. Raises CertError; changes nothing."""
+        bundle = self.source.load()
+        ctx = server_context([bundle], self.tls_options())
+        return ctx, [bundle]
+
+    def load_certificates(self) -> Generation:
+        ctx, bundles = self.build_generation()
+        return self.store.swap(ctx, bundles)
+
+    def _on_swap(self, old: Generation | None, new: Generation) -> None:
+        for b in new.bundles:
+            info = b.info
+            self.metrics.cert_not_after.labels("server", info.subject, info.serial).set(
+                info.not_after.timestamp())
+            for warning in b.warnings:
+                log.warning("certificate warning", file=b.cert_path, warning=warning)
+        if old is not None:
+            for b in old.bundles:
+                if b.info.serial not in {n.info.serial for n in new.bundles}:
+                    try:
+                        self.metrics.cert_not_after.remove("server", b.info.subject, b.info.serial)
+                    except KeyError:
+                        pass
+        self.metrics.last_reload.labels("server").set(new.loaded_at)
+        first = new.bundles[0].info
+        fields = {"source": self.source.describe(), "serial": first.serial, "subject": first.subject,
+                  "not_after": first.not_after.isoformat(), "generation": new.number}
+        if old is not None:
+            fields["old_serial"] = old.bundles[0].info.serial
+            fields["old_not_after"] = old.bundles[0].info.not_after.isoformat()
+        log.info("certificate loaded" if old is None else "certificate reloaded", **fields)
+
+    # ------------------------------------------------------------------ admin
+    def _install_admin_routes(self) -> None:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        async def healthz(_req: AdminRequest) -> Reply:
+            return Reply.text(200, "ok")
+
+        async def readyz(_req: AdminRequest) -> Reply:
+            problems = await self.health.not_ready()
+            if problems:
+                return Reply.json(503, {"ready": False, "not_ready": problems})
+            return Reply.json(200, {"ready": True})
+
+        async def metrics(_req: AdminRequest) -> Reply:
+            return Reply(200, generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST)
+
+        self.admin_routes.add("/healthz", healthz)
+        self.admin_routes.add("/readyz", readyz)
+        self.admin_routes.add("/metrics", metrics)
+
+        async def cert_check() -> str | None:
+            return None if self.store.ready else "no valid certificate loaded"
+
+        async def listener_check() -> str | None:
+            return None if self.bound.tls is not None else "TLS listener not bound yet"
+
+        self.health.add_check("certificate", cert_check)
+        self.health.add_check("listeners", listener_check)
+        if self.settings.upstream.scheme in ("http", "tcp"):
+            up = self.settings.upstream
+
+            async def upstream_check() -> str | None:
+                reason = await upstream_mod.probe(up, min(1.0, self.settings.upstream_connect_timeout_s))
+                return f"upstream {up}: {reason}" if reason else None
+
+            self.health.add_check("upstream", upstream_check)
+
+    # ------------------------------------------------------------------ running
+    def limits(self) -> Limits:
+        s = self.settings
+        return Limits(max_head_bytes=s.max_head_bytes, max_body_bytes=s.max_body_bytes,
+                      head_timeout_s=s.head_timeout_s, body_timeout_s=s.body_timeout_s,
+                      idle_timeout_s=s.idle_timeout_s,
+                      upstream_response_timeout_s=s.upstream_response_timeout_s)
+
+    def request_drain(self) -> None:
+        if self.drain_started_at is None:
+            self.drain_started_at = trio.current_time()
+            self.health.draining = True
+            log.info("drain started", drain_timeout_s=self.settings.drain_timeout_s)
+        self._drain_requested.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[App] = trio.TASK_STATUS_IGNORED) -> None:
+        s = self.settings
+        if not self.store.ready:
+            self.load_certificates()
+        pool = Pool(upstream_mod.tcp_opener(s.upstream, s.upstream_connect_timeout_s))
+        route = Route(name="inbound", pool=pool, limits=self.limits(), access_log=s.access_log,
+                      upstream_label=str(s.upstream))
+        forwarder = Forwarder(route, self.metrics, self.drain)
+        tls_cfg = TLSListenerConfig(name="inbound", addr=s.listen, handshake_timeout_s=s.handshake_timeout_s,
+                                    max_connections=s.max_connections)
+        handler = ConnectionHandler(tls_cfg, self.store, self.metrics, forwarder_serve(forwarder))
+        self._log_summary()
+        async with trio.open_nursery() as root:
+            self.bound.admin = await root.start(serve_admin, s.admin, self.admin_routes)
+            async with trio.open_nursery() as handlers:
+                async with trio.open_nursery() as accepting:
+                    self.bound.tls = await accepting.start(serve_tls, tls_cfg, handler, handlers)
+                    self._announce()
+                    task_status.started(self)
+                    await self._drain_requested.wait()
+                    await self._drain_delay()
+                    accepting.cancel_scope.cancel()
+                log.info("listeners closed", in_flight=len(handlers.child_tasks))
+                self.drain.start()
+                pool.close_idle()
+                assert self.drain_started_at is not None
+                handlers.cancel_scope.deadline = self.drain_started_at + s.drain_timeout_s
+            cut = handlers.cancel_scope.cancelled_caught
+            log.info("drain finished", cut_connections=cut,
+                     seconds=round(trio.current_time() - self.drain_started_at, 3))
+            root.cancel_scope.cancel()
+
+    async def _drain_delay(self) -> None:
+        delay = getattr(self.settings, "drain_delay_s", 0.0) or 0.0
+        if delay > 0:
+            assert self.drain_started_at is not None
+            await trio.sleep_until(min(self.drain_started_at + delay,
+                                       self.drain_started_at + self.settings.drain_timeout_s))
+
+    def _log_summary(self) -> None:
+        s = self.settings
+        log.info("starting", listen=str(s.listen), upstream=str(s.upstream), admin=str(s.admin),
+                 certificates=self.source.describe(), tls_min_version=s.tls_min_version,
+                 access_log=s.access_log, max_connections=s.max_connections)
+
+    def _announce(self) -> None:
+        if self.standalone_dir is None:
+            return
+        ca = self.standalone_dir / "ca.crt"
+        bound = self.bound.tls
+        port = bound.port if bound else self.settings.listen.port
+        print(f"tlsproxy: standalone mode: development CA at {ca}\n"
+              f"tlsproxy: try: curl --cacert {ca} https://localhost:{port}/", flush=True)
+
+    async def run_with_signals(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._signals, nursery.cancel_scope)
+            await self.run()
+            nursery.cancel_scope.cancel()
+
+    async def _signals(self, scope: trio.CancelScope) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    await self.on_sighup()
+                elif self.drain_started_at is None:
+                    log.info("signal received", signal=signal.Signals(signum).name)
+                    self.request_drain()
+                else:
+                    log.warning("second signal: stopping now", signal=signal.Signals(signum).name)
+                    scope.cancel()
+                    raise SystemExit(1)
+
+    async def on_sighup(self) -> None:
+        """Force a certificate reload (the certificates module may replace this)."""
+        try:
+            ctx, bundles = self.build_generation()
+        except CertError as exc:
+            self.store.record_failure(str(exc))
+            self.metrics.reloads.labels("server", "failure").inc()
+            log.error("certificate reload failed; keeping the current certificate", file=exc.path,
+                      reason=exc.reason)
+            return
+        self.store.swap(ctx, bundles)
+        self.metrics.reloads.labels("server", "success").inc()
+
+
+def main_serve(settings: Settings) -> int:
+    logging_setup.setup(settings.log_format, settings.log_level)
+    try:
+        app = App(settings)
+        app.load_certificates()
+    except CertError as exc:
+        sys.stderr.write(f"tlsproxy: error: {exc}\n")
+        return 2
+    return run_main(app.run_with_signals)
+
+
+def run_main(fn) -> int:
+    """``trio.run`` with startup failures (a port in use…) turned into one line and exit 2."""
+    try:
+        trio.run(fn)
+    except BaseException as exc:  # noqa: BLE001 - unwrapped and re-raised below when not ours
+        first = _first_leaf(exc)
+        if isinstance(first, OSError | ConfigError | CertError):
+            text = first.strerror if isinstance(first, OSError) and first.strerror else str(first)
+            sys.stderr.write(f"tlsproxy: error: {text}\n")
+            return 2
+        if isinstance(first, KeyboardInterrupt):
+            return 130
+        if isinstance(first, SystemExit):
+            return int(first.code or 0)
+        raise
+    return 0
+
+
+def _first_leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc

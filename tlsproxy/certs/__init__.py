@@ -1,0 +1,1 @@
+"""Certificate material: bundles (load + validate), sources being watched, issuance."""

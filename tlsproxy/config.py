@@ -1,0 +1,471 @@
+"""Settings: parsed once from flags, environment and a YAML file into one frozen value.
+
+Every setting is a field of :class:`Settings`. Its metadata names the flag (``--head-timeout``), the
+parser that turns text into a typed value, and the help text; the CLI, the ``TLSPROXY_*`` environment
+variables and the ``--config`` YAML keys are all derived from that one table, so they cannot drift.
+
+Precedence, highest first: command-line flags > environment > config file > defaults.
+Nothing below this module reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from .errors import ConfigError
+
+ENV_PREFIX = "TLSPROXY_"
+
+# --------------------------------------------------------------------------- value parsers
+# Each parser takes the raw value (str from flags/env; str/int/float/bool/list from YAML) and
+# returns the typed value, or raises ValueError with a short reason.
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+
+
+def parse_duration(raw: Any) -> float:
+    """``30``, ``30s``, ``500ms``, ``5m``, ``2h``, ``14d`` → seconds (float)."""
+    if isinstance(raw, bool):
+        raise ValueError(f"{raw!r} is not a duration (e.g. 30, 30s, 5m, 14d)")
+    if isinstance(raw, int | float):
+        if raw < 0:
+            raise ValueError(f"{raw!r} is negative")
+        return float(raw)
+    m = _DURATION_RE.match(str(raw))
+    if not m:
+        raise ValueError(f"{raw!r} is not a duration (e.g. 30, 30s, 5m, 14d)")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2) or "s"]
+
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+    "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(raw: Any) -> int:
+    """``65536``, ``64KiB``, ``1MiB``, ``10MB`` → bytes (int)."""
+    if isinstance(raw, bool):
+        raise ValueError(f"{raw!r} is not a size (e.g. 65536, 64KiB, 1MiB)")
+    if isinstance(raw, int):
+        if raw < 0:
+            raise ValueError(f"{raw!r} is negative")
+        return raw
+    m = _SIZE_RE.match(str(raw))
+    unit = m.group(2).lower() if m else None
+    if not m or unit not in _SIZE_UNITS:
+        raise ValueError(f"{raw!r} is not a size (e.g. 65536, 64KiB, 1MiB)")
+    return int(m.group(1)) * _SIZE_UNITS[unit]
+
+
+def parse_optional_size(raw: Any) -> int | None:
+    """A size, or ``0``/``unlimited``/``none`` for no limit."""
+    if raw is None or str(raw).strip().lower() in ("", "0", "unlimited", "none", "off"):
+        return None
+    return parse_size(raw)
+
+
+def parse_int(raw: Any) -> int:
+    if isinstance(raw, bool):
+        raise ValueError(f"{raw!r} is not a whole number")
+    try:
+        value = int(str(raw).strip())
+    except ValueError:
+        raise ValueError(f"{raw!r} is not a whole number") from None
+    if value < 0:
+        raise ValueError(f"{raw!r} is negative")
+    return value
+
+
+def parse_positive_int(raw: Any) -> int:
+    value = parse_int(raw)
+    if value < 1:
+        raise ValueError(f"{raw!r} must be at least 1")
+    return value
+
+
+def parse_on_off(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in ("on", "true", "yes", "1"):
+        return True
+    if text in ("off", "false", "no", "0"):
+        return False
+    raise ValueError(f"{raw!r} is not on or off")
+
+
+def choice(*allowed: str) -> Callable[[Any], str]:
+    def parse(raw: Any) -> str:
+        text = str(raw).strip().lower()
+        if text not in allowed:
+            raise ValueError(f"{raw!r} is not one of {', '.join(allowed)}")
+        return text
+
+    parse.choices = allowed  # type: ignore[attr-defined]
+    return parse
+
+
+def parse_tls_version(raw: Any) -> str:
+    text = str(raw).strip().lower().removeprefix("tlsv").removeprefix("tls")
+    if text in ("1.3", "13"):
+        return "1.3"
+    if text in ("1.2", "12"):
+        return "1.2"
+    raise ValueError(f"{raw!r} is not allowed (1.3, or 1.2 as an opt-in; nothing lower)")
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    """A listening or dialling address. ``host == ""`` means every IPv4 and IPv6 address."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        if not self.host:
+            return f":{self.port}"
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_hostport(raw: Any) -> HostPort:
+    """``:9443``, ``9443``, ``127.0.0.1:9443``, ``[::1]:9443``, ``localhost:9443``."""
+    text = str(raw).strip()
+    if text.isdigit():
+        host, port_text = "", text
+    elif text.startswith("["):
+        end = text.find("]")
+        if end < 0 or not text[end + 1 :].startswith(":"):
+            raise ValueError(f"{raw!r} is not HOST:PORT (IPv6 as [::1]:9443)")
+        host, port_text = text[1:end], text[end + 2 :]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{raw!r}: {host!r} is not an IPv6 address") from None
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ValueError(f"{raw!r} is not HOST:PORT (e.g. :9443 or 127.0.0.1:9443)")
+        if ":" in host:
+            raise ValueError(f"{raw!r}: write IPv6 addresses in brackets, e.g. [::1]:9443")
+    if host in ("*", "0.0.0.0/0"):
+        host = ""
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"{raw!r}: port must be a number from 0 to 65535")
+    return HostPort(host, int(port_text))
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """Where requests go: ``scheme`` is ``http`` (HTTP/1.1), ``https`` or ``tcp``/``tls`` (byte relay)."""
+
+    scheme: str
+    host: str
+    port: int
+
+    @property
+    def authority(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        default = {"http": 80, "https": 443}.get(self.scheme)
+        return host if self.port == default else f"{host}:{self.port}"
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.authority}"
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def parse_url(raw: Any, schemes: Iterable[str] = ("http",)) -> Upstream:
+    text = str(raw).strip()
+    allowed = tuple(schemes)
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"{raw!r} is not a URL: {exc}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in allowed:
+        raise ValueError(f"{raw!r}: scheme must be {' or '.join(s + '://' for s in allowed)}")
+    if not parts.hostname:
+        raise ValueError(f"{raw!r} has no host")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+        raise ValueError(f"{raw!r}: only scheme://host:port is allowed here (no path, query or user)")
+    if port is None:
+        port = _DEFAULT_PORTS.get(scheme)
+        if port is None:
+            raise ValueError(f"{raw!r} needs a port")
+    return Upstream(scheme, parts.hostname, port)
+
+
+def parse_upstream(raw: Any) -> Upstream:
+    return parse_url(raw, ("http", "tcp"))
+
+
+def parse_path(raw: Any) -> Path:
+    text = str(raw).strip()
+    if not text:
+        raise ValueError("empty path")
+    return Path(text).expanduser()
+
+
+def parse_str(raw: Any) -> str:
+    return str(raw).strip()
+
+
+def parse_csv(raw: Any) -> tuple[str, ...]:
+    if isinstance(raw, list | tuple):
+        return tuple(str(x).strip() for x in raw if str(x).strip())
+    return tuple(x.strip() for x in str(raw).split(",") if x.strip())
+
+
+# --------------------------------------------------------------------------- the settings table
+
+
+def opt(default: Any, parse: Callable[[Any], Any], help: str, *, flag: str | None = None,
+        metavar: str | None = None, repeat: bool = False, group: str = "general") -> Any:
+    """Declare one setting. ``repeat=True`` makes a list setting (flag given several times)."""
+    meta = {"parse": parse, "help": help, "flag": flag, "metavar": metavar, "repeat": repeat,
+            "group": group}
+    if repeat:
+        return field(default_factory=lambda: tuple(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# Defaults, each with its reason.
+DEFAULT_LISTEN = HostPort("", 9443)          # the port the Flux/Knative/Tekton designs use; Service maps 443
+DEFAULT_ADMIN = HostPort("", 9901)           # Envoy's admin port; all addresses so kubelet probes reach it
+DEFAULT_UPSTREAM = Upstream("http", "127.0.0.1", 8080)
+MAX_HEAD_BYTES = 32 * 1024                   # nginx large_client_header_buffers 4x8k; Envoy 60 KiB
+HANDSHAKE_TIMEOUT_S = 10.0                   # Envoy transport_socket_connect_timeout 15 s; ghostunnel 10 s
+HEAD_TIMEOUT_S = 10.0                        # Envoy request_headers_timeout; node headersTimeout is 60 s
+BODY_TIMEOUT_S = 30.0                        # inactivity between body reads (nginx client_body_timeout 60 s)
+IDLE_TIMEOUT_S = 60.0                        # keep-alive idle (nginx keepalive_timeout 75 s, Envoy 1 h)
+UPSTREAM_CONNECT_TIMEOUT_S = 5.0             # localhost app: a connect that takes longer is a dead app
+UPSTREAM_RESPONSE_TIMEOUT_S = 60.0           # nginx proxy_read_timeout 60 s
+DRAIN_TIMEOUT_S = 20.0                       # under Kubernetes' default 30 s grace period
+MAX_CONNECTIONS = 10_000                     # beyond it, accept() waits; the kernel backlog holds the rest
+
+
+@dataclass(frozen=True)
+class Settings:
+    # listeners
+    listen: HostPort = opt(DEFAULT_LISTEN, parse_hostport, "TLS listener address", metavar="HOST:PORT",
+                           group="listeners")
+    upstream: Upstream = opt(DEFAULT_UPSTREAM, parse_upstream,
+                             "the app: http://HOST:PORT (or tcp://HOST:PORT with --protocol tcp)",
+                             metavar="URL", group="listeners")
+    admin: HostPort = opt(DEFAULT_ADMIN, parse_hostport, "plain-HTTP admin listener (/healthz, /readyz, "
+                          "/metrics)", metavar="HOST:PORT", group="listeners")
+    # certificates
+    cert_dir: Path | None = opt(None, parse_path, "a kubernetes.io/tls Secret directory (tls.crt, tls.key, "
+                                "optional ca.crt)", metavar="DIR", group="certificates")
+    cert: Path | None = opt(None, parse_path, "certificate chain PEM (with --key)", metavar="FILE",
+                            group="certificates")
+    key: Path | None = opt(None, parse_path, "private key PEM (with --cert)", metavar="FILE",
+                           group="certificates")
+    state_dir: Path | None = opt(None, parse_path, "where standalone mode keeps its development CA "
+                                 "(default: $XDG_STATE_HOME/tlsproxy or ~/.local/state/tlsproxy)",
+                                 metavar="DIR", group="certificates")
+    # TLS
+    tls_min_version: str = opt("1.3", parse_tls_version, "lowest TLS version accepted: 1.3, or 1.2 as an "
+                               "opt-in", metavar="VERSION", group="tls")
+    tls_session_tickets: int = opt(2, parse_int, "TLS 1.3 session tickets issued per handshake "
+                                   "(0 disables resumption; OpenSSL's default is 2)", metavar="N",
+                                   group="tls")
+    # limits and timeouts
+    max_head_bytes: int = opt(MAX_HEAD_BYTES, parse_size, "largest request line + headers (431/414 "
+                              "beyond)", flag="max-head-size", metavar="SIZE", group="limits")
+    max_body_bytes: int | None = opt(None, parse_optional_size, "largest request body (413 beyond); "
+                                     "default unlimited", flag="max-body-bytes", metavar="SIZE",
+                                     group="limits")
+    max_connections: int = opt(MAX_CONNECTIONS, parse_positive_int, "concurrent client connections; "
+                               "beyond it new connections wait in the kernel backlog", metavar="N",
+                               group="limits")
+    handshake_timeout_s: float = opt(HANDSHAKE_TIMEOUT_S, parse_duration, "TLS handshake deadline",
+                                     flag="handshake-timeout", metavar="DURATION", group="limits")
+    head_timeout_s: float = opt(HEAD_TIMEOUT_S, parse_duration, "deadline for a whole request head "
+                                "once its first byte arrived (408 beyond)", flag="head-timeout",
+                                metavar="DURATION", group="limits")
+    body_timeout_s: float = opt(BODY_TIMEOUT_S, parse_duration, "inactivity allowed while a body "
+                                "streams; the connection is cut beyond", flag="body-timeout",
+                                metavar="DURATION", group="limits")
+    idle_timeout_s: float = opt(IDLE_TIMEOUT_S, parse_duration, "keep-alive idle time between requests",
+                                flag="idle-timeout", metavar="DURATION", group="limits")
+    upstream_connect_timeout_s: float = opt(UPSTREAM_CONNECT_TIMEOUT_S, parse_duration,
+                                            "deadline to connect to the upstream (502 beyond)",
+                                            flag="upstream-connect-timeout", metavar="DURATION",
+                                            group="limits")
+    upstream_response_timeout_s: float = opt(UPSTREAM_RESPONSE_TIMEOUT_S, parse_duration,
+                                             "deadline for the upstream's response head, counted from "
+                                             "the end of the request body (504 beyond)",
+                                             flag="upstream-response-timeout", metavar="DURATION",
+                                             group="limits")
+    drain_timeout_s: float = opt(DRAIN_TIMEOUT_S, parse_duration, "on SIGTERM, time for in-flight "
+                                 "requests to finish, counted from the signal", flag="drain-timeout",
+                                 metavar="DURATION", group="limits")
+    # client certificates (mTLS) and peer identity
+    client_ca: Path | None = opt(None, parse_path, "CA bundle PEM that signs client certificates; clients "
+                                 "are asked for one", metavar="FILE", group="client certificates")
+    require_client_cert: bool = opt(False, parse_on_off, "refuse handshakes without a valid client "
+                                    "certificate (needs --client-ca)", metavar="on|off",
+                                    group="client certificates")
+    allow_uri: tuple[str, ...] = opt((), parse_str, "admit only clients whose certificate has this URI SAN "
+                                     "(e.g. spiffe://...)", metavar="URI", repeat=True,
+                                     group="client certificates")
+    allow_dns: tuple[str, ...] = opt((), parse_str, "admit only clients whose certificate has this DNS SAN",
+                                     metavar="NAME", repeat=True, group="client certificates")
+    allow_cn: tuple[str, ...] = opt((), parse_str, "admit only clients whose certificate has this subject CN",
+                                    metavar="CN", repeat=True, group="client certificates")
+    allow_ou: tuple[str, ...] = opt((), parse_str, "admit only clients whose certificate has this subject OU",
+                                    metavar="OU", repeat=True, group="client certificates")
+    # plain HTTP, protocol, outbound
+    http_listen: HostPort | None = opt(None, parse_hostport, "plain-HTTP listener (see --http-mode)",
+                                       metavar="HOST:PORT", group="listeners")
+    http_mode: str = opt("redirect", choice("redirect", "forward", "off"), "what the plain-HTTP listener "
+                         "does: redirect to https, forward to the app, or off", metavar="MODE",
+                         group="listeners")
+    redirect_port: int = opt(443, parse_int, "port written in https:// redirects (the Service's port)",
+                             metavar="PORT", group="listeners")
+    protocol: str = opt("http", choice("http", "tcp"), "http (HTTP/1.1 proxy) or tcp (byte relay after "
+                        "the handshake)", metavar="PROTO", group="listeners")
+    outbound: tuple[str, ...] = opt((), parse_str, "plain local listener that originates TLS to a peer: "
+                                    "LISTEN=https://HOST:PORT", metavar="LISTEN=URL", repeat=True,
+                                    group="outbound")
+    drain_delay_s: float = opt(5.0, parse_duration, "on SIGTERM, keep accepting this long so endpoints "
+                               "can stop sending traffic", flag="drain-delay", metavar="DURATION",
+                               group="limits")
+    # logging
+    access_log: bool = opt(True, parse_on_off, "one line per request: on or off", metavar="on|off",
+                           group="logging")
+    log_format: str = opt("auto", choice("auto", "json", "text"), "json, text, or auto (json when "
+                          "stderr is not a terminal)", metavar="FORMAT", group="logging")
+    log_level: str = opt("info", choice("debug", "info", "warning", "error"), "lowest level logged",
+                         metavar="LEVEL", group="logging")
+    config: Path | None = opt(None, parse_path, "YAML file of settings (keys are the flag names)",
+                              metavar="FILE", group="general")
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One row of the settings table, as the CLI and the loaders see it."""
+
+    name: str          # field name, e.g. head_timeout_s
+    flag: str          # e.g. head-timeout (no dashes in front)
+    parse: Callable[[Any], Any]
+    help: str
+    metavar: str | None
+    repeat: bool
+    group: str
+    default: Any
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.flag.upper().replace("-", "_")
+
+
+def options() -> tuple[Option, ...]:
+    rows = []
+    for f in dataclasses.fields(Settings):
+        m = f.metadata
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        flag = m["flag"] or f.name.replace("_", "-")
+        rows.append(Option(f.name, flag, m["parse"], m["help"], m["metavar"], m["repeat"], m["group"],
+                           default))
+    return tuple(rows)
+
+
+_BY_FLAG: dict[str, Option] = {}
+
+
+def _by_flag() -> dict[str, Option]:
+    if not _BY_FLAG:
+        _BY_FLAG.update({o.flag: o for o in options()})
+    return _BY_FLAG
+
+
+def _parse_value(o: Option, raw: Any, where: str) -> Any:
+    try:
+        if o.repeat:
+            items = raw if isinstance(raw, list | tuple) else [raw]
+            return tuple(o.parse(item) for item in items)
+        return o.parse(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Read a YAML settings file into ``{flag: raw value}``; unknown keys are an error."""
+    import yaml
+
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"--config: cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"--config: {path} is not valid YAML{at}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config: {path} must be a mapping of setting names to values")
+    known = _by_flag()
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        flag = str(key).replace("_", "-")
+        if flag not in known or flag == "config":
+            raise ConfigError(f"{path}: unknown key {key!r}")
+        o = known[flag]
+        if not o.repeat and isinstance(value, list | dict):
+            raise ConfigError(f"{path}: {key}: expected a single value, not a {type(value).__name__}")
+        if o.repeat and isinstance(value, dict):
+            raise ConfigError(f"{path}: {key}: expected a list")
+        out[flag] = value
+    return out
+
+
+def build_settings(flags: Mapping[str, Any], env: Mapping[str, str],
+                   base: Settings | None = None) -> Settings:
+    """Merge layers into Settings. ``flags`` maps flag names to raw values given on the command line."""
+    known = _by_flag()
+    values: dict[str, Any] = {}
+    config_raw = flags.get("config", env.get(ENV_PREFIX + "CONFIG"))
+    if config_raw:
+        config_path = _parse_value(known["config"], config_raw, "--config")
+        for flag, raw in read_config_file(config_path).items():
+            values[known[flag].name] = _parse_value(known[flag], raw, f"{config_path}: {flag}")
+        values["config"] = config_path
+    for o in known.values():
+        if o.repeat or o.env not in env:
+            continue
+        values[o.name] = _parse_value(o, env[o.env], o.env)
+    for flag, raw in flags.items():
+        o = known[flag]
+        values[o.name] = _parse_value(o, raw, f"--{flag}")
+    settings = dataclasses.replace(base or Settings(), **values)
+    check_settings(settings)
+    return settings
+
+
+def check_settings(s: Settings) -> None:
+    """Cross-field rules, each a one-line error."""
+    if (s.cert is None) != (s.key is None):
+        raise ConfigError("--cert and --key go together: give both or neither")
+    if s.cert_dir is not None and s.cert is not None:
+        raise ConfigError("--cert-dir and --cert/--key are alternatives: give one of them")

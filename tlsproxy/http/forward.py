@@ -1,0 +1,569 @@
+"""THE request-forwarding engine: one client connection, many requests, one upstream pool.
+
+Theory of operation
+-------------------
+A client connection is served by :meth:`Forwarder.serve` in a loop:
+
+1. wait for a request head (``idle_timeout_s`` before its first byte, then ``head_timeout_s`` for
+   the whole head → 408); check what h11 lets through (bare LF, obs-fold, CL+TE, versions, Host);
+2. rewrite the head (pure, ``headers.py``) and take a pooled upstream connection;
+3. stream the request body with backpressure: every upstream write is awaited before the next
+   client read, and writes are coalesced until we are about to wait on the client; ``Expect:
+   100-continue`` is answered by the proxy when it first needs body bytes;
+4. wait for the response head (``upstream_response_timeout_s`` from the end of the request body → 504),
+   then stream the body back, coalescing the head with the first body bytes;
+5. a 101 answer to an upgrade request turns the connection into a two-way byte relay;
+6. keep-alive when both h11 state machines finished cleanly, otherwise close.
+
+Errors the proxy answers itself (4xx/5xx) always close the client connection afterwards, with a
+lingering close so the client reads the answer. Failures after the response started can only be
+signalled by closing the client connection (a truncated response, never a mixed one).
+Inbound and outbound both use this engine; they differ only in the pool's opener and the
+:class:`Route` (listener name, Host rewrite, authorisation, scheme facts).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import h11
+import trio
+from h11._headers import Headers
+
+from ..errors import HTTPError, UpstreamError
+from ..log import get_logger
+from ..metrics import Metrics
+from ..relay import relay
+from . import headers as hdr
+from .pool import Pool, UpstreamConn
+
+log = get_logger("http")
+access = get_logger("access")
+
+FLUSH_BYTES = 256 * 1024          # coalesce body writes up to this before sending
+EXPECT_ANSWER = b"HTTP/1.1 100 Continue\r\n\r\n"
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+
+_NEED_DATA = h11.NEED_DATA
+_PAUSED = h11.PAUSED
+_Data = h11.Data
+_EndOfMessage = h11.EndOfMessage
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_head_bytes: int = 32 * 1024
+    max_body_bytes: int | None = None
+    head_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    idle_timeout_s: float = 60.0
+    upstream_response_timeout_s: float = 60.0
+    upgrade_close_timeout_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class Route:
+    """What differs between listeners that share the engine."""
+
+    name: str                                    # metrics/log label: "inbound", "http", "outbound:..."
+    pool: Pool
+    limits: Limits
+    host_override: bytes | None = None           # outbound: Host becomes the peer's authority
+    access_log: bool = True
+    upstream_label: str = ""                     # for logs: where requests go
+
+
+@dataclass
+class ConnFacts:
+    """Facts about one client connection, fixed once the handshake is done."""
+
+    client: str                                  # "ip:port"
+    forward: hdr.ForwardFacts
+    tls_version: str = "-"
+    identity: str = ""                           # verified client identity, for logs
+    deny: HTTPError | None = None                # set when mTLS identity rules refuse this client
+    extra_log: dict = field(default_factory=dict)
+
+
+class Drain:
+    """Tells connection handlers that a drain started; wakes the ones idling between requests."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self._idle_scopes: set[trio.CancelScope] = set()
+
+    def start(self) -> None:
+        self.draining = True
+        for scope in list(self._idle_scopes):
+            scope.cancel()
+
+    def idle_scope(self, timeout_s: float) -> trio.CancelScope:
+        scope = trio.CancelScope(deadline=trio.current_time() + timeout_s)
+        if self.draining:
+            scope.cancel()
+        return scope
+
+    def track(self, scope: trio.CancelScope) -> None:
+        self._idle_scopes.add(scope)
+
+    def untrack(self, scope: trio.CancelScope) -> None:
+        self._idle_scopes.discard(scope)
+
+
+class _Close(Exception):
+    """End the client connection quietly (EOF, idle timeout, client gone, stalled body)."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why = why
+
+
+def _unparsed(conn: h11.Connection) -> bytes | bytearray:
+    buf = getattr(conn, "_receive_buffer", None)
+    data = getattr(buf, "_data", None)
+    return data if data is not None else conn.trailing_data[0]
+
+
+class Forwarder:
+    def __init__(self, route: Route, metrics: Metrics, drain: Drain,
+                 on_request: Callable[[], None] | None = None) -> None:
+        self.route = route
+        self.metrics = metrics
+        self.drain = drain
+        name = route.name
+        self._m_requests = {c: metrics.requests.labels(name, c) for c in ("1xx", "2xx", "3xx", "4xx", "5xx")}
+        self._m_duration = metrics.request_duration.labels(name)
+        self._m_in = metrics.bytes_received.labels(name, "http")
+        self._m_out = metrics.bytes_sent.labels(name, "http")
+
+    # ------------------------------------------------------------------ connection loop
+    async def serve(self, stream: trio.abc.Stream, facts: ConnFacts) -> None:
+        limits = self.route.limits
+        client = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_head_bytes)
+        first = True
+        try:
+            while True:
+                try:
+                    request = await self._read_head(stream, client, first)
+                except _Close:
+                    return
+                except HTTPError as err:
+                    await self._refuse(stream, facts, err, None)
+                    return
+                first = False
+                keep = await self._handle(stream, client, request, facts)
+                if not keep:
+                    return
+                if client.our_state is h11.DONE and client.their_state is h11.DONE:
+                    client.start_next_cycle()
+                else:
+                    return
+        finally:
+            await _close(stream)
+
+    async def _read_head(self, stream: trio.abc.Stream, client: h11.Connection, first: bool) -> h11.Request:
+        limits = self.route.limits
+        started = bool(_unparsed(client))
+        head_deadline = trio.current_time() + limits.head_timeout_s
+        checked = False
+        while True:
+            if not checked:
+                buf = _unparsed(client)
+                end = hdr.find_head_end(buf)
+                if end >= 0:
+                    checked = True
+                    problem = hdr.check_raw_head(buf[:end])
+                    if problem is not None:
+                        raise problem
+            try:
+                event = client.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise hdr.map_h11_error(exc.error_status_hint, str(exc), _unparsed(client)) from None
+            if event is _NEED_DATA:
+                if started:
+                    with trio.move_on_at(head_deadline):
+                        data = await _receive(stream)
+                        if not data:
+                            raise _Close("eof in head")
+                        client.receive_data(data)
+                        continue
+                    raise HTTPError(408, "request head not received in time", kind="head_timeout")
+                # Idle before the first byte: the keep-alive idle timeout (the handshake deadline
+                # already bounded the first request's wait), cut short by a drain.
+                scope = self.drain.idle_scope(limits.head_timeout_s if first else limits.idle_timeout_s)
+                self.drain.track(scope)
+                try:
+                    with scope:
+                        data = await _receive(stream)
+                finally:
+                    self.drain.untrack(scope)
+                if scope.cancelled_caught:
+                    raise _Close("idle")
+                if not data:
+                    raise _Close("eof")
+                client.receive_data(data)
+                started = True
+                head_deadline = trio.current_time() + limits.head_timeout_s
+                continue
+            if type(event) is h11.Request:
+                return event
+            raise _Close("closed")
+
+    # ------------------------------------------------------------------ one request
+    async def _handle(self, stream: trio.abc.Stream, client: h11.Connection, req: h11.Request,
+                      facts: ConnFacts) -> bool:
+        """Proxy one request. Returns True to keep the client connection for another request."""
+        route = self.route
+        t0 = time.perf_counter()
+        log_entry = _AccessEntry(req.method, req.target, facts)
+        try:
+            hdr.check_request(req.method, req.target, req.http_version, req.headers)
+            if facts.deny is not None:
+                raise facts.deny
+            items = req.headers._full_items
+            out_items, request_id, upgrade = hdr.rewrite_request(items, facts.forward,
+                                                                 host_override=route.host_override)
+            log_entry.request_id = request_id
+            if client.their_state is h11.SEND_BODY:
+                if hdr.header_value(items, b"transfer-encoding") is not None:
+                    out_items.append((b"Transfer-Encoding", b"transfer-encoding", b"chunked"))
+                cl = hdr.header_value(items, b"content-length")
+                if cl is not None and route.limits.max_body_bytes is not None \
+                        and int(cl) > route.limits.max_body_bytes:
+                    raise HTTPError(413, f"request body larger than {route.limits.max_body_bytes} bytes",
+                                    kind="body_too_large")
+            upstream_req = h11.Request(method=req.method, target=req.target, headers=Headers(out_items),
+                                       http_version=b"1.1", _parsed=True)
+            keep = await self._exchange(stream, client, req, upstream_req, upgrade, log_entry)
+        except HTTPError as err:
+            await self._refuse(stream, facts, err, log_entry)
+            keep = False
+        except _Close as why:
+            log_entry.status = log_entry.status or 499
+            log_entry.note = why.why
+            keep = False
+        duration = time.perf_counter() - t0
+        self._m_duration.observe(duration)
+        if log_entry.status and log_entry.status != 499:
+            self._m_requests[_code_class(log_entry.status)].inc()
+        if route.access_log:
+            log_entry.emit(route.name, duration)
+        return keep and not self.drain.draining
+
+    async def _exchange(self, stream: trio.abc.Stream, client: h11.Connection, req: h11.Request,
+                        upstream_req: h11.Request, upgrade: bytes | None, entry: _AccessEntry) -> bool:
+        route = self.route
+        limits = route.limits
+        has_body = client.their_state is h11.SEND_BODY
+        retryable = not has_body and req.method in IDEMPOTENT
+        up = await self._acquire()
+        try:
+            while True:
+                try:
+                    await self._send_request(stream, client, up, upstream_req, entry)
+                    with trio.fail_after(limits.upstream_response_timeout_s):
+                        response = await self._read_response_head(stream, client, up, upgrade is not None)
+                    break
+                except UpstreamError as exc:
+                    if retryable and up.reused and exc.sent_nothing:
+                        route.pool.discard(up)
+                        up = await self._acquire(fresh=True)
+                        retryable = False
+                        continue
+                    raise
+        except trio.TooSlowError:
+            route.pool.discard(up)
+            self._upstream_error("timeout")
+            raise HTTPError(504, "upstream did not answer in time", kind="upstream_timeout") from None
+        except UpstreamError as exc:
+            route.pool.discard(up)
+            self._upstream_error(exc.kind)
+            status = 504 if exc.kind == "timeout" else 502
+            raise HTTPError(status, f"upstream failed: {exc.reason}", kind="upstream_" + exc.kind) from None
+        except BaseException:
+            route.pool.discard(up)
+            raise
+        entry.status = response.status_code
+        if response.status_code == 101:
+            return await self._switch(stream, client, up, response, entry)
+        try:
+            await self._stream_response(stream, client, up, response, entry)
+        except BaseException:
+            route.pool.discard(up)
+            raise
+        route.pool.release(up)
+        return True
+
+    async def _acquire(self, fresh: bool = False) -> UpstreamConn:
+        try:
+            return await self.route.pool.acquire(fresh=fresh)
+        except UpstreamError as exc:
+            self._upstream_error(exc.kind)
+            status = 504 if exc.kind == "connect_timeout" else 502
+            raise HTTPError(status, f"upstream unavailable: {exc.reason}", kind="upstream_" + exc.kind) \
+                from None
+
+    def _upstream_error(self, kind: str) -> None:
+        self.metrics.upstream_errors.labels(self.route.name, kind).inc()
+
+    async def _send_request(self, stream: trio.abc.Stream, client: h11.Connection, up: UpstreamConn,
+                            upstream_req: h11.Request, entry: _AccessEntry) -> None:
+        limits = self.route.limits
+        out = bytearray(up.h11.send(upstream_req))
+        sent_anything = False
+        if client.their_state is h11.SEND_BODY:
+            received = 0
+            max_body = limits.max_body_bytes
+            while True:
+                try:
+                    event = client.next_event()
+                except h11.RemoteProtocolError as exc:
+                    raise HTTPError(400, f"bad request body: {exc}", kind="body_malformed") from None
+                if event is _NEED_DATA:
+                    if out:
+                        await _upstream_send(up, out, sent_anything)
+                        sent_anything = True
+                        out = bytearray()
+                    if client.they_are_waiting_for_100_continue:
+                        await _client_send(stream, EXPECT_ANSWER)
+                        client.send(h11.InformationalResponse(status_code=100, headers=[]))
+                    with trio.move_on_after(limits.body_timeout_s):
+                        data = await _receive(stream)
+                        if not data:
+                            raise _Close("client closed during request body")
+                        client.receive_data(data)
+                        continue
+                    raise _Close("request body stalled")
+                if type(event) is _Data:
+                    received += len(event.data)
+                    if max_body is not None and received > max_body:
+                        raise HTTPError(413, f"request body larger than {max_body} bytes",
+                                        kind="body_too_large")
+                    out += up.h11.send(event)
+                    if len(out) >= FLUSH_BYTES:
+                        await _upstream_send(up, out, sent_anything)
+                        sent_anything = True
+                        out = bytearray()
+                elif type(event) is _EndOfMessage:
+                    out += up.h11.send(h11.EndOfMessage())
+                    break
+            entry.bytes_in = received
+            self._m_in.inc(received)
+        else:
+            out += up.h11.send(h11.EndOfMessage())
+        await _upstream_send(up, out, sent_anything)
+
+    async def _read_response_head(self, stream: trio.abc.Stream, client: h11.Connection, up: UpstreamConn,
+                                  upgrading: bool) -> h11.Response | h11.InformationalResponse:
+        got = 0
+        while True:
+            try:
+                event = up.h11.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise UpstreamError("protocol", f"invalid response: {exc}", sent_nothing=got == 0) from None
+            if event is _NEED_DATA:
+                data = await _upstream_receive(up, got == 0)
+                got += len(data)
+                up.h11.receive_data(data)   # b"" (EOF) becomes ConnectionClosed or an error above
+                continue
+            etype = type(event)
+            if etype is h11.Response:
+                return event
+            if etype is h11.InformationalResponse:
+                if event.status_code == 101:
+                    if not upgrading:
+                        raise UpstreamError("protocol", "101 without an upgrade request")
+                    return event
+                if event.status_code != 100:   # 100 is ours to send; 103 etc. pass through
+                    head = client.send(h11.InformationalResponse(
+                        status_code=event.status_code,
+                        headers=Headers(hdr.rewrite_response(event.headers._full_items)), _parsed=True))
+                    await _client_send(stream, head)
+                continue
+            if etype is h11.ConnectionClosed:
+                raise UpstreamError("closed", "upstream closed the connection before answering",
+                                    sent_nothing=got == 0)
+            raise UpstreamError("protocol", f"unexpected {etype.__name__}")
+
+    async def _stream_response(self, stream: trio.abc.Stream, client: h11.Connection, up: UpstreamConn,
+                               response: h11.Response, entry: _AccessEntry) -> None:
+        limits = self.route.limits
+        items = hdr.rewrite_response(response.headers._full_items)
+        if self.drain.draining or client.their_state is h11.SEND_BODY:
+            # draining, or the app answered before reading the whole request body: close after this
+            items.append((b"Connection", b"connection", b"close"))
+        out = bytearray(client.send(h11.Response(status_code=response.status_code, headers=Headers(items),
+                                                 reason=response.reason, http_version=b"1.1",
+                                                 _parsed=True)))
+        sent = 0
+        upc = up.h11
+        while True:
+            try:
+                event = upc.next_event()
+            except h11.RemoteProtocolError as exc:
+                self._upstream_error("protocol")
+                raise _Close(f"upstream broke the response body: {exc}") from None
+            if event is _NEED_DATA:
+                if out:
+                    await _client_send(stream, out)
+                    out = bytearray()
+                with trio.move_on_after(limits.body_timeout_s):
+                    try:
+                        data = await up.stream.receive_some()
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        self._upstream_error("reset")
+                        raise _Close("upstream reset during the response body") from None
+                    upc.receive_data(data)
+                    continue
+                self._upstream_error("body_timeout")
+                raise _Close("upstream response body stalled")
+            etype = type(event)
+            if etype is _Data:
+                sent += len(event.data)
+                out += client.send(event)
+                if len(out) >= FLUSH_BYTES:
+                    await _client_send(stream, out)
+                    out = bytearray()
+            elif etype is _EndOfMessage:
+                out += client.send(h11.EndOfMessage())
+                break
+            else:
+                self._upstream_error("protocol")
+                raise _Close("upstream closed during the response body")
+        if out:
+            await _client_send(stream, out)
+        entry.bytes_out = sent
+        self._m_out.inc(sent)
+
+    async def _switch(self, stream: trio.abc.Stream, client: h11.Connection, up: UpstreamConn,
+                      response: h11.InformationalResponse, entry: _AccessEntry) -> bool:
+        """The app accepted an upgrade: answer 101, then relay bytes both ways until both end."""
+        try:
+            items = hdr.rewrite_response(response.headers._full_items, upgrade=True)
+            head = client.send(h11.InformationalResponse(status_code=101, headers=Headers(items),
+                                                         reason=response.reason, _parsed=True))
+            await _client_send(stream, head)
+            client_rest = client.trailing_data[0]
+            upstream_rest = up.h11.trailing_data[0]
+            if upstream_rest:
+                await _client_send(stream, upstream_rest)
+            if client_rest:
+                await up.stream.send_all(client_rest)
+            result = await relay(stream, up.stream, idle_timeout_s=None,
+                                 close_timeout_s=self.route.limits.upgrade_close_timeout_s)
+            entry.bytes_in = result.a_to_b + len(client_rest)
+            entry.bytes_out = result.b_to_a + len(upstream_rest)
+            entry.note = "upgraded"
+        finally:
+            self.route.pool.discard(up)
+        return False
+
+    async def _refuse(self, stream: trio.abc.Stream, facts: ConnFacts, err: HTTPError,
+                      entry: _AccessEntry | None) -> None:
+        self.metrics.client_errors.labels(self.route.name, str(err.status)).inc()
+        if entry is not None:
+            entry.status = err.status
+            entry.note = err.kind
+        else:
+            self._m_requests[_code_class(err.status)].inc()
+            log.info("request refused", listener=self.route.name, client=facts.client, status=err.status,
+                     reason=err.reason)
+        if err.status >= 500:
+            log.warning("upstream error", listener=self.route.name, client=facts.client, status=err.status,
+                        reason=err.reason, upstream=self.route.upstream_label)
+        try:
+            with trio.move_on_after(5):
+                await stream.send_all(hdr.error_response(err.status, err.reason))
+                linger = getattr(stream, "linger_close", None)
+                if linger is not None:
+                    await linger()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+
+# ---------------------------------------------------------------------------- I/O helpers
+
+async def _receive(stream: trio.abc.Stream) -> bytes:
+    try:
+        return await stream.receive_some()
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        raise _Close(f"client connection broke: {exc}") from None
+
+
+async def _client_send(stream: trio.abc.Stream, data: bytes | bytearray) -> None:
+    try:
+        await stream.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        raise _Close(f"client went away: {exc}") from None
+
+
+UPSTREAM_WRITE_TIMEOUT_S = 30.0   # an upstream that stops reading our request for this long is dead
+
+
+async def _upstream_send(up: UpstreamConn, data: bytes | bytearray, sent_before: bool) -> None:
+    try:
+        with trio.move_on_after(UPSTREAM_WRITE_TIMEOUT_S) as scope:
+            await up.stream.send_all(data)
+        if scope.cancelled_caught:
+            raise UpstreamError("timeout", "upstream stopped reading the request")
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        raise UpstreamError("reset", f"connection lost while sending: {_short(exc)}",
+                            sent_nothing=not sent_before) from None
+
+
+async def _upstream_receive(up: UpstreamConn, first: bool) -> bytes:
+    try:
+        return await up.stream.receive_some()
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        raise UpstreamError("reset", f"connection lost: {_short(exc)}", sent_nothing=first) from None
+
+
+def _short(exc: BaseException) -> str:
+    cause = exc.__cause__ or exc
+    return str(cause) or type(cause).__name__
+
+
+async def _close(stream: trio.abc.Stream) -> None:
+    close_now = getattr(stream, "close_now", None)
+    if close_now is not None:
+        close_now()
+        return
+    with trio.CancelScope(shield=True), trio.move_on_after(1):
+        await trio.aclose_forcefully(stream)
+
+
+def _code_class(status: int) -> str:
+    return f"{min(max(status // 100, 1), 5)}xx"
+
+
+class _AccessEntry:
+    __slots__ = ("method", "target", "facts", "status", "bytes_in", "bytes_out", "request_id", "note")
+
+    def __init__(self, method: bytes, target: bytes, facts: ConnFacts) -> None:
+        self.method = method
+        self.target = target
+        self.facts = facts
+        self.status = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.request_id = b""
+        self.note = ""
+
+    def emit(self, listener: str, duration: float) -> None:
+        f = self.facts
+        fields = {
+            "listener": listener, "client": f.client, "method": self.method.decode("ascii", "replace"),
+            "path": self.target.decode("ascii", "replace")[:2048], "status": self.status,
+            "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
+            "duration_ms": round(duration * 1000, 3), "tls": f.tls_version,
+            "request_id": self.request_id.decode("ascii", "replace"),
+        }
+        if f.identity:
+            fields["identity"] = f.identity
+        if self.note:
+            fields["note"] = self.note
+        if f.extra_log:
+            fields.update(f.extra_log)
+        access.info("request", **fields)

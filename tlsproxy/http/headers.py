@@ -1,0 +1,248 @@
+"""Pure header logic: request checks, hop-by-hop removal, X-Forwarded-*, request ids, error bodies.
+
+Nothing here does I/O. Headers are h11's triples ``(raw_name, lowercased_name, value)`` (what
+``h11.Headers`` stores), so rewritten heads can be handed back to h11 without re-validation of the
+fields h11 already parsed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from ..errors import HTTPError
+
+Triple = tuple[bytes, bytes, bytes]
+
+# RFC 9110 §7.6.1 plus the de-facto ones (Keep-Alive, Proxy-Connection). Transfer-Encoding is
+# re-framed by h11 on each leg; Content-Length is kept (it is end-to-end).
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
+    b"upgrade", b"proxy-authenticate", b"proxy-authorization",
+})
+# Client-identity headers only tlsproxy may set: always removed from what clients send (spoofing).
+CLIENT_CERT_HEADERS = frozenset({b"x-forwarded-client-cert", b"client-cert", b"client-cert-chain"})
+FORWARDED_HEADERS = frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-port"})
+
+_REQUEST_ID_RE = re.compile(rb"^[\x21-\x7e]{1,200}$")   # visible ASCII, bounded: safe to log and pass on
+
+STATUS_TEXT = {
+    100: "Continue", 101: "Switching Protocols", 200: "OK", 301: "Moved Permanently",
+    400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
+    408: "Request Timeout", 411: "Length Required", 413: "Content Too Large", 414: "URI Too Long",
+    417: "Expectation Failed", 421: "Misdirected Request", 431: "Request Header Fields Too Large",
+    500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway",
+    503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported",
+}
+
+
+def reason_phrase(status: int) -> bytes:
+    return STATUS_TEXT.get(status, "Unknown").encode()
+
+
+def error_response(status: int, body: str, *, close: bool = True,
+                   extra: Iterable[tuple[bytes, bytes]] = ()) -> bytes:
+    """A complete, minimal response written by the proxy itself (the h11 state may be broken)."""
+    payload = (body.rstrip("\n") + "\n").encode("utf-8", "replace")
+    lines = [b"HTTP/1.1 %d %s" % (status, reason_phrase(status)),
+             b"content-type: text/plain; charset=utf-8",
+             b"content-length: %d" % len(payload)]
+    lines += [name + b": " + value for name, value in extra]
+    if close:
+        lines.append(b"connection: close")
+    return b"\r\n".join(lines) + b"\r\n\r\n" + payload
+
+
+# ---------------------------------------------------------------------------- raw head checks
+
+def find_head_end(buf: bytes | bytearray) -> int:
+    """Index just past the blank line ending a head, or -1 if incomplete. Accepts bare-LF endings
+    (so that they can be *refused* instead of waited for)."""
+    i = buf.find(b"\n\r\n")
+    j = buf.find(b"\n\n")
+    ends = [k for k in (i + 3 if i >= 0 else -1, j + 2 if j >= 0 else -1) if k >= 0]
+    return min(ends) if ends else -1
+
+
+def check_raw_head(head: bytes | bytearray) -> HTTPError | None:
+    """Checks h11 is lenient about (RFC 9112 §2.2, §5.2): bare LF line endings and obs-fold.
+
+    ``head`` is the request head bytes up to and including the blank line. Leading empty lines
+    (allowed before a request line, §2.2) are skipped.
+    """
+    start = 0
+    while head.startswith(b"\r\n", start):
+        start += 2
+    body = head[start:]
+    if body.count(b"\n") != body.count(b"\r\n"):
+        return HTTPError(400, "bad request: bare LF line ending (RFC 9112 section 2.2)", kind="bare_lf")
+    if b"\r\n " in body or b"\r\n\t" in body:
+        return HTTPError(400, "bad request: obsolete line folding (RFC 9112 section 5.2)", kind="obs_fold")
+    return None
+
+
+def check_request(method: bytes, target: bytes, http_version: bytes, headers: Iterable[tuple[bytes, bytes]]
+                  ) -> None:
+    """Raise HTTPError for a request h11 accepted but a careful proxy must refuse."""
+    if http_version not in (b"1.1", b"1.0"):
+        raise HTTPError(505, f"HTTP/{http_version.decode('ascii', 'replace')} is not supported here; "
+                        "use HTTP/1.1", kind="version")
+    has_cl = has_te = False
+    hosts = 0
+    for name, _value in headers:
+        if name == b"content-length":
+            has_cl = True
+        elif name == b"transfer-encoding":
+            has_te = True
+        elif name == b"host":
+            hosts += 1
+    if has_cl and has_te:
+        raise HTTPError(400, "bad request: both Content-Length and Transfer-Encoding "
+                        "(RFC 9112 section 6.3)", kind="smuggling")
+    if hosts > 1:
+        raise HTTPError(400, "bad request: more than one Host header", kind="host")
+    if http_version == b"1.1" and hosts == 0:
+        raise HTTPError(400, "bad request: missing Host header", kind="host")
+    if method == b"CONNECT":
+        raise HTTPError(405, "CONNECT is not supported on this listener", kind="method")
+    if not (target.startswith(b"/") or target == b"*" or target.startswith((b"http://", b"https://"))):
+        raise HTTPError(400, "bad request: request target must be an absolute path", kind="target")
+
+
+def map_h11_error(status_hint: int, message: str, buffered: bytes | bytearray) -> HTTPError:
+    """Turn h11's RemoteProtocolError into our answer: 431 for a large head (414 when the request
+    line alone is too long), 400 for the rest (h11's 501 for odd Transfer-Encodings is a 400 here:
+    RFC 9112 §6.1 says a server MAY answer 501, and smuggling defences close either way)."""
+    if status_hint == 431:
+        line_end = buffered.find(b"\n")
+        if line_end < 0:
+            return HTTPError(414, "request line too long", kind="uri_too_long")
+        return HTTPError(431, "request head too large", kind="head_too_large")
+    if "Transfer-Encoding" in message:
+        return HTTPError(400, "bad request: unsupported Transfer-Encoding (only a final chunked)",
+                         kind="transfer_encoding")
+    return HTTPError(400, f"bad request: {message}", kind="malformed")
+
+
+# ---------------------------------------------------------------------------- rewriting
+
+@dataclass(frozen=True, slots=True)
+class ForwardFacts:
+    """Per-connection facts the header policy needs."""
+
+    client_ip: bytes              # e.g. b"10.0.0.7"
+    scheme: bytes = b"https"      # what the client used: https on TLS listeners, http on plain ones
+    default_port: bytes = b"443"  # X-Forwarded-Port when Host carries no port
+    client_cert_headers: tuple[tuple[bytes, bytes], ...] = ()   # XFCC / RFC 9440, set by mTLS
+
+
+def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    return tokens
+
+
+def wants_upgrade(headers: Iterable[tuple[bytes, bytes]], tokens: set[bytes]) -> bytes | None:
+    """The Upgrade header value when the request asks to switch protocols, else None."""
+    if b"upgrade" not in tokens:
+        return None
+    for name, value in headers:
+        if name == b"upgrade":
+            return value
+    return None
+
+
+def new_request_id() -> bytes:
+    return os.urandom(16).hex().encode()
+
+
+def _port_of(host: bytes) -> bytes | None:
+    if host.startswith(b"["):
+        end = host.find(b"]")
+        rest = host[end + 1:] if end >= 0 else b""
+        return rest[1:] if rest.startswith(b":") and rest[1:].isdigit() else None
+    _, sep, port = host.rpartition(b":")
+    return port if sep and port.isdigit() else None
+
+
+def rewrite_request(full_items: list[Triple], facts: ForwardFacts, *, host_override: bytes | None = None
+                    ) -> tuple[list[Triple], bytes, bytes | None]:
+    """Headers for the upstream leg, the request id, and the Upgrade value (when upgrading).
+
+    - hop-by-hop headers go, and so do the headers named in ``Connection``; ``Upgrade`` survives
+      (with ``Connection: upgrade``) when the request asks to switch protocols;
+    - client-identity headers go, always; mTLS facts are added from ``facts``;
+    - ``X-Forwarded-For`` gets the client address appended; ``X-Forwarded-Proto/Host/Port`` are set;
+    - ``X-Request-Id`` is kept when sane, otherwise generated;
+    - ``Host`` is kept, or replaced by ``host_override`` (outbound: the peer's authority);
+    - ``Expect: 100-continue`` is answered by the proxy itself, so it is not passed on.
+    """
+    tokens: set[bytes] = set()
+    upgrade: bytes | None = None
+    host = b""
+    xff = b""
+    request_id = b""
+    for _raw, name, value in full_items:
+        if name == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+        elif name == b"upgrade":
+            upgrade = value
+        elif name == b"host":
+            host = value
+        elif name == b"x-forwarded-for":
+            xff = xff + b", " + value if xff else value
+        elif name == b"x-request-id":
+            request_id = value
+    if b"upgrade" not in tokens:
+        upgrade = None
+    if not _REQUEST_ID_RE.match(request_id):
+        request_id = new_request_id()
+    out: list[Triple] = []
+    drop = HOP_BY_HOP | tokens
+    for item in full_items:
+        name = item[1]
+        if (name in drop or name in CLIENT_CERT_HEADERS or name in FORWARDED_HEADERS
+                or name == b"x-forwarded-for" or name == b"x-request-id" or name == b"expect"):
+            continue
+        if name == b"host" and host_override is not None:
+            continue
+        out.append(item)
+    if host_override is not None:
+        out.insert(0, (b"Host", b"host", host_override))
+    if upgrade is not None:
+        out.append((b"Connection", b"connection", b"upgrade"))
+        out.append((b"Upgrade", b"upgrade", upgrade))
+    out.append((b"X-Forwarded-For", b"x-forwarded-for",
+                xff + b", " + facts.client_ip if xff else facts.client_ip))
+    out.append((b"X-Forwarded-Proto", b"x-forwarded-proto", facts.scheme))
+    if host:
+        out.append((b"X-Forwarded-Host", b"x-forwarded-host", host))
+    out.append((b"X-Forwarded-Port", b"x-forwarded-port", _port_of(host) or facts.default_port))
+    out.append((b"X-Request-Id", b"x-request-id", request_id))
+    for name, value in facts.client_cert_headers:
+        out.append((name, name.lower(), value))
+    return out, request_id, upgrade
+
+
+def rewrite_response(full_items: list[Triple], *, upgrade: bool = False) -> list[Triple]:
+    """Headers for the client leg: hop-by-hop removed (kept for a 101 that switches protocols)."""
+    tokens: set[bytes] = set()
+    for _raw, name, value in full_items:
+        if name == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    if upgrade:
+        return [i for i in full_items if i[1] not in tokens or i[1] in (b"upgrade",)
+                if i[1] not in (b"keep-alive", b"proxy-connection", b"transfer-encoding")]
+    drop = HOP_BY_HOP | tokens
+    return [i for i in full_items if i[1] not in drop]
+
+
+def header_value(full_items: Iterable[Triple], name: bytes) -> bytes | None:
+    for _raw, n, value in full_items:
+        if n == name:
+            return value
+    return None

@@ -1,0 +1,116 @@
+"""Inbound: TLS listeners in front of the local app.
+
+accept → wrap with the store's *current* context → handshake under ``handshake_timeout_s`` →
+connection facts (client address, TLS version, verified identity) → the forward engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from .. import net
+from ..config import HostPort
+from ..errors import HTTPError
+from ..http import headers as hdr
+from ..http.forward import ConnFacts, Forwarder
+from ..log import get_logger
+from ..metrics import Metrics
+from ..tls.listener import HandshakeFailed, handshake
+from ..tls.store import ContextStore
+from ..tls.stream import TLSStream
+
+log = get_logger("inbound")
+
+
+@dataclass(frozen=True)
+class PeerVerdict:
+    """What the mTLS policy concluded about a client certificate."""
+
+    identity: str = ""                                   # for logs
+    headers: tuple[tuple[bytes, bytes], ...] = ()        # XFCC / RFC 9440 headers for the app
+    deny: HTTPError | None = None                        # 403 when outside the identity rules
+
+
+PeerPolicy = Callable[[TLSStream], PeerVerdict]
+
+
+@dataclass(frozen=True)
+class TLSListenerConfig:
+    name: str
+    addr: HostPort
+    handshake_timeout_s: float
+    max_connections: int
+    reuse_port: bool = False
+    default_port: bytes = b"443"      # X-Forwarded-Port when the Host header names none
+
+
+class ConnectionHandler:
+    """Turns an accepted socket into a handshaken TLS stream and hands it to ``serve``."""
+
+    def __init__(self, cfg: TLSListenerConfig, store: ContextStore, metrics: Metrics,
+                 serve: Callable[[TLSStream, ConnFacts], object],
+                 peer_policy: PeerPolicy | None = None, protocol: str = "http") -> None:
+        self.cfg = cfg
+        self.store = store
+        self.metrics = metrics
+        self.serve = serve
+        self.peer_policy = peer_policy
+        self.protocol = protocol
+        self._active = metrics.connections_active.labels(cfg.name, protocol)
+        self._accepted = metrics.connections.labels(cfg.name, protocol)
+        self._handshakes: dict[tuple[str, str], object] = {}
+
+    async def __call__(self, sock: trio.socket.SocketType, peer) -> None:
+        ip, port = net.peer_host_port(peer)
+        self._accepted.inc()
+        self._active.inc()
+        try:
+            try:
+                stream = await handshake(sock, self.store, self.cfg.handshake_timeout_s)
+            except HandshakeFailed as exc:
+                self.metrics.handshake_failures.labels(self.cfg.name, exc.reason).inc()
+                log.info("handshake failed", listener=self.cfg.name, client=f"{ip}:{port}",
+                         reason=exc.reason, detail=exc.detail)
+                return
+            version = stream.version() or "-"
+            key = (version, "yes" if stream.session_reused() else "no")
+            counter = self._handshakes.get(key)
+            if counter is None:
+                counter = self._handshakes[key] = self.metrics.handshakes.labels(self.cfg.name, *key)
+            counter.inc()
+            verdict = self.peer_policy(stream) if self.peer_policy else PeerVerdict()
+            facts = ConnFacts(
+                client=f"{ip}:{port}",
+                forward=hdr.ForwardFacts(ip.encode(), b"https", self.cfg.default_port, verdict.headers),
+                tls_version=version, identity=verdict.identity, deny=verdict.deny)
+            try:
+                await self.serve(stream, facts)
+            finally:
+                stream.close_now()
+        finally:
+            self._active.dec()
+
+
+async def serve_tls(cfg: TLSListenerConfig, handler: ConnectionHandler, handlers: trio.Nursery, *,
+                    sockets: list[trio.socket.SocketType] | None = None,
+                    task_status: trio.TaskStatus[HostPort] = trio.TASK_STATUS_IGNORED) -> None:
+    """Bind (unless ``sockets`` are given) and accept forever; handlers run in ``handlers``."""
+    sockets = sockets or net.bind(cfg.addr, reuse_port=cfg.reuse_port)
+    bound = net.bound_address(sockets)
+    on_error = lambda err: handler.metrics.accept_errors.labels(cfg.name, err).inc()  # noqa: E731
+    async with trio.open_nursery() as nursery:
+        await nursery.start(lambda task_status: net.serve_listeners(
+            sockets, handler, handlers, name=cfg.name, max_connections=cfg.max_connections,
+            on_accept_error=on_error, task_status=task_status))
+        log.info("listening", listener=cfg.name, addr=str(cfg.addr), bound=str(bound))
+        task_status.started(bound)
+
+
+def forwarder_serve(forwarder: Forwarder):
+    async def serve(stream: TLSStream, facts: ConnFacts) -> None:
+        await forwarder.serve(stream, facts)
+
+    return serve

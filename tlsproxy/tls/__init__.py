@@ -1,0 +1,1 @@
+"""TLS mechanism: immutable contexts, the current-context store, the socket-level stream, listeners."""

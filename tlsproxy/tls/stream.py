@@ -1,0 +1,274 @@
+"""A trio stream over a non-blocking ``ssl.SSLSocket``.
+
+Theory of operation
+-------------------
+``trio.SSLStream`` runs OpenSSL on memory BIOs and copies every byte between the BIO and the socket
+in Python. That costs time on small writes and, worse, it marks the stream broken before flushing the
+alert OpenSSL queued when a handshake fails, so a TLS 1.2 client sees a bare EOF instead of the
+``protocol_version`` alert RFC 8446 prescribes.
+
+Here OpenSSL owns the socket: ``SSL_read``/``SSL_write`` run directly on the file descriptor in
+non-blocking mode, and when OpenSSL says it wants to read or write we park the task with trio's
+``wait_readable``/``wait_writable`` and retry the same call. OpenSSL writes handshake alerts itself.
+
+Rules that keep it correct:
+
+* One receive and one send may run at once (like trio's ``SocketStream``); a second concurrent
+  call of the same kind raises ``trio.BusyResourceError``.
+* ``SSL_write`` is retried with the *same* buffer after ``WANT_WRITE`` (CPython sets
+  ``SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER`` but not partial writes). A send that is cancelled half-way
+  leaves OpenSSL expecting that retry, so the stream is marked broken.
+* Every operation is a trio checkpoint, as trio's own sockets are.
+* ``aclose`` sends ``close_notify`` (best effort, never blocking) and closes the descriptor.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import ssl
+
+import trio
+
+RECEIVE_SIZE = 256 * 1024   # OpenSSL hands back at most one 16 KiB record per SSL_read; we loop up to this
+
+_wait_readable = trio.lowlevel.wait_readable
+_wait_writable = trio.lowlevel.wait_writable
+_checkpoint_if_cancelled = trio.lowlevel.checkpoint_if_cancelled
+_cancel_shielded_checkpoint = trio.lowlevel.cancel_shielded_checkpoint
+
+_BROKEN_ERRNOS = {errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT, errno.ECONNABORTED}
+
+
+class TLSStream(trio.abc.Stream):
+    """A TLS connection over a connected socket. Call :meth:`do_handshake` first."""
+
+    def __init__(self, sock: socket.socket, context: ssl.SSLContext, *, server_side: bool,
+                 server_hostname: str | None = None) -> None:
+        sock.setblocking(False)
+        self._ssl = context.wrap_socket(sock, server_side=server_side, server_hostname=server_hostname,
+                                        do_handshake_on_connect=False, suppress_ragged_eofs=True)
+        self._fd = self._ssl.fileno()
+        self._closed = False
+        self._broken = False
+        self._receiving = False
+        self._sending = False
+
+    # ------------------------------------------------------------------ facts about the connection
+    @property
+    def ssl_object(self) -> ssl.SSLSocket:
+        return self._ssl
+
+    def getpeercert(self, binary_form: bool = True):
+        return self._ssl.getpeercert(binary_form=binary_form)
+
+    def version(self) -> str | None:
+        return self._ssl.version()
+
+    def selected_alpn_protocol(self) -> str | None:
+        return self._ssl.selected_alpn_protocol()
+
+    def session_reused(self) -> bool:
+        return bool(self._ssl.session_reused)
+
+    def fileno(self) -> int:
+        return self._fd
+
+    # ------------------------------------------------------------------ operations
+    def _check(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("TLS stream is closed")
+        if self._broken:
+            raise trio.BrokenResourceError("TLS stream is broken")
+
+    async def do_handshake(self) -> None:
+        """Run the handshake. Failures raise ``ssl.SSLError`` (after OpenSSL sent its alert) or
+        ``trio.BrokenResourceError`` when the peer went away."""
+        self._check()
+        await _checkpoint_if_cancelled()
+        blocked = False
+        while True:
+            try:
+                self._ssl.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                blocked = True
+                await self._park(_wait_readable)
+            except ssl.SSLWantWriteError:
+                blocked = True
+                await self._park(_wait_writable)
+            except ssl.SSLError:
+                self._broken = True
+                raise
+            except OSError as exc:
+                self._broken = True
+                raise trio.BrokenResourceError(f"handshake: {exc}") from exc
+        if not blocked:
+            await _cancel_shielded_checkpoint()
+
+    async def _park(self, wait) -> None:
+        try:
+            await wait(self._fd)
+        except trio.ClosedResourceError:
+            raise trio.ClosedResourceError("TLS stream was closed while waiting") from None
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        self._check()
+        if self._receiving:
+            raise trio.BusyResourceError("another task is receiving on this TLS stream")
+        self._receiving = True
+        try:
+            await _checkpoint_if_cancelled()
+            size = max_bytes or RECEIVE_SIZE
+            blocked = False
+            ssl_recv = self._ssl.recv
+            while True:
+                try:
+                    data = ssl_recv(min(size, 16384) if max_bytes is None else size)
+                    break
+                except ssl.SSLWantReadError:
+                    blocked = True
+                    await self._park(_wait_readable)
+                except ssl.SSLWantWriteError:
+                    blocked = True
+                    await self._park_write_for_read()
+                except ssl.SSLZeroReturnError:
+                    data = b""
+                    break
+                except (ssl.SSLError, OSError) as exc:
+                    self._broken = True
+                    raise trio.BrokenResourceError(f"receive: {exc}") from exc
+            if data and max_bytes is None:
+                # Drain whatever else is already decrypted or readable, up to RECEIVE_SIZE, in one call.
+                chunks = None
+                total = len(data)
+                while total < RECEIVE_SIZE:
+                    try:
+                        more = ssl_recv(16384)
+                    except (ssl.SSLWantReadError, ssl.SSLWantWriteError, ssl.SSLZeroReturnError):
+                        break
+                    except (ssl.SSLError, OSError):
+                        break   # reported by the next call
+                    if not more:
+                        break
+                    if chunks is None:
+                        chunks = [data]
+                    chunks.append(more)
+                    total += len(more)
+                if chunks is not None:
+                    data = b"".join(chunks)
+            if not blocked:
+                await _cancel_shielded_checkpoint()
+            return data
+        finally:
+            self._receiving = False
+
+    async def _park_write_for_read(self) -> None:
+        # Rare (key update while reading). The send side may be parked on the same fd; share politely.
+        try:
+            await self._park(_wait_writable)
+        except trio.BusyResourceError:
+            await trio.sleep(0.001)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self._check()
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this TLS stream")
+        self._sending = True
+        try:
+            await _checkpoint_if_cancelled()
+            view = memoryview(data)
+            blocked = False
+            ssl_send = self._ssl.send
+            while view:
+                try:
+                    sent = ssl_send(view)
+                except ssl.SSLWantWriteError:
+                    blocked = True
+                    try:
+                        await self._park(_wait_writable)
+                    except trio.Cancelled:
+                        self._broken = True   # OpenSSL now expects this exact write to be retried
+                        raise
+                    continue
+                except ssl.SSLWantReadError:
+                    blocked = True
+                    try:
+                        await self._park(_wait_readable)
+                    except trio.BusyResourceError:
+                        await trio.sleep(0.001)
+                    continue
+                except (ssl.SSLError, OSError) as exc:
+                    self._broken = True
+                    raise trio.BrokenResourceError(f"send: {exc}") from exc
+                view = view[sent:]
+            if not blocked:
+                await _cancel_shielded_checkpoint()
+        finally:
+            self._sending = False
+
+    async def wait_send_all_might_not_block(self) -> None:
+        self._check()
+        await _wait_writable(self._fd)
+
+    def close_now(self) -> None:
+        """Send close_notify if the session is healthy, then close the descriptor. Never blocks."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            trio.lowlevel.notify_closing(self._fd)
+        except (ValueError, OSError):
+            pass
+        if not self._broken:
+            try:
+                self._ssl.unwrap()
+            except (ssl.SSLError, OSError, ValueError):
+                pass   # WANT_READ after our close_notify went out, or the peer is gone: both fine
+        try:
+            self._ssl.close()
+        except OSError:
+            pass
+
+    async def aclose(self) -> None:
+        self.close_now()
+        await trio.lowlevel.checkpoint()
+
+    async def linger_close(self, timeout_s: float = 0.5, max_bytes: int = 256 * 1024) -> None:
+        """Close gracefully after an error response: stop writing, read and discard what the client
+        still sends for a moment, so the kernel does not answer it with a RST that destroys the
+        response before the client has read it (nginx's lingering close)."""
+        if self._closed:
+            return
+        if not self._broken:
+            try:
+                self._ssl.unwrap()
+            except (ssl.SSLError, OSError, ValueError):
+                pass
+            try:
+                raw = socket.socket(fileno=self._fd)
+                try:
+                    raw.shutdown(socket.SHUT_WR)
+                finally:
+                    raw.detach()
+            except OSError:
+                pass
+            with trio.move_on_after(timeout_s):
+                discarded = 0
+                while discarded < max_bytes:
+                    try:
+                        await _wait_readable(self._fd)
+                        chunk = socket.socket(fileno=self._fd)
+                        try:
+                            got = chunk.recv(65536, socket.MSG_DONTWAIT)
+                        finally:
+                            chunk.detach()
+                    except (BlockingIOError, InterruptedError):
+                        continue
+                    except (OSError, trio.ClosedResourceError, trio.BusyResourceError):
+                        break
+                    if not got:
+                        break
+                    discarded += len(got)
+            self._broken = True
+        self.close_now()
