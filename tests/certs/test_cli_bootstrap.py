@@ -147,8 +147,8 @@ def test_curl_trusts_the_bootstrap_ca_and_presents_the_client_cert(boot):
     t.start()
     try:
         url = f"https://web.shop.svc.cluster.local:{port}/"
-        base = ["curl", "-sS", "--max-time", "10", "--resolve", f"web.shop.svc.cluster.local:{port}:127.0.0.1",
-                "--cacert", str(out / "ca.crt")]
+        base = ["curl", "-sS", "--max-time", "10",
+                "--resolve", f"web.shop.svc.cluster.local:{port}:127.0.0.1", "--cacert", str(out / "ca.crt")]
         ok = subprocess.run([*base, "--cert", str(out / "client" / "tls.crt"),
                              "--key", str(out / "client" / "tls.key"), url],
                             capture_output=True, text=True, timeout=20)
@@ -187,11 +187,21 @@ def test_ca_dir_reuses_the_ca_and_keeps_its_key_in_place(boot, tmp_path):
     assert not (out / "ca.key").exists()
     ok = openssl("verify", "-CAfile", ca_dir / "ca.crt", out / "tls.crt")
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    # re-running into the CA's own directory is fine: ca.crt is unchanged, ca.key untouched
-    again = run("certs", "bootstrap", "--service", "api", "--namespace", "shop", "--out", out,
-                "--ca-dir", out.parent / "second", "--force")
-    assert again.returncode == 2  # second/ has no ca.key: it is not a CA directory
-    assert_usage_error(again, "ca.key", "missing")
+    # a directory without ca.key is not a CA directory
+    proc = run("certs", "bootstrap", "--service", "api", "--namespace", "shop", "--out", tmp_path / "x",
+               "--ca-dir", out)
+    assert_usage_error(proc, "ca.key", "missing")
+
+
+def test_reissue_into_the_ca_directory_itself(tmp_path):
+    args = ("certs", "bootstrap", "--service", "web", "--namespace", "shop", "--out", tmp_path)
+    assert run(*args).returncode == 0
+    ca_key, ca_crt, old = ((tmp_path / n).read_bytes() for n in ("ca.key", "ca.crt", "tls.crt"))
+    proc = run(*args, "--ca-dir", tmp_path, "--force")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "ca.key").read_bytes() == ca_key and (tmp_path / "ca.crt").read_bytes() == ca_crt
+    assert (tmp_path / "tls.crt").read_bytes() != old
+    assert openssl("verify", "-CAfile", tmp_path / "ca.crt", tmp_path / "tls.crt").returncode == 0
 
 
 def test_ca_dir_leaf_may_not_outlive_the_ca(boot, tmp_path):
@@ -276,7 +286,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, extra, needles):
 
 
 def test_bad_service_and_missing_namespace(tmp_path):
-    assert_usage_error(run("certs", "bootstrap", "--service", "Web_1", "--namespace", "shop", "--out", tmp_path),
-                       "--service", "not a valid Kubernetes name")
+    proc = run("certs", "bootstrap", "--service", "Web_1", "--namespace", "shop", "--out", tmp_path)
+    assert_usage_error(proc, "--service", "not a valid Kubernetes name")
     assert_usage_error(run("certs", "bootstrap", "--service", "web", "--out", tmp_path), "--namespace")
     assert_usage_error(run("certs"), "bootstrap, check or inspect")
