@@ -71,8 +71,8 @@ def inject_text(text: str, options: InjectOptions = DEFAULT_OPTIONS, *,
                 raise ConfigError(f"{source}: {report.what}: {report.decision.reason}")
             if injected is not None:
                 new_body = yaml.safe_dump(injected, sort_keys=False, default_flow_style=False)
-                if sep and not new_body.startswith("\n") and not sep.endswith("\n"):
-                    new_body = "\n" + new_body
+                if sep:
+                    new_body = "\n" + new_body   # the separator line keeps no newline of its own
         pieces.append(sep + new_body)
     return "".join(pieces), reports
 

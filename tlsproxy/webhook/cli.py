@@ -1,0 +1,85 @@
+"""``tlsproxy inject`` (offline, like ``linkerd inject``) and ``tlsproxy webhook`` (the admission server).
+
+Both take ``--image``; both go through :func:`tlsproxy.webhook.injector.decide`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .. import cli as _cli
+from ..errors import ConfigError
+from .injector import Injected, InjectOptions, Skipped, default_image
+
+
+def _image_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--image", default=default_image(), metavar="IMAGE",
+                        help=f"image of the injected tlsproxy container [default: {default_image()}]")
+    parser.add_argument("--image-pull-policy", default="IfNotPresent",
+                        choices=("IfNotPresent", "Always", "Never"),
+                        help="imagePullPolicy of the injected container [default: IfNotPresent]")
+
+
+def _options(ns: argparse.Namespace) -> InjectOptions:
+    image = ns.image.strip()
+    if not image or any(ch.isspace() for ch in image):
+        raise ConfigError(f"--image: {ns.image!r} is not an image reference")
+    return InjectOptions(image=image, image_pull_policy=ns.image_pull_policy)
+
+
+# ---------------------------------------------------------------------------- inject
+
+def _inject_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-f", "--filename", required=True, metavar="FILE",
+                        help="multi-document YAML to rewrite, or - for standard input")
+    _image_argument(parser)
+    parser.add_argument("-q", "--quiet", action="store_true", help="no per-workload summary on stderr")
+
+
+def _inject_run(ns: argparse.Namespace) -> int:
+    from .k8s_yaml import inject_text
+
+    options = _options(ns)
+    if ns.filename == "-":
+        text, source = sys.stdin.read(), "-"
+    else:
+        path = Path(ns.filename)
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or "not a readable text file"
+            raise ConfigError(f"-f {path}: {reason}") from None
+        source = str(path)
+    out, reports = inject_text(text, options, source=source)
+    sys.stdout.write(out)
+    if not ns.quiet:
+        for r in reports:
+            if isinstance(r.decision, Injected):
+                sys.stderr.write(f"{r.what} injected\n")
+            elif isinstance(r.decision, Skipped):
+                sys.stderr.write(f"{r.what} skipped: {r.decision.reason}\n")
+    return 0
+
+
+_cli.register("inject", "add the tlsproxy sidecar to workloads in YAML (offline, like the webhook)",
+              _inject_args, _inject_run)
+
+
+# ---------------------------------------------------------------------------- webhook
+
+def _webhook_args(parser: argparse.ArgumentParser) -> None:
+    _cli.add_settings_arguments(parser, groups=("listeners", "certificates", "tls", "limits", "logging",
+                                                "general"))
+    _image_argument(parser)
+
+
+def _webhook_run(ns: argparse.Namespace) -> int:
+    from .server import main_webhook
+
+    return main_webhook(_cli.settings_from_args(ns), _options(ns))
+
+
+_cli.register("webhook", "serve the mutating admission webhook (/mutate, /mutate-namespace) over HTTPS",
+              _webhook_args, _webhook_run)
