@@ -345,6 +345,9 @@ class Settings:
     drain_delay_s: float = opt(5.0, parse_duration, "on SIGTERM, keep accepting this long so endpoints "
                                "can stop sending traffic", flag="drain-delay", metavar="DURATION",
                                group="limits")
+    expiry_warning_s: float = opt(14 * 86400.0, parse_duration, "log a warning when a loaded certificate "
+                                  "expires within this long", flag="expiry-warning", metavar="DURATION",
+                                  group="logging")
     # logging
     access_log: bool = opt(True, parse_on_off, "one line per request: on or off", metavar="on|off",
                            group="logging")
@@ -469,3 +472,5 @@ def check_settings(s: Settings) -> None:
         raise ConfigError("--cert and --key go together: give both or neither")
     if s.cert_dir is not None and s.cert is not None:
         raise ConfigError("--cert-dir and --cert/--key are alternatives: give one of them")
+    if not 1 <= s.redirect_port <= 65535:
+        raise ConfigError(f"--redirect-port: {s.redirect_port} is not a port (1 to 65535)")
