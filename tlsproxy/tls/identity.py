@@ -15,8 +15,9 @@ Theory of operation
 * :func:`xfcc_value` renders Envoy's ``X-Forwarded-Client-Cert`` element; :func:`client_cert_value`
   and :func:`client_cert_chain_value` render RFC 9440's ``Client-Cert``/``Client-Cert-Chain``
   (RFC 8941 byte sequences). Every value returned here is printable ASCII, safe as a header value:
-  characters outside 0x20..0x7E in certificate strings are escaped as ``\\XX`` (UTF-8 bytes, the
-  RFC 4514 hex-pair escape, as OpenSSL's ``XN_FLAG_RFC2253`` does for Envoy's Subject).
+  in the Subject, characters outside 0x20..0x7E (and ``"``, ``\\``) become RFC 4514 hex pairs
+  ``\\XX`` (UTF-8 bytes, as OpenSSL's ``XN_FLAG_RFC2253`` does for Envoy's Subject); in SANs they are
+  percent-encoded. So a quoted XFCC value never holds a quote or a backslash pair to escape.
 
 Matching semantics (documented in docs/certificates.md):
   cn   exact, case-sensitive, against the subject's most specific (last) CN
@@ -87,11 +88,11 @@ class Identity:
 
     def describe(self) -> str:
         """A short, header/log-safe description: the subject plus URI and DNS SANs."""
-        parts = [f"subject={_ascii_safe(self.subject)!r}"]
+        parts = [f"subject={_dn_header_safe(self.subject)!r}"]
         if self.uris:
-            parts.append("uri=" + ",".join(_ascii_safe(u) for u in self.uris))
+            parts.append("uri=" + ",".join(_san_header_safe(u) for u in self.uris))
         if self.dns:
-            parts.append("dns=" + ",".join(_ascii_safe(d) for d in self.dns))
+            parts.append("dns=" + ",".join(_san_header_safe(d) for d in self.dns))
         return " ".join(parts)
 
 
@@ -176,29 +177,58 @@ def _dns_key(name: str) -> str:
 
 # ---------------------------------------------------------------------------- headers
 
-_XFCC_SPECIALS = frozenset(',;="\\')
+_XFCC_SPECIALS = frozenset(',;=')
 
 
-def _ascii_safe(text: str) -> str:
-    """Escape everything outside printable ASCII as ``\\XX`` per UTF-8 byte (RFC 4514 hex pairs)."""
-    if text.isascii() and text.isprintable():
-        return text
-    out = []
-    for ch in text:
-        if " " <= ch <= "~":
+def _utf8_hex(ch: str, fmt: str) -> str:
+    return "".join(fmt.format(b) for b in ch.encode("utf-8", "surrogatepass"))
+
+
+def _dn_header_safe(dn: str) -> str:
+    """An RFC 4514 string rewritten with RFC 4514's own hex-pair escapes so that it holds no ``"``,
+    no ``\\\\`` pair and nothing outside printable ASCII: ``\\\\`` -> ``\\5C``, ``\\"`` -> ``\\22``,
+    other characters -> ``\\XX`` per UTF-8 byte (as OpenSSL's ``XN_FLAG_RFC2253`` does for Envoy).
+    The result means the same DN, and a quoted XFCC value holding it is unambiguous to every
+    parser (no backslash ever precedes a quote or another backslash)."""
+    out: list[str] = []
+    i, n = 0, len(dn)
+    while i < n:
+        ch = dn[i]
+        if ch == "\\" and i + 1 < n:
+            nxt = dn[i + 1]
+            if nxt == "\\":
+                out.append("\\5C")
+            elif nxt == '"':
+                out.append("\\22")
+            elif " " <= nxt <= "~":
+                out.append("\\" + nxt)
+            else:
+                out.append(_utf8_hex(nxt, "\\{:02X}"))
+            i += 2
+            continue
+        if ch == '"' or ch == "\\":
+            out.append(_utf8_hex(ch, "\\{:02X}"))
+        elif " " <= ch <= "~":
             out.append(ch)
         else:
-            out.extend(f"\\{b:02X}" for b in ch.encode("utf-8", "surrogatepass"))
+            out.append(_utf8_hex(ch, "\\{:02X}"))
+        i += 1
     return "".join(out)
 
 
+def _san_header_safe(value: str) -> str:
+    """A DNS or URI SAN with ``"``, ``\\`` and anything outside printable ASCII percent-encoded
+    (a valid URI never holds them; a certificate that does must not break the header)."""
+    if value.isascii() and value.isprintable() and '"' not in value and "\\" not in value:
+        return value
+    return "".join(_utf8_hex(c, "%{:02X}") if (c in '"\\' or not " " <= c <= "~") else c for c in value)
+
+
 def _xfcc_field(key: str, value: str, *, always_quote: bool = False) -> str:
-    """One ``Key=value`` pair. Values holding ``, ; = " \\`` are double-quoted, with ``"`` and ``\\``
-    escaped by a backslash (Envoy documents the ``\\"`` escape; escaping ``\\`` too keeps a value
-    that ends in a backslash from eating the closing quote)."""
-    value = _ascii_safe(value)
+    """One ``Key=value`` pair; the value is already header-safe and holds no ``"`` nor ``\\``.
+    Values holding ``, ; =`` are double-quoted, as Envoy documents."""
     if always_quote or any(c in _XFCC_SPECIALS for c in value):
-        value = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        value = f'"{value}"'
     return f"{key}={value}"
 
 
@@ -208,11 +238,11 @@ def xfcc_value(identity: Identity, *, by: Sequence[str] = ()) -> str:
     (always quoted); ``URI=<uri SAN>`` (each; ``URI=`` when there is none, as Envoy does);
     ``DNS=<dns SAN>`` (each). A proxy *replaces* any XFCC from the client with this value (Envoy's
     ``SANITIZE_SET``): never append to a client-supplied header."""
-    fields = [_xfcc_field("By", b) for b in by]
+    fields = [_xfcc_field("By", _san_header_safe(b)) for b in by]
     fields.append(f"Hash={identity.sha256}")
-    fields.append(_xfcc_field("Subject", identity.subject, always_quote=True))
-    fields += [_xfcc_field("URI", u) for u in identity.uris] or ["URI="]
-    fields += [_xfcc_field("DNS", d) for d in identity.dns]
+    fields.append(_xfcc_field("Subject", _dn_header_safe(identity.subject), always_quote=True))
+    fields += [_xfcc_field("URI", _san_header_safe(u)) for u in identity.uris] or ["URI="]
+    fields += [_xfcc_field("DNS", _san_header_safe(d)) for d in identity.dns]
     return ";".join(fields)
 
 
