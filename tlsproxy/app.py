@@ -14,6 +14,7 @@ cancelled → exit 0.
 
 from __future__ import annotations
 
+import datetime as dt
 import signal
 import sys
 import time
@@ -22,7 +23,8 @@ from dataclasses import dataclass, field
 import trio
 
 from . import log as logging_setup
-from .admin.health import Health
+from .admin import endpoints as admin_endpoints
+from .admin.health import Health, ca_problem, certificate_problem, expiring
 from .admin.server import AdminRequest, AdminRoutes, Reply, serve_admin
 from .certs import devca
 from .certs.bundle import Bundle
@@ -32,6 +34,7 @@ from .errors import CertError, ConfigError
 from .http.forward import Drain, Forwarder, Limits, Route
 from .http.pool import Pool
 from .inbound import upstream as upstream_mod
+from .inbound.plain import PlainHandler, PlainListenerConfig, serve_plain
 from .inbound.server import ConnectionHandler, TLSListenerConfig, forwarder_serve, serve_tls
 from .log import get_logger
 from .metrics import Metrics
@@ -39,6 +42,8 @@ from .tls.contexts import ServerTLSOptions, server_context
 from .tls.store import ContextStore, Generation
 
 log = get_logger("")
+
+EXPIRY_CHECK_INTERVAL_S = 3600.0   # a certificate that was fine at load may enter --expiry-warning later
 
 
 @dataclass
@@ -62,6 +67,7 @@ class App:
         self.started_at = time.time()
         self.drain_started_at: float | None = None
         self._drain_requested = trio.Event()
+        self._expiry_warned: set[str] = set()
         self._state_env = state_env
         self.standalone_dir = None
         self.source = self._cert_source()
@@ -120,6 +126,25 @@ class App:
             fields["old_serial"] = old.bundles[0].info.serial
             fields["old_not_after"] = old.bundles[0].info.not_after.isoformat()
         log.info("certificate loaded" if old is None else "certificate reloaded", **fields)
+        self._warn_expiring(new)
+
+    def _warn_expiring(self, gen: Generation | None) -> None:
+        if gen is None:
+            return
+        now = dt.datetime.now(dt.UTC)
+        for info in expiring([b.info for b in gen.bundles], now, self.settings.expiry_warning_s):
+            if info.serial in self._expiry_warned:
+                continue
+            self._expiry_warned.add(info.serial)
+            log.warning("certificate expires soon", serial=info.serial, subject=info.subject,
+                        not_after=info.not_after.isoformat(),
+                        expires_in_h=round((info.not_after - now).total_seconds() / 3600, 1),
+                        expiry_warning_s=self.settings.expiry_warning_s)
+
+    async def _expiry_watch(self) -> None:
+        while True:
+            await trio.sleep(EXPIRY_CHECK_INTERVAL_S)
+            self._warn_expiring(self.store.generation)
 
     # ------------------------------------------------------------------ admin
     def _install_admin_routes(self) -> None:
@@ -140,14 +165,27 @@ class App:
         self.admin_routes.add("/healthz", healthz)
         self.admin_routes.add("/readyz", readyz)
         self.admin_routes.add("/metrics", metrics)
+        self.admin_routes.add("/certs", admin_endpoints.certs_handler(self.store))
+        self.admin_routes.add("/shutdown", admin_endpoints.shutdown_handler(self.request_drain),
+                              methods=("POST",))
 
         async def cert_check() -> str | None:
-            return None if self.store.ready else "no valid certificate loaded"
+            gen = self.store.generation
+            return certificate_problem(gen and [b.info for b in gen.bundles], dt.datetime.now(dt.UTC))
+
+        async def ca_check() -> str | None:
+            gen = self.store.generation
+            return ca_problem(gen and gen.context, dt.datetime.now(dt.UTC))
 
         async def listener_check() -> str | None:
-            return None if self.bound.tls is not None else "TLS listener not bound yet"
+            missing = [] if self.bound.tls is not None else ["tls"]
+            if self._plain_enabled() and "http" not in self.bound.extra:
+                missing.append("http")
+            return f"listeners not bound yet: {', '.join(missing)}" if missing else None
 
         self.health.add_check("certificate", cert_check)
+        if self.settings.client_ca is not None:
+            self.health.add_check("client_ca", ca_check)
         self.health.add_check("listeners", listener_check)
         if self.settings.upstream.scheme in ("http", "tcp"):
             up = self.settings.upstream
@@ -166,11 +204,16 @@ class App:
                       idle_timeout_s=s.idle_timeout_s,
                       upstream_response_timeout_s=s.upstream_response_timeout_s)
 
-    def request_drain(self) -> None:
+    def _plain_enabled(self) -> bool:
+        return self.settings.http_listen is not None and self.settings.http_mode != "off"
+
+    def request_drain(self, reason: str = "signal") -> None:
+        """Start the drain (idempotent): readiness turns 503 now; ``run`` does the rest."""
         if self.drain_started_at is None:
             self.drain_started_at = trio.current_time()
             self.health.draining = True
-            log.info("drain started", drain_timeout_s=self.settings.drain_timeout_s)
+            log.info("drain started", reason=reason, drain_delay_s=self.settings.drain_delay_s,
+                     drain_timeout_s=self.settings.drain_timeout_s)
         self._drain_requested.set()
 
     async def run(self, *, task_status: trio.TaskStatus[App] = trio.TASK_STATUS_IGNORED) -> None:
@@ -184,12 +227,17 @@ class App:
         tls_cfg = TLSListenerConfig(name="inbound", addr=s.listen, handshake_timeout_s=s.handshake_timeout_s,
                                     max_connections=s.max_connections)
         handler = ConnectionHandler(tls_cfg, self.store, self.metrics, forwarder_serve(forwarder))
+        plain = self._plain_listener(pool)
         self._log_summary()
         async with trio.open_nursery() as root:
             self.bound.admin = await root.start(serve_admin, s.admin, self.admin_routes)
+            root.start_soon(self._expiry_watch)
             async with trio.open_nursery() as handlers:
                 async with trio.open_nursery() as accepting:
                     self.bound.tls = await accepting.start(serve_tls, tls_cfg, handler, handlers)
+                    if plain is not None:
+                        self.bound.extra["http"] = await accepting.start(serve_plain, plain[0], plain[1],
+                                                                         handlers)
                     self._announce()
                     task_status.started(self)
                     await self._drain_requested.wait()
@@ -205,8 +253,26 @@ class App:
                      seconds=round(trio.current_time() - self.drain_started_at, 3))
             root.cancel_scope.cancel()
 
+    def _plain_listener(self, pool: Pool) -> tuple[PlainListenerConfig, PlainHandler] | None:
+        """The ``--http-listen`` listener, or None when it is not configured (or ``--http-mode off``)."""
+        s = self.settings
+        if not self._plain_enabled():
+            return None
+        assert s.http_listen is not None
+        cfg = PlainListenerConfig(addr=s.http_listen, mode=s.http_mode, redirect_port=s.redirect_port,
+                                  head_timeout_s=s.head_timeout_s, max_head_bytes=s.max_head_bytes,
+                                  max_connections=s.max_connections, access_log=s.access_log)
+        forwarder = None
+        if s.http_mode == "forward":
+            route = Route(name="http", pool=pool, limits=self.limits(), access_log=s.access_log,
+                          upstream_label=str(s.upstream))
+            forwarder = Forwarder(route, self.metrics, self.drain)
+        return cfg, PlainHandler(cfg, self.metrics, forwarder)
+
     async def _drain_delay(self) -> None:
-        delay = getattr(self.settings, "drain_delay_s", 0.0) or 0.0
+        """Keep serving (and accepting) for ``--drain-delay`` after the drain started, so endpoint
+        controllers and load balancers stop sending traffic; never past ``--drain-timeout``."""
+        delay = self.settings.drain_delay_s
         if delay > 0:
             assert self.drain_started_at is not None
             await trio.sleep_until(min(self.drain_started_at + delay,
@@ -216,7 +282,12 @@ class App:
         s = self.settings
         log.info("starting", listen=str(s.listen), upstream=str(s.upstream), admin=str(s.admin),
                  certificates=self.source.describe(), tls_min_version=s.tls_min_version,
-                 access_log=s.access_log, max_connections=s.max_connections)
+                 access_log=s.access_log, max_connections=s.max_connections,
+                 http_listen=str(s.http_listen) if s.http_listen else "off",
+                 http_mode=s.http_mode if s.http_listen else "off",
+                 redirect_port=s.redirect_port, client_ca=str(s.client_ca) if s.client_ca else "none",
+                 drain_delay_s=s.drain_delay_s, drain_timeout_s=s.drain_timeout_s,
+                 expiry_warning_s=s.expiry_warning_s)
 
     def _announce(self) -> None:
         if self.standalone_dir is None:
