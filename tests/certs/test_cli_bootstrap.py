@@ -163,6 +163,14 @@ def test_curl_trusts_the_bootstrap_ca_and_presents_the_client_cert(boot):
         t.join(10)
 
 
+def test_wildcard_dns_extra(tmp_path):
+    proc = run("certs", "bootstrap", "--service", "web", "--namespace", "shop", "--out", tmp_path,
+               "--dns", "*.web.example.com")
+    assert proc.returncode == 0, proc.stderr
+    text = openssl("x509", "-noout", "-ext", "subjectAltName", "-in", tmp_path / "tls.crt").stdout
+    assert "DNS:*.web.example.com" in text
+
+
 def test_rsa_key_type(tmp_path):
     proc = run("certs", "bootstrap", "--service", "web", "--namespace", "shop", "--out", tmp_path,
                "--key-type", "rsa")

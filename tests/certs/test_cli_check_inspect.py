@@ -232,6 +232,17 @@ def test_inspect_the_bootstrap_output(tmp_path):
     assert report["key"]["matches"] is True
 
 
+def test_inspect_a_ca_only_directory(tmp_path):
+    ca_dir = tmp_path / "ca"
+    ca_dir.mkdir()
+    ca = make_ca("lonely CA")
+    (ca_dir / "ca.crt").write_bytes(ca.cert_pem)
+    (ca_dir / "ca.key").write_bytes(ca.key_pem)
+    report = json.loads(run("certs", "inspect", ca_dir, "--json").stdout)
+    assert report["certificates"][0]["subject"] == "CN=lonely CA,O=tlsproxy"
+    assert report["certificates"][0]["is_ca"] is True and report["key"]["matches"] is True
+
+
 def test_inspect_bad_input_is_exit_2(tmp_path):
     (tmp_path / "notpem.crt").write_text("hello\n")
     (tmp_path / "empty").mkdir()
