@@ -73,6 +73,18 @@ class Route:
     host_override: bytes | None = None           # outbound: Host becomes the peer's authority
     access_log: bool = True
     upstream_label: str = ""                     # for logs: where requests go
+    # Per-request routing (the outbound forward proxy): (method, target) -> Destination, or raise
+    # HTTPError to refuse. None: every request goes to ``pool`` with ``host_override``.
+    resolve: Callable[[bytes, bytes], Destination] | None = None
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where one request goes when the route resolves requests one by one."""
+
+    pool: Pool
+    target: bytes                                # the request target sent upstream (origin-form)
+    host_override: bytes | None = None
 
 
 @dataclass
@@ -223,8 +235,12 @@ class Forwarder:
             if facts.deny is not None:
                 raise facts.deny
             items = req.headers._full_items
+            pool, target, host_override = route.pool, req.target, route.host_override
+            if route.resolve is not None:
+                dest = route.resolve(req.method, req.target)
+                pool, target, host_override = dest.pool, dest.target, dest.host_override
             out_items, request_id, upgrade = hdr.rewrite_request(items, facts.forward,
-                                                                 host_override=route.host_override)
+                                                                 host_override=host_override)
             log_entry.request_id = request_id
             if client.their_state is h11.SEND_BODY:
                 if hdr.header_value(items, b"transfer-encoding") is not None:
@@ -234,9 +250,9 @@ class Forwarder:
                         and int(cl) > route.limits.max_body_bytes:
                     raise HTTPError(413, f"request body larger than {route.limits.max_body_bytes} bytes",
                                     kind="body_too_large")
-            upstream_req = h11.Request(method=req.method, target=req.target, headers=Headers(out_items),
+            upstream_req = h11.Request(method=req.method, target=target, headers=Headers(out_items),
                                        http_version=b"1.1", _parsed=True)
-            keep = await self._exchange(stream, client, req, upstream_req, upgrade, log_entry)
+            keep = await self._exchange(stream, client, req, upstream_req, upgrade, log_entry, pool)
         except HTTPError as err:
             await self._refuse(stream, facts, err, log_entry)
             keep = False
@@ -253,12 +269,12 @@ class Forwarder:
         return keep and not self.drain.draining
 
     async def _exchange(self, stream: trio.abc.Stream, client: h11.Connection, req: h11.Request,
-                        upstream_req: h11.Request, upgrade: bytes | None, entry: _AccessEntry) -> bool:
-        route = self.route
-        limits = route.limits
+                        upstream_req: h11.Request, upgrade: bytes | None, entry: _AccessEntry,
+                        pool: Pool) -> bool:
+        limits = self.route.limits
         has_body = client.their_state is h11.SEND_BODY
         retryable = not has_body and req.method in IDEMPOTENT
-        up = await self._acquire()
+        up = await self._acquire(pool)
         try:
             while True:
                 try:
@@ -268,37 +284,37 @@ class Forwarder:
                     break
                 except UpstreamError as exc:
                     if retryable and up.reused and exc.sent_nothing:
-                        route.pool.discard(up)
-                        up = await self._acquire(fresh=True)
+                        pool.discard(up)
+                        up = await self._acquire(pool, fresh=True)
                         retryable = False
                         continue
                     raise
         except trio.TooSlowError:
-            route.pool.discard(up)
+            pool.discard(up)
             self._upstream_error("timeout")
             raise HTTPError(504, "upstream did not answer in time", kind="upstream_timeout") from None
         except UpstreamError as exc:
-            route.pool.discard(up)
+            pool.discard(up)
             self._upstream_error(exc.kind)
             status = 504 if exc.kind == "timeout" else 502
             raise HTTPError(status, f"upstream failed: {exc.reason}", kind="upstream_" + exc.kind) from None
         except BaseException:
-            route.pool.discard(up)
+            pool.discard(up)
             raise
         entry.status = response.status_code
         if response.status_code == 101:
-            return await self._switch(stream, client, up, response, entry)
+            return await self._switch(stream, client, up, response, entry, pool)
         try:
             await self._stream_response(stream, client, up, response, entry)
         except BaseException:
-            route.pool.discard(up)
+            pool.discard(up)
             raise
-        route.pool.release(up)
+        pool.release(up)
         return True
 
-    async def _acquire(self, fresh: bool = False) -> UpstreamConn:
+    async def _acquire(self, pool: Pool, fresh: bool = False) -> UpstreamConn:
         try:
-            return await self.route.pool.acquire(fresh=fresh)
+            return await pool.acquire(fresh=fresh)
         except UpstreamError as exc:
             self._upstream_error(exc.kind)
             status = 504 if exc.kind == "connect_timeout" else 502
@@ -438,7 +454,7 @@ class Forwarder:
         self._m_out.inc(sent)
 
     async def _switch(self, stream: trio.abc.Stream, client: h11.Connection, up: UpstreamConn,
-                      response: h11.InformationalResponse, entry: _AccessEntry) -> bool:
+                      response: h11.InformationalResponse, entry: _AccessEntry, pool: Pool) -> bool:
         """The app accepted an upgrade: answer 101, then relay bytes both ways until both end."""
         try:
             items = hdr.rewrite_response(response.headers._full_items, upgrade=True)
@@ -457,7 +473,7 @@ class Forwarder:
             entry.bytes_out = result.b_to_a + len(upstream_rest)
             entry.note = "upgraded"
         finally:
-            self.route.pool.discard(up)
+            pool.discard(up)
         return False
 
     async def _refuse(self, stream: trio.abc.Stream, facts: ConnFacts, err: HTTPError,
