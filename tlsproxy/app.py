@@ -33,6 +33,7 @@ from .config import HostPort, Settings
 from .errors import CertError, ConfigError
 from .http.forward import Drain, Forwarder, Limits, Route
 from .http.pool import Pool
+from .inbound import mtls
 from .inbound import upstream as upstream_mod
 from .inbound.plain import PlainHandler, PlainListenerConfig, serve_plain
 from .inbound.server import ConnectionHandler, TLSListenerConfig, forwarder_serve, serve_tls
@@ -70,6 +71,7 @@ class App:
         self._expiry_warned: set[str] = set()
         self._state_env = state_env
         self.standalone_dir = None
+        self.mtls = mtls.MTLSConfig.from_settings(settings)
         self.source = self._cert_source()
         self.store.subscribe(self._on_swap)
         self._install_admin_routes()
@@ -78,9 +80,9 @@ class App:
     def _cert_source(self) -> CertSource:
         s = self.settings
         if s.cert_dir is not None:
-            return CertSource(cert_dir=s.cert_dir)
+            return CertSource(cert_dir=s.cert_dir, client_ca=s.client_ca)
         if s.cert is not None:
-            return CertSource(cert=s.cert, key=s.key)
+            return CertSource(cert=s.cert, key=s.key, client_ca=s.client_ca)
         state = s.state_dir or devca.default_state_dir(self._state_env)
         try:
             directory, _created = devca.ensure(state)
@@ -88,16 +90,22 @@ class App:
             raise ConfigError(f"--state-dir: cannot create the development CA in {state}: "
                               f"{exc.strerror or exc}") from None
         self.standalone_dir = directory
-        return CertSource(cert_dir=directory)
+        return CertSource(cert_dir=directory, client_ca=s.client_ca)
 
-    def tls_options(self) -> ServerTLSOptions:
+    def tls_options(self, bundle: Bundle | None = None) -> ServerTLSOptions:
+        """Context options; with mTLS on, the client CA comes from ``bundle`` (read with it)."""
         s = self.settings
-        return ServerTLSOptions(min_version=s.tls_min_version, session_tickets=s.tls_session_tickets)
+        client_ca = mtls.client_ca_pem(self.mtls, bundle) if bundle is not None else None
+        return ServerTLSOptions(min_version=s.tls_min_version, session_tickets=s.tls_session_tickets,
+                                client_ca_pem=client_ca)
 
     def build_generation(self) -> tuple[object, list[Bundle]]:
-        """Load and validate the material and build a context. Raises CertError; changes nothing."""
+        """Load and validate the material (certificate, key, client CA) and build a context.
+
+        The one place that reads certificate material: reloads call it too. Raises CertError;
+        changes nothing."""
         bundle = self.source.load()
-        ctx = server_context([bundle], self.tls_options())
+        ctx = server_context([bundle], self.tls_options(bundle))
         return ctx, [bundle]
 
     def load_certificates(self) -> Generation:
@@ -148,7 +156,9 @@ class App:
 
     # ------------------------------------------------------------------ admin
     def _install_admin_routes(self) -> None:
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        # The classic text format (0.0.4): every Prometheus version parses it, and our names are
+        # all legacy-valid, so nothing is lost against prometheus-client's newer 1.0.0 default.
+        from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
         async def healthz(_req: AdminRequest) -> Reply:
             return Reply.text(200, "ok")
@@ -160,7 +170,7 @@ class App:
             return Reply.json(200, {"ready": True})
 
         async def metrics(_req: AdminRequest) -> Reply:
-            return Reply(200, generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST)
+            return Reply(200, generate_latest(self.metrics.registry), CONTENT_TYPE_PLAIN_0_0_4)
 
         self.admin_routes.add("/healthz", healthz)
         self.admin_routes.add("/readyz", readyz)
@@ -184,7 +194,7 @@ class App:
             return f"listeners not bound yet: {', '.join(missing)}" if missing else None
 
         self.health.add_check("certificate", cert_check)
-        if self.settings.client_ca is not None:
+        if self.mtls.enabled:
             self.health.add_check("client_ca", ca_check)
         self.health.add_check("listeners", listener_check)
         if self.settings.upstream.scheme in ("http", "tcp"):
@@ -226,7 +236,8 @@ class App:
         forwarder = Forwarder(route, self.metrics, self.drain)
         tls_cfg = TLSListenerConfig(name="inbound", addr=s.listen, handshake_timeout_s=s.handshake_timeout_s,
                                     max_connections=s.max_connections)
-        handler = ConnectionHandler(tls_cfg, self.store, self.metrics, forwarder_serve(forwarder))
+        handler = ConnectionHandler(tls_cfg, self.store, self.metrics, forwarder_serve(forwarder),
+                                    peer_policy=mtls.make_policy(self.mtls))
         plain = self._plain_listener(pool)
         self._log_summary()
         async with trio.open_nursery() as root:

@@ -1,4 +1,4 @@
-"""The plain-HTTP admin listener: /healthz, /readyz, /metrics (and whatever else is registered).
+"""The plain-HTTP admin listener: /healthz, /readyz, /metrics, /certs, POST /shutdown.
 
 Tiny by design: GET/POST only, no bodies larger than a few KiB, one request per connection is
 fine for probes and scrapers, but keep-alive works too. Handlers are ``async (Request) -> Reply``.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 
 import h11
 import trio
@@ -110,7 +111,8 @@ async def _serve_conn(stream: trio.SocketStream, routes: AdminRoutes, client_ip:
             reply = Reply.text(500, "internal error")
         headers = [("Content-Type", reply.content_type), ("Content-Length", str(len(reply.body))),
                    ("Cache-Control", "no-store"), *reply.headers]
-        data = conn.send(h11.Response(status_code=reply.status, headers=headers))
+        data = conn.send(h11.Response(status_code=reply.status, headers=headers,
+                                      reason=_reason(reply.status)))
         if areq.method != "HEAD":
             data += conn.send(h11.Data(data=reply.body))
         data += conn.send(h11.EndOfMessage())
@@ -119,6 +121,13 @@ async def _serve_conn(stream: trio.SocketStream, routes: AdminRoutes, client_ip:
             conn.start_next_cycle()
         else:
             return
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
 
 
 async def _read_request(stream: trio.SocketStream, conn: h11.Connection):
