@@ -229,6 +229,30 @@ def parse_csv(raw: Any) -> tuple[str, ...]:
     return tuple(x.strip() for x in str(raw).split(",") if x.strip())
 
 
+def parse_mapping(raw: Any) -> tuple[tuple[str, Any], ...]:
+    """A flat mapping (a YAML mapping, or ``{key: value, ...}`` text from a flag) as sorted
+    ``(key, value)`` pairs; list values become tuples of strings. Meaning is checked by its user."""
+    if isinstance(raw, str):
+        import yaml
+
+        try:
+            raw = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise ValueError(f"{raw!r} is not a mapping like {{listen: ..., url: ...}}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{raw!r} is not a mapping like {{listen: ..., url: ...}}")
+    out = []
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            raise ValueError(f"{key}: nested mappings are not allowed")
+        if isinstance(value, list | tuple):
+            value = tuple(str(v).strip() for v in value)
+        elif value is not None:
+            value = str(value).strip()
+        out.append((str(key).replace("-", "_"), value))
+    return tuple(sorted(out))
+
+
 # --------------------------------------------------------------------------- the settings table
 
 
@@ -342,6 +366,25 @@ class Settings:
     outbound: tuple[str, ...] = opt((), parse_str, "plain local listener that originates TLS to a peer: "
                                     "LISTEN=https://HOST:PORT", metavar="LISTEN=URL", repeat=True,
                                     group="outbound")
+    outbound_ca: Path | None = opt(None, parse_path, "CA bundle PEM that verifies peers (default: the "
+                                   "ca.crt of --outbound-cert-dir, else the system trust store); "
+                                   "reloaded when it changes", metavar="FILE", group="outbound")
+    outbound_cert_dir: Path | None = opt(None, parse_path, "client certificate presented to peers: a "
+                                         "kubernetes.io/tls Secret directory (tls.crt, tls.key, "
+                                         "optional ca.crt); reloaded when it changes", metavar="DIR",
+                                         group="outbound")
+    outbound_proxy: HostPort | None = opt(None, parse_hostport, "forward-proxy listener (HTTP_PROXY) "
+                                          "that sends allow-listed http:// requests to peers over TLS; "
+                                          "a bare :PORT binds 127.0.0.1", metavar="HOST:PORT",
+                                          group="outbound")
+    outbound_allow: tuple[str, ...] = opt(("*.svc", "*.svc.cluster.local"), parse_str,
+                                          "destination the forward proxy accepts: a name or *.suffix; "
+                                          "replaces the default *.svc, *.svc.cluster.local",
+                                          metavar="PATTERN", repeat=True, group="outbound")
+    outbound_routes: tuple[tuple[tuple[str, Any], ...], ...] = opt(
+        (), parse_mapping, "an outbound route with its own settings, usually in the --config YAML: "
+        "{listen, url, ca, cert_dir, server_name, allow_uri, allow_dns}", metavar="MAPPING",
+        repeat=True, group="outbound")
     drain_delay_s: float = opt(5.0, parse_duration, "on SIGTERM, keep accepting this long so endpoints "
                                "can stop sending traffic", flag="drain-delay", metavar="DURATION",
                                group="limits")
