@@ -208,12 +208,30 @@ class ProxyThread:
         return self
 
     def call(self, fn, *args):
+        """Run ``fn(*args)`` on the proxy's loop and return its result (works from any thread,
+        including another trio loop's)."""
         assert self.token is not None
-        return trio.from_thread.run_sync(fn, *args, trio_token=self.token)
+        done = threading.Event()
+        box: list = []
+
+        def run() -> None:
+            try:
+                box.append((True, fn(*args)))
+            except BaseException as exc:
+                box.append((False, exc))
+            done.set()
+
+        self.token.run_sync_soon(run)
+        if not done.wait(10):
+            raise RuntimeError("proxy loop did not answer")
+        ok, value = box[0]
+        if not ok:
+            raise value
+        return value
 
     def stop(self, timeout: float = 30) -> None:
         if self._thread.is_alive() and self.token is not None:
-            with contextlib.suppress(trio.RunFinishedError):
+            with contextlib.suppress(trio.RunFinishedError, RuntimeError):
                 self.call(self.app.request_drain)
         self._thread.join(timeout)
         if self._thread.is_alive():
@@ -237,7 +255,7 @@ class ProxyThread:
 def settings_for(pki: PKI, upstream_port: int, **changes) -> Settings:
     base = Settings(listen=HostPort("127.0.0.1", 0), admin=HostPort("127.0.0.1", 0),
                     upstream=Upstream("http", "127.0.0.1", upstream_port), cert_dir=pki.cert_dir,
-                    log_format="text")
+                    log_format="text", drain_delay_s=0.0)
     return base.replace(**changes)
 
 

@@ -186,7 +186,8 @@ class Forwarder:
                 end = hdr.find_head_end(buf)
                 if end >= 0:
                     checked = True
-                    problem = hdr.check_raw_head(buf[:end])
+                    problem = hdr.check_head_size(buf, end, limits.max_head_bytes) or \
+                        hdr.check_raw_head(buf[:end])
                     if problem is not None:
                         raise problem
             try:

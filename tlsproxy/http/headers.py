@@ -83,6 +83,16 @@ def check_raw_head(head: bytes | bytearray) -> HTTPError | None:
     return None
 
 
+def check_head_size(buf: bytes | bytearray, end: int, max_head_bytes: int) -> HTTPError | None:
+    """h11 bounds only *incomplete* heads; a complete one that arrived in one read is bounded here."""
+    if end <= max_head_bytes:
+        return None
+    line_end = buf.find(b"\n", 0, end)
+    if line_end > max_head_bytes // 2 or line_end < 0:
+        return HTTPError(414, "request line too long", kind="uri_too_long")
+    return HTTPError(431, "request head too large", kind="head_too_large")
+
+
 def check_request(method: bytes, target: bytes, http_version: bytes, headers: Iterable[tuple[bytes, bytes]]
                   ) -> None:
     """Raise HTTPError for a request h11 accepted but a careful proxy must refuse."""
