@@ -76,9 +76,19 @@ def _webhook_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _webhook_run(ns: argparse.Namespace) -> int:
-    from .server import main_webhook
+    from .. import log as logging_setup
+    from ..app import run_main
+    from ..errors import CertError
+    from .server import Webhook, WebhookConfig
 
-    return main_webhook(_cli.settings_from_args(ns), _options(ns))
+    settings = _cli.settings_from_args(ns)
+    logging_setup.setup(settings.log_format, settings.log_level)
+    webhook = Webhook(WebhookConfig(settings, _options(ns)))
+    try:
+        webhook.load_certificates()
+    except CertError as exc:
+        raise ConfigError(str(exc)) from None
+    return run_main(webhook.run_with_signals)
 
 
 _cli.register("webhook", "serve the mutating admission webhook (/mutate, /mutate-namespace) over HTTPS",
