@@ -283,7 +283,8 @@ def tls_connect(port: int, pki: PKI, host: str = "127.0.0.1", timeout: float = 1
     return ctx.wrap_socket(raw, server_hostname="localhost")
 
 
-def raw_exchange(port: int, pki: PKI, data: bytes, timeout: float = 10, read_until_close: bool = True) -> bytes:
+def raw_exchange(port: int, pki: PKI, data: bytes, timeout: float = 10,
+                 read_until_close: bool = True) -> bytes:
     """Send raw bytes over TLS; read until the proxy closes (or timeout)."""
     with tls_connect(port, pki, timeout=timeout) as s:
         s.sendall(data)

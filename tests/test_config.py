@@ -7,8 +7,15 @@ import subprocess
 import pytest
 
 from tests.support import TLSPROXY
-from tlsproxy.config import (HostPort, Upstream, build_settings, parse_duration, parse_hostport, parse_size,
-                             parse_upstream)
+from tlsproxy.config import (
+    HostPort,
+    Upstream,
+    build_settings,
+    parse_duration,
+    parse_hostport,
+    parse_size,
+    parse_upstream,
+)
 from tlsproxy.errors import ConfigError
 
 

@@ -32,7 +32,8 @@ def test_app_refusing_connections_gives_502(pki):
 def test_slow_app_gives_504(pki, app):
     with running_proxy(settings_for(pki, app.port, upstream_response_timeout_s=0.5)) as proxy:
         t0 = time.monotonic()
-        r = curl("--cacert", str(pki.ca_file), "-o", "/dev/null", "-w", "%{http_code}", f"{proxy.url}/sleep/3")
+        r = curl("--cacert", str(pki.ca_file), "-o", "/dev/null", "-w", "%{http_code}",
+                 f"{proxy.url}/sleep/3")
         assert r.stdout == b"504"
         assert time.monotonic() - t0 < 2.5
 
