@@ -298,3 +298,78 @@ def test_bad_service_and_missing_namespace(tmp_path):
     assert_usage_error(proc, "--service", "not a valid Kubernetes name")
     assert_usage_error(run("certs", "bootstrap", "--service", "web", "--out", tmp_path), "--namespace")
     assert_usage_error(run("certs"), "bootstrap, check or inspect")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
+def test_curl_against_a_live_tlsproxy_serving_the_bootstrap_output(boot):
+    """The Secret directory bootstrap writes is what ``tlsproxy serve --cert-dir`` serves."""
+    import json
+    import time
+    import urllib.request
+
+    from .clihelp import TLSPROXY
+
+    out, _ = boot
+
+    class Echo(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            body = json.dumps({k.lower(): v for k, v in self.headers.items()}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    app = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Echo)
+    t = threading.Thread(target=app.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    t.start()
+    port, admin = _free_port(), _free_port()
+    proxy = subprocess.Popen([str(TLSPROXY), "serve", "--listen", f"127.0.0.1:{port}",
+                              "--admin", f"127.0.0.1:{admin}", "--cert-dir", str(out),
+                              "--upstream", f"http://127.0.0.1:{app.server_address[1]}",
+                              "--drain-delay", "0s", "--drain-timeout", "2s"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            assert proxy.poll() is None, proxy.stdout.read().decode()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "tlsproxy did not become ready"
+            time.sleep(0.1)
+        for name in SANS:
+            res = subprocess.run(["curl", "-sS", "--max-time", "10", "--resolve", f"{name}:{port}:127.0.0.1",
+                                  "--cacert", str(out / "ca.crt"), f"https://{name}:{port}/"],
+                                 capture_output=True, text=True, timeout=20)
+            assert res.returncode == 0, res.stderr
+            assert json.loads(res.stdout)["x-forwarded-proto"] == "https"
+        # a name outside the SANs fails curl's verification
+        res = subprocess.run(["curl", "-sS", "--max-time", "10", "--resolve", f"other.svc:{port}:127.0.0.1",
+                              "--cacert", str(out / "ca.crt"), f"https://other.svc:{port}/"],
+                             capture_output=True, text=True, timeout=20)
+        assert res.returncode == 60, (res.returncode, res.stderr)   # CURLE_PEER_FAILED_VERIFICATION
+    finally:
+        proxy.terminate()
+        try:
+            proxy.wait(10)
+        except subprocess.TimeoutExpired:
+            proxy.kill()
+            proxy.wait(5)
+        proxy.stdout.close()
+        app.shutdown()
+        app.server_close()
+        t.join(10)
