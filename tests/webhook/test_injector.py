@@ -209,7 +209,7 @@ def test_every_annotation_reaches_serve_parser():
     assert (s.admin.host, s.admin.port) == ("", 9902)
     assert str(s.upstream) == "http://127.0.0.1:8000"
     assert str(s.cert_dir) == TLS_MOUNT
-    assert str(s.client_ca) == "/etc/tlsproxy/client-ca/ca.crt" and s.require_client_cert is True
+    assert str(s.client_ca) == "/etc/tlsproxy/client-ca/ca.crt"     # --client-ca implies mutual TLS
     assert s.allow_uri == ("spiffe://cluster.local/ns/shop/sa/front", "spiffe://cluster.local/ns/shop/sa/api")
     assert s.allow_dns == ("front.shop.svc",) and s.allow_cn == ("front",) and s.allow_ou == ("shop",)
     assert s.http_listen.port == 8081 and s.http_mode == "forward"
@@ -239,11 +239,20 @@ def test_upstream_port_defaults_to_first_declared_port():
     assert "http://127.0.0.1:3000" in proxy(out)["args"]
 
 
-def test_require_client_cert_can_be_turned_off():
-    out, _ = injected(make_pod({**ON, "tlsproxy.io/client-ca": "ca",
-                                "tlsproxy.io/require-client-cert": "false"}))
+def test_require_client_cert_uses_the_secrets_own_ca():
+    annotations = {**ON, "tlsproxy.io/require-client-cert": "true",
+                   "tlsproxy.io/allow-uri": "spiffe://cluster.local/ns/shop/sa/front"}
+    out, _ = injected(make_pod(annotations))
     s = parse_serve_settings(proxy(out)["args"][1:], env={})
-    assert s.client_ca is not None and s.require_client_cert is False
+    assert s.client_ca is None and s.require_client_cert is True
+    assert s.allow_uri == ("spiffe://cluster.local/ns/shop/sa/front",)
+    assert [v["name"] for v in out["spec"]["volumes"]] == ["tlsproxy-tls"]
+
+
+def test_client_ca_cannot_be_made_optional():
+    d = decide(make_pod({**ON, "tlsproxy.io/client-ca": "ca", "tlsproxy.io/require-client-cert": "false"}),
+               namespace_default=False)
+    assert isinstance(d, Denied) and "tlsproxy.io/require-client-cert" in d.reason
 
 
 def test_input_is_not_mutated():

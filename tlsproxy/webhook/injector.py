@@ -201,22 +201,27 @@ def _build(annotations: Mapping[str, str], spec: Mapping[str, Any],
     volumes = [{"name": TLS_VOLUME, "secret": {"secretName": secret}}]
     # No subPath: a subPath mount is a bind of one file at start and never sees a rotated Secret.
     mounts = [{"name": TLS_VOLUME, "mountPath": TLS_MOUNT, "readOnly": True}]
+    # Mutual TLS: a CA from a ConfigMap (tlsproxy.io/client-ca), or the ca.crt that cert-manager puts
+    # in the serving Secret itself (tlsproxy.io/require-client-cert: "true").
+    mtls = False
     if A_CLIENT_CA in annotations:
         ca = _name(annotations, A_CLIENT_CA, "")
         volumes.append({"name": CLIENT_CA_VOLUME, "configMap": {"name": ca}})
         mounts.append({"name": CLIENT_CA_VOLUME, "mountPath": CLIENT_CA_MOUNT, "readOnly": True})
         args += ["--client-ca", f"{CLIENT_CA_MOUNT}/ca.crt"]
-        if _boolean(annotations, A_REQUIRE_CLIENT_CERT, True):
-            args += ["--require-client-cert", "on"]
-    elif A_REQUIRE_CLIENT_CERT in annotations:
-        raise _Invalid(f"annotation {A_REQUIRE_CLIENT_CERT} needs {A_CLIENT_CA} (the CA that signs "
-                       "client certificates)")
+        mtls = True
+        if A_REQUIRE_CLIENT_CERT in annotations and not _boolean(annotations, A_REQUIRE_CLIENT_CERT, True):
+            raise _Invalid(f'annotation {A_REQUIRE_CLIENT_CERT}: "false" contradicts {A_CLIENT_CA}, which '
+                           "always requires a client certificate")
+    elif _boolean(annotations, A_REQUIRE_CLIENT_CERT, False):
+        args += ["--require-client-cert", "on"]
+        mtls = True
     for kind, key in A_ALLOW.items():
         if key not in annotations:
             continue
-        if A_CLIENT_CA not in annotations:
-            raise _Invalid(f"annotation {key} needs {A_CLIENT_CA}: peers are identified by client "
-                           "certificates")
+        if not mtls:
+            raise _Invalid(f"annotation {key} needs mutual TLS: peers are identified by client "
+                           f'certificates; set {A_CLIENT_CA} or {A_REQUIRE_CLIENT_CERT}: "true"')
         for value in _list(annotations, key):
             if kind == "dns" and not _DNS_NAME.match(value):
                 raise _Invalid(f'annotation {key}: "{value}" is not a DNS name')
