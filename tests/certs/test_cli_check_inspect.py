@@ -152,6 +152,17 @@ def test_check_require_client_cert_needs_a_ca(tmp_path, ca):
     assert run("certs", "check", d, "--require-client-cert").returncode == 0
 
 
+def test_check_client_ca_file(tmp_path, ca):
+    d = write_pair(tmp_path / "s", issue(ca, "web"))
+    (tmp_path / "clients.pem").write_bytes(make_ca("clients").cert_pem)
+    assert run("certs", "check", d, "--client-ca", tmp_path / "clients.pem").returncode == 0
+    (tmp_path / "bad.pem").write_text("nope\n")
+    proc = run("certs", "check", d, "--client-ca", tmp_path / "bad.pem")
+    assert proc.returncode == 1 and "client CA bundle is empty or not PEM" in proc.stdout
+    proc = run("certs", "check", d, "--client-ca", tmp_path / "missing.pem")
+    assert proc.returncode == 1 and "client CA bundle is missing" in proc.stdout
+
+
 def test_check_bad_usage_is_exit_2(tmp_path, ca):
     d = write_pair(tmp_path / "s", issue(ca, "web"))
     assert_usage_error(run("certs", "check", tmp_path / "missing"), "no such directory")

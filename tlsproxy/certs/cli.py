@@ -17,7 +17,7 @@ from .. import cli as _cli
 from ..errors import CertError, ConfigError
 from . import bootstrap as bs
 from . import inspect as insp
-from .bundle import load_dir, load_files
+from .bundle import load_dir, load_files, parse_pem_certs, read_file
 
 EXIT_OK = 0
 EXIT_REFUSED = 1
@@ -86,7 +86,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     c.add_argument("--key", type=Path, metavar="FILE", help="private key PEM (with --cert)")
     c.add_argument("--ca", type=Path, metavar="FILE", help="CA bundle PEM (with --cert/--key)")
     c.add_argument("--require-client-cert", action="store_true",
-                   help="also load the directory's ca.crt as the client CA, as serve would")
+                   help="also load the directory's ca.crt (or --ca) as the client CA, as serve would")
+    c.add_argument("--client-ca", type=Path, metavar="FILE",
+                   help="also load FILE as the client CA, as serve --client-ca would")
     c.add_argument("--json", action="store_true", help="print JSON")
 
     i = sub.add_parser("inspect", help="show subject, SANs, issuer, validity and key match",
@@ -154,7 +156,10 @@ def _run_check(ns: argparse.Namespace) -> int:
         bundle = load_dir(ns.dir, now=now) if ns.dir is not None else load_files(ns.cert, ns.key, ns.ca,
                                                                                   now=now)
         client_ca = None
-        if ns.require_client_cert:
+        if ns.client_ca is not None:
+            client_ca = read_file(ns.client_ca, "client CA bundle")
+            parse_pem_certs(client_ca, str(ns.client_ca), "client CA bundle")
+        elif ns.require_client_cert:
             if bundle.ca_pem is None:
                 raise CertError(ns.dir or ns.cert, "--require-client-cert needs a ca.crt (or --ca)")
             client_ca = bundle.ca_pem
