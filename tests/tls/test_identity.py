@@ -93,6 +93,24 @@ def test_identity_uses_the_most_specific_cn_and_every_ou():
     assert not AllowRules(cn=("outer",)).allows(i) and AllowRules(cn=("inner",)).allows(i)
 
 
+def test_identity_with_a_duplicate_san_extension_raises_value_error():
+    good = selfsigned([(NameOID.COMMON_NAME, "x")],
+                      [x509.DNSName("a")])
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = x509.load_der_x509_certificate(good)
+    b = (x509.CertificateBuilder().subject_name(cert.subject).issuer_name(cert.subject)
+         .public_key(key.public_key()).serial_number(1)
+         .not_valid_before(cert.not_valid_before_utc).not_valid_after(cert.not_valid_after_utc)
+         .add_extension(x509.SubjectAlternativeName([x509.DNSName("a")]), critical=False)
+         .add_extension(x509.UnrecognizedExtension(x509.ObjectIdentifier("1.2.3.4"), b"\x05\x00"),
+                        critical=False))
+    der = b.sign(key, hashes.SHA256()).public_bytes(Encoding.DER)
+    # turn OID 1.2.3.4 into subjectAltName (2.5.29.17): two SAN extensions (cryptography: DuplicateExtension)
+    dup = der.replace(bytes.fromhex("06032a0304"), bytes.fromhex("0603551d11"))
+    with pytest.raises(ValueError, match="Duplicate"):
+        Identity.from_der(dup)
+
+
 def test_identity_from_garbage_raises_value_error():
     with pytest.raises(ValueError):
         Identity.from_der(b"\x30\x03garbage")

@@ -62,9 +62,14 @@ class Identity:
 
     @classmethod
     def from_der(cls, der: bytes) -> Identity:
-        """Parse a DER certificate. Raises ``ValueError`` if it (or its SAN extension) does not parse."""
-        cert = x509.load_der_x509_certificate(der)
-        return cls.from_certificate(cert, der)
+        """Parse a DER certificate. Raises ``ValueError`` (only) if it, its subject or its SAN
+        extension does not parse (cryptography also raises e.g. ``DuplicateExtension``)."""
+        try:
+            return cls.from_certificate(x509.load_der_x509_certificate(der), der)
+        except ValueError:
+            raise
+        except Exception as exc:
+            raise ValueError(f"certificate does not parse: {exc}") from None
 
     @classmethod
     def from_certificate(cls, cert: x509.Certificate, der: bytes | None = None) -> Identity:
