@@ -339,11 +339,16 @@ class Settings:
                                  "requests to finish, counted from the signal", flag="drain-timeout",
                                  metavar="DURATION", group="limits")
     # client certificates (mTLS) and peer identity
-    client_ca: Path | None = opt(None, parse_path, "CA bundle PEM that signs client certificates; clients "
-                                 "are asked for one", metavar="FILE", group="client certificates")
-    require_client_cert: bool = opt(False, parse_on_off, "refuse handshakes without a valid client "
-                                    "certificate (needs --client-ca)", metavar="on|off",
+    client_ca: Path | None = opt(None, parse_path, "CA bundle PEM that signs client certificates: mutual "
+                                 "TLS, a verified client certificate is required (reloads like the "
+                                 "server certificate)", metavar="FILE", group="client certificates")
+    require_client_cert: bool = opt(False, parse_on_off, "mutual TLS with the ca.crt of --cert-dir as the "
+                                    "client CA (implied by --client-ca)", metavar="on|off",
                                     group="client certificates")
+    client_cert_header: str = opt("xfcc", choice("xfcc", "rfc9440", "both", "none"), "how the verified "
+                                  "client identity reaches the app: X-Forwarded-Client-Cert (xfcc), RFC "
+                                  "9440 Client-Cert/Client-Cert-Chain (rfc9440), both, or none",
+                                  metavar="MODE", group="client certificates")
     allow_uri: tuple[str, ...] = opt((), parse_str, "admit only clients whose certificate has this URI SAN "
                                      "(e.g. spiffe://...)", metavar="URI", repeat=True,
                                      group="client certificates")
@@ -515,5 +520,14 @@ def check_settings(s: Settings) -> None:
         raise ConfigError("--cert and --key go together: give both or neither")
     if s.cert_dir is not None and s.cert is not None:
         raise ConfigError("--cert-dir and --cert/--key are alternatives: give one of them")
+    if s.require_client_cert and s.client_ca is None and s.cert is not None:
+        raise ConfigError("--require-client-cert: with --cert/--key there is no ca.crt to use; "
+                          "give --client-ca FILE")
+    mtls = s.client_ca is not None or s.require_client_cert
+    for flag, values in (("allow-cn", s.allow_cn), ("allow-dns", s.allow_dns),
+                         ("allow-uri", s.allow_uri), ("allow-ou", s.allow_ou)):
+        if values and not mtls:
+            raise ConfigError(f"--{flag} needs mutual TLS: give --client-ca FILE (or "
+                              "--require-client-cert on with a ca.crt in --cert-dir)")
     if not 1 <= s.redirect_port <= 65535:
         raise ConfigError(f"--redirect-port: {s.redirect_port} is not a port (1 to 65535)")

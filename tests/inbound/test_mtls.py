@@ -273,7 +273,8 @@ def test_missing_client_ca_file_exits_2(pki, app, tmp_path):
                           "--upstream", f"http://127.0.0.1:{app.port}"],
                          capture_output=True, timeout=30)
     assert out.returncode == 2
-    assert out.stderr.decode().startswith("tlsproxy: error: ") and "nope.pem" in out.stderr.decode()
+    last = out.stderr.decode().strip().splitlines()[-1]
+    assert last.startswith("tlsproxy: error: ") and "nope.pem" in last and "client CA" in last
     assert b"Traceback" not in out.stderr
 
 
