@@ -24,9 +24,10 @@ def as_dict(items) -> dict[str, list[str]]:
 
 
 def test_rewrite_adds_forwarded_and_drops_hop_by_hop():
-    items = triples(("Host", "api.example:8443"), ("Connection", "keep-alive, X-Private"), ("X-Private", "s"),
-                    ("Keep-Alive", "5"), ("TE", "trailers"), ("Upgrade", "h2c"), ("X-Forwarded-For", "1.2.3.4"),
-                    ("X-Forwarded-Proto", "http"), ("Expect", "100-continue"), ("Accept", "*/*"))
+    items = triples(("Host", "api.example:8443"), ("Connection", "keep-alive, X-Private"),
+                    ("X-Private", "s"), ("Keep-Alive", "5"), ("TE", "trailers"), ("Upgrade", "h2c"),
+                    ("X-Forwarded-For", "1.2.3.4"), ("X-Forwarded-Proto", "http"), ("Expect", "100-continue"),
+                    ("Accept", "*/*"))
     out, rid, upgrade = hdr.rewrite_request(items, FACTS)
     d = as_dict(out)
     assert upgrade is None   # Upgrade without "upgrade" in Connection is not an upgrade request
