@@ -66,3 +66,96 @@ def handshake(server_ctx, client_ctx, server_hostname: str, timeout: float = 10.
         t.join(timeout)
         listener.close()
     return result
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Echo:
+    """A plain-HTTP app on 127.0.0.1 that answers every GET with its request headers as JSON."""
+
+    def __enter__(self):
+        import http.server
+        import json
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's naming
+                body = json.dumps({k.lower(): v for k, v in self.headers.items()}).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
+                                       daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(10)
+
+
+class LiveProxy:
+    """``tlsproxy serve`` as a subprocess in front of an echo app; ready when /readyz says 200."""
+
+    def __init__(self, *args: str, ready_timeout: float = 15.0) -> None:
+        self.args = [str(a) for a in args]
+        self.ready_timeout = ready_timeout
+
+    def __enter__(self):
+        import time
+        import urllib.request
+
+        self.app = _Echo().__enter__()
+        self.port, admin = free_port(), free_port()
+        self.proc = subprocess.Popen(
+            [str(TLSPROXY), "serve", "--listen", f"127.0.0.1:{self.port}", "--admin", f"127.0.0.1:{admin}",
+             "--upstream", f"http://127.0.0.1:{self.app.port}", "--drain-delay", "0s",
+             "--drain-timeout", "2s", *self.args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + self.ready_timeout
+        try:
+            while True:
+                if self.proc.poll() is not None:
+                    raise AssertionError("tlsproxy exited: " + self.proc.stdout.read().decode())
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=1) as r:
+                        if r.status == 200:
+                            return self
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise AssertionError("tlsproxy did not become ready")
+                time.sleep(0.1)
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def __exit__(self, *exc):
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        self.proc.stdout.close()
+        self.app.__exit__()
+
+    def curl(self, name: str, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["curl", "-sS", "--max-time", "10",
+                               "--resolve", f"{name}:{self.port}:127.0.0.1",
+                               *map(str, args), f"https://{name}:{self.port}/"],
+                              capture_output=True, text=True, timeout=20)

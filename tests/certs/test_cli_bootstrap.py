@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import http.server
+import json
 import shutil
 import ssl
 import stat
@@ -20,7 +21,7 @@ from tlsproxy.certs.bundle import load_dir
 from tlsproxy.tls.contexts import ClientTLSOptions, ServerTLSOptions, client_context, server_context
 from tlsproxy.tls.identity import Identity, xfcc_value
 
-from .clihelp import assert_usage_error, handshake, openssl, run
+from .clihelp import LiveProxy, assert_usage_error, handshake, openssl, run
 
 SANS = ["web", "web.shop", "web.shop.svc", "web.shop.svc.cluster.local"]
 SPIFFE = "spiffe://cluster.local/ns/shop/sa/checkout"
@@ -300,76 +301,43 @@ def test_bad_service_and_missing_namespace(tmp_path):
     assert_usage_error(run("certs"), "bootstrap, check or inspect")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
 def test_curl_against_a_live_tlsproxy_serving_the_bootstrap_output(boot):
     """The Secret directory bootstrap writes is what ``tlsproxy serve --cert-dir`` serves."""
-    import json
-    import time
-    import urllib.request
-
-    from .clihelp import TLSPROXY
-
     out, _ = boot
-
-    class Echo(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            body = json.dumps({k.lower(): v for k, v in self.headers.items()}).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    app = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Echo)
-    t = threading.Thread(target=app.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    t.start()
-    port, admin = _free_port(), _free_port()
-    proxy = subprocess.Popen([str(TLSPROXY), "serve", "--listen", f"127.0.0.1:{port}",
-                              "--admin", f"127.0.0.1:{admin}", "--cert-dir", str(out),
-                              "--upstream", f"http://127.0.0.1:{app.server_address[1]}",
-                              "--drain-delay", "0s", "--drain-timeout", "2s"],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            assert proxy.poll() is None, proxy.stdout.read().decode()
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "tlsproxy did not become ready"
-            time.sleep(0.1)
+    with LiveProxy("--cert-dir", out) as proxy:
         for name in SANS:
-            res = subprocess.run(["curl", "-sS", "--max-time", "10", "--resolve", f"{name}:{port}:127.0.0.1",
-                                  "--cacert", str(out / "ca.crt"), f"https://{name}:{port}/"],
-                                 capture_output=True, text=True, timeout=20)
+            res = proxy.curl(name, "--cacert", out / "ca.crt")
             assert res.returncode == 0, res.stderr
             assert json.loads(res.stdout)["x-forwarded-proto"] == "https"
-        # a name outside the SANs fails curl's verification
-        res = subprocess.run(["curl", "-sS", "--max-time", "10", "--resolve", f"other.svc:{port}:127.0.0.1",
-                              "--cacert", str(out / "ca.crt"), f"https://other.svc:{port}/"],
-                             capture_output=True, text=True, timeout=20)
+        res = proxy.curl("other.svc", "--cacert", out / "ca.crt")
         assert res.returncode == 60, (res.returncode, res.stderr)   # CURLE_PEER_FAILED_VERIFICATION
-    finally:
-        proxy.terminate()
-        try:
-            proxy.wait(10)
-        except subprocess.TimeoutExpired:
-            proxy.kill()
-            proxy.wait(5)
-        proxy.stdout.close()
-        app.shutdown()
-        app.server_close()
-        t.join(10)
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
+def test_live_mtls_with_bootstrap_clients_identity_rules_and_xfcc(boot, tmp_path):
+    """--client output is a working mTLS client: allowed by URI rule, identity reaches the app in
+    X-Forwarded-Client-Cert (a spoofed one is replaced); a client outside the rules gets 403."""
+    out, _ = boot
+    intruder = tmp_path / "intruder"
+    proc = run("certs", "bootstrap", "--service", "x", "--namespace", "shop", "--out", intruder,
+               "--ca-dir", out, "--client", "intruder")
+    assert proc.returncode == 0, proc.stderr
+    ca = ("--cacert", out / "ca.crt")
+    with LiveProxy("--cert-dir", out, "--require-client-cert", "on",
+                   "--allow-uri", "spiffe://cluster.local/ns/shop/*") as proxy:
+        res = proxy.curl("web.shop.svc", *ca, "--cert", out / "client" / "tls.crt",
+                         "--key", out / "client" / "tls.key", "-H", "X-Forwarded-Client-Cert: Hash=spoofed")
+        assert res.returncode == 0, res.stderr
+        seen = json.loads(res.stdout)
+        client = x509.load_pem_x509_certificate((out / "client" / "tls.crt").read_bytes())
+        assert seen["x-forwarded-client-cert"] == xfcc_value(Identity.from_certificate(client))
+        assert f"URI={SPIFFE}" in seen["x-forwarded-client-cert"]
+        res = proxy.curl("web.shop.svc", *ca, "-w", "\\n%{http_code}",
+                         "--cert", intruder / "client" / "tls.crt", "--key", intruder / "client" / "tls.key")
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.rsplit("\n", 1)[1] == "403"
+        assert "not allowed" in res.stdout
+        res = proxy.curl("web.shop.svc", *ca)                        # no client certificate at all
+        assert res.returncode != 0
