@@ -28,11 +28,15 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
-def add_settings_arguments(parser: argparse.ArgumentParser, groups: Sequence[str] | None = None) -> None:
-    """Add every setting of the table as a flag. Values stay raw strings; ``build_settings`` parses."""
+def add_settings_arguments(parser: argparse.ArgumentParser, groups: Sequence[str] | None = None,
+                           flags: Sequence[str] | None = None) -> None:
+    """Add every setting of the table as a flag (or only those of ``groups``, or only ``flags``).
+    Values stay raw strings; ``build_settings`` parses."""
     seen: dict[str, argparse._ArgumentGroup] = {}
     for o in options():
         if groups is not None and o.group not in groups:
+            continue
+        if flags is not None and o.flag not in flags:
             continue
         group = seen.setdefault(o.group, parser.add_argument_group(o.group))
         help_text = o.help

@@ -69,9 +69,15 @@ _cli.register("inject", "add the tlsproxy sidecar to workloads in YAML (offline,
 
 # ---------------------------------------------------------------------------- webhook
 
+# The serve settings that mean something to the webhook (no upstream, outbound, mTLS or plain HTTP).
+WEBHOOK_FLAGS = (
+    "listen", "admin", "cert-dir", "cert", "key", "reload-interval", "tls-min-version",
+    "tls-session-tickets", "max-connections", "handshake-timeout", "head-timeout", "body-timeout",
+    "idle-timeout", "drain-timeout", "drain-delay", "log-format", "log-level", "config",
+)
+
 def _webhook_args(parser: argparse.ArgumentParser) -> None:
-    _cli.add_settings_arguments(parser, groups=("listeners", "certificates", "tls", "limits", "logging",
-                                                "general"))
+    _cli.add_settings_arguments(parser, flags=WEBHOOK_FLAGS)
     _image_argument(parser)
 
 

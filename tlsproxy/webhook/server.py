@@ -2,9 +2,10 @@
 
 Theory of operation. The pieces are the proxy's: ``net.bind`` + ``inbound.server.serve_tls`` accept
 and handshake each connection with the *current* context of a ``ContextStore``; the certificate comes
-from a ``CertSource`` (``--cert-dir`` or ``--cert/--key``) and is re-read every ``reload_check_s``; when
-its content changed, a new context is built off the hot path and swapped in one reference (on failure
-the old one keeps serving and the error is logged and counted). The admin listener is the proxy's
+from a ``CertSource`` (``--cert-dir`` or ``--cert/--key``) and is reloaded by the proxy's
+``tls.reload`` service (directory watch plus a periodic re-check): a changed pair becomes a new
+context swapped in one reference; on failure the old one keeps serving, and the error is logged and
+counted. The admin listener is the proxy's
 (``/healthz``, ``/readyz``, ``/metrics``).
 
 What differs is the connection handler: a small h11 loop that accepts ``POST /mutate`` and
@@ -28,14 +29,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 
 from ..admin.health import Health
 from ..admin.server import AdminRequest, AdminRoutes, Reply, serve_admin
-from ..certs.source import CertSource
+from ..certs.bundle import Bundle
+from ..certs.source import CertSource, Material
 from ..config import Settings
-from ..errors import CertError, ConfigError
+from ..errors import ConfigError
 from ..http.forward import ConnFacts
 from ..inbound.server import ConnectionHandler, TLSListenerConfig, serve_tls
 from ..log import get_logger
 from ..metrics import Metrics
 from ..tls.contexts import ServerTLSOptions, server_context
+from ..tls.reload import Reloader, serve_reloads
 from ..tls.store import ContextStore, Generation
 from ..tls.stream import TLSStream
 from .injector import InjectOptions
@@ -43,9 +46,6 @@ from .review import MAX_REVIEW_BYTES, PATHS, ReviewError, handle
 
 log = get_logger("webhook")
 
-# Kubelet refreshes a mounted Secret about once a minute; re-reading two small files every few
-# seconds costs nothing and bounds the extra delay after a rotation.
-RELOAD_CHECK_S = 5.0
 MAX_HEAD_BYTES = 16 * 1024         # the API server sends a short head; node's default is 16 KiB
 READ_CHUNK = 65536
 LINGER_S = 2.0                     # after a 413, drain the client's in-flight body this long at most
@@ -55,7 +55,7 @@ LINGER_S = 2.0                     # after a 413, drain the client's in-flight b
 class WebhookConfig:
     settings: Settings
     options: InjectOptions
-    reload_check_s: float = RELOAD_CHECK_S
+    reload_check_s: float | None = None       # None: --reload-interval (the proxy's own setting)
 
 
 class Webhook:
@@ -67,6 +67,7 @@ class Webhook:
         self.cfg = cfg
         self.source = CertSource(cert_dir=s.cert_dir, cert=s.cert, key=s.key)
         self.store = ContextStore()
+        self.store.subscribe(self._on_swap)
         self.metrics = Metrics()
         self.reviews = Counter("tlsproxy_webhook_reviews", "AdmissionReviews answered, by outcome",
                                ["action"], registry=self.metrics.registry)
@@ -75,46 +76,31 @@ class Webhook:
         self.bound_tls = None
         self.bound_admin = None
         self._drain = trio.Event()
+        self.reloader = Reloader(self.store, self.source.read, self._build, self.metrics,
+                                 describe=self.source.describe())
         self._install_admin()
 
     # ------------------------------------------------------------------ certificates
-    def load_certificates(self) -> Generation:
-        """Build a context from the source and swap it in; raises CertError and changes nothing then."""
-        bundle = self.source.load()
+    def _build(self, material: Material) -> tuple[object, list[Bundle]]:
+        """Material → a *new* context (the reloader calls this off the event loop). Raises CertError."""
         s = self.cfg.settings
-        ctx = server_context([bundle], ServerTLSOptions(min_version=s.tls_min_version,
-                                                        session_tickets=s.tls_session_tickets))
-        gen = self.store.swap(ctx, [bundle])
-        info = bundle.info
+        bundles = list(material.bundles())
+        ctx = server_context(bundles, ServerTLSOptions(min_version=s.tls_min_version,
+                                                       session_tickets=s.tls_session_tickets))
+        return ctx, bundles
+
+    def load_certificates(self) -> Generation:
+        """Startup load through the reloader; raises CertError and changes nothing then."""
+        return self.reloader.load_now()
+
+    def _on_swap(self, old: Generation | None, new: Generation) -> None:
+        info = new.bundles[0].info
         self.metrics.cert_not_after.labels("server", info.subject, info.serial).set(
             info.not_after.timestamp())
-        self.metrics.last_reload.labels("server").set(gen.loaded_at)
-        log.info("certificate loaded" if gen.number == 1 else "certificate reloaded",
+        self.metrics.last_reload.labels("server").set(new.loaded_at)
+        log.info("certificate loaded" if old is None else "certificate reloaded",
                  source=self.source.describe(), serial=info.serial, subject=info.subject,
-                 not_after=info.not_after.isoformat(), generation=gen.number)
-        return gen
-
-    async def _reload_loop(self) -> None:
-        """Poll the source; swap on a content change; keep the old context when the new one fails."""
-        last_failure = None
-        while True:
-            await trio.sleep(self.cfg.reload_check_s)
-            gen = self.store.generation
-            try:
-                bundle = await trio.to_thread.run_sync(self.source.load)
-                if gen is not None and bundle.digest == gen.bundles[0].digest:
-                    last_failure = None
-                    continue
-                self.load_certificates()
-                self.metrics.reloads.labels("server", "success").inc()
-                last_failure = None
-            except CertError as exc:
-                if str(exc) != last_failure:       # log a persistent problem once, not every poll
-                    self.store.record_failure(str(exc))
-                    self.metrics.reloads.labels("server", "failure").inc()
-                    log.error("certificate reload failed; keeping the current certificate",
-                              file=exc.path, reason=exc.reason)
-                    last_failure = str(exc)
+                 not_after=info.not_after.isoformat(), generation=new.number)
 
     # ------------------------------------------------------------------ admin
     def _install_admin(self) -> None:
@@ -156,7 +142,9 @@ class Webhook:
         handler = ConnectionHandler(tls_cfg, self.store, self.metrics, self._serve_connection)
         async with trio.open_nursery() as root:
             self.bound_admin = await root.start(serve_admin, s.admin, self.routes)
-            root.start_soon(self._reload_loop)
+            interval = self.cfg.reload_check_s or s.reload_check_interval_s
+            await root.start(lambda task_status: serve_reloads(
+                self.reloader, self.source.watch_paths, interval_s=interval, task_status=task_status))
             async with trio.open_nursery() as handlers:
                 async with trio.open_nursery() as accepting:
                     self.bound_tls = await accepting.start(serve_tls, tls_cfg, handler, handlers)
