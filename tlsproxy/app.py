@@ -235,7 +235,7 @@ class App:
                       upstream_label=str(s.upstream))
         forwarder = Forwarder(route, self.metrics, self.drain)
         tls_cfg = TLSListenerConfig(name="inbound", addr=s.listen, handshake_timeout_s=s.handshake_timeout_s,
-                                    max_connections=s.max_connections)
+                                    max_connections=s.max_connections, reuse_port=s.workers > 1)
         handler = ConnectionHandler(tls_cfg, self.store, self.metrics, forwarder_serve(forwarder),
                                     peer_policy=mtls.make_policy(self.mtls))
         plain = self._plain_listener(pool)
@@ -350,6 +350,11 @@ def main_serve(settings: Settings) -> int:
     except CertError as exc:
         sys.stderr.write(f"tlsproxy: error: {exc}\n")
         return 2
+    if settings.workers > 1:
+        # Validated above in this process; each worker builds its own App (see workers.py).
+        from .workers import run_workers
+
+        return run_workers(settings, lambda ws, _index: run_main(App(ws).run_with_signals))
     return run_main(app.run_with_signals)
 
 

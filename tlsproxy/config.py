@@ -313,6 +313,9 @@ class Settings:
     max_body_bytes: int | None = opt(None, parse_optional_size, "largest request body (413 beyond); "
                                      "default unlimited", flag="max-body-bytes", metavar="SIZE",
                                      group="limits")
+    workers: int = opt(1, parse_positive_int, "worker processes sharing the listening port "
+                       "(SO_REUSEPORT); 1 runs in this process (docs/performance.md)", metavar="N",
+                       group="limits")
     max_connections: int = opt(MAX_CONNECTIONS, parse_positive_int, "concurrent client connections; "
                                "beyond it new connections wait in the kernel backlog", metavar="N",
                                group="limits")
