@@ -1,0 +1,309 @@
+"""Connections to peers: TCP, then a verified TLS 1.3 handshake, then the pinned-identity check.
+
+Theory of operation
+-------------------
+:class:`ClientTLS` holds the *current* client ``SSLContext`` for one pair of sources — a CA bundle
+file (``--outbound-ca``, or a route's ``ca``) and a client-certificate Secret directory
+(``--outbound-cert-dir``, or a route's ``cert_dir``). The trust bundle is, in order: the CA file;
+else the ``ca.crt`` of the certificate directory; else the system trust store.
+
+Hot reload, without a watcher thread: every time a *new* peer connection is opened (pooled
+connections are reused without a handshake) the files are read again — at most once per
+``RECHECK_S`` — and their bytes hashed. Same hash: keep the context. New hash: validate the
+material and build a *new* context; success swaps the reference (new handshakes use it, open
+connections keep theirs), failure keeps the old context and logs why, once per distinct error
+(ghostunnel's rule: *on failure the old state is kept*). Reading a few small files once a second
+on the connect path costs microseconds and cannot miss a change the way an inotify watch on a
+swapped ``..data`` symlink can.
+
+:class:`PeerOpener` is a :class:`~tlsproxy.http.pool.Pool` opener. Each failure becomes an
+:class:`~tlsproxy.errors.UpstreamError` whose ``reason`` is the 502/504 body and log line: a rejected
+certificate says *unknown CA*, *name mismatch* or *expired* (from OpenSSL's verify code), a refused
+or unresolvable peer says so, and a slow connect or handshake is ``connect_timeout`` (504).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import socket
+import ssl
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+import trio
+
+from ..certs import bundle as _bundle
+from ..errors import CertError, UpstreamError
+from ..http.pool import Pool
+from ..log import get_logger
+from ..metrics import Metrics
+from ..tls.contexts import ClientTLSOptions, client_context
+from ..tls.identity import AllowRules, Identity
+from ..tls.listener import stdlib_socket
+from ..tls.stream import TLSStream
+
+log = get_logger("outbound")
+
+RECHECK_S = 1.0          # how often (at most) the CA / client-cert files are re-read on connect
+MAX_PEER_POOLS = 256     # forward proxy: pools kept for distinct destinations (LRU beyond)
+
+
+# ---------------------------------------------------------------------------- client TLS material
+
+class ClientTLS:
+    """The current client context for one (CA file, client-certificate directory) pair."""
+
+    def __init__(self, ca: Path | None, cert_dir: Path | None, metrics: Metrics | None = None, *,
+                 recheck_s: float = RECHECK_S, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ca = ca
+        self.cert_dir = cert_dir
+        self.metrics = metrics
+        self.recheck_s = recheck_s
+        self._clock = clock
+        self._context: ssl.SSLContext | None = None
+        self._digest = ""
+        self._checked_at = float("-inf")
+        self._last_error = ""
+        self.client_bundle: _bundle.Bundle | None = None
+        self.trust = self._describe_trust(False)
+        self.generation = 0
+
+    def _describe_trust(self, dir_has_ca: bool) -> str:
+        if self.ca is not None:
+            return f"the CA bundle {self.ca}"
+        if self.cert_dir is not None and dir_has_ca:
+            return f"the CA bundle {self.cert_dir / _bundle.CA_FILE}"
+        return "the system trust store"
+
+    def load(self) -> None:
+        """First load: raises :class:`CertError` (the proxy refuses to start on bad material)."""
+        raw = self._read()
+        self._build(raw)
+
+    def current(self) -> ssl.SSLContext:
+        """The context for a new handshake; re-checks the files when ``recheck_s`` has passed."""
+        now = self._clock()
+        if self._context is None or now - self._checked_at >= self.recheck_s:
+            self._checked_at = now
+            self._refresh()
+        assert self._context is not None
+        return self._context
+
+    def _refresh(self) -> None:
+        try:
+            raw = self._read()
+            if self._digest and _digest(raw) == self._digest:
+                return
+            self._build(raw)
+        except CertError as exc:
+            if self._context is None:
+                raise
+            if str(exc) != self._last_error:
+                self._last_error = str(exc)
+                log.error("outbound certificate reload failed; keeping the current one",
+                          file=exc.path, reason=exc.reason)
+            if self.metrics is not None:
+                self.metrics.reloads.labels("outbound", "failure").inc()
+
+    def _read(self) -> dict[str, bytes | None]:
+        raw: dict[str, bytes | None] = {"ca": None, "crt": None, "key": None, "dir_ca": None}
+        if self.ca is not None:
+            raw["ca"] = _bundle.read_file(self.ca, "CA bundle")
+        if self.cert_dir is not None:
+            if not self.cert_dir.is_dir():
+                raise CertError(self.cert_dir, "is not a directory")
+            base = _bundle.resolve_secret_dir(self.cert_dir)
+            raw["crt"] = _bundle.read_file(base / _bundle.CERT_FILE, "certificate")
+            raw["key"] = _bundle.read_file(base / _bundle.KEY_FILE, "private key")
+            if (base / _bundle.CA_FILE).exists():
+                raw["dir_ca"] = _bundle.read_file(base / _bundle.CA_FILE, "CA bundle")
+        return raw
+
+    def _build(self, raw: dict[str, bytes | None]) -> None:
+        client: _bundle.Bundle | None = None
+        if self.cert_dir is not None:
+            d = self.cert_dir
+            client = _bundle.build(raw["crt"] or b"", raw["key"] or b"", raw["dir_ca"],
+                                   str(d / _bundle.CERT_FILE), str(d / _bundle.KEY_FILE),
+                                   str(d / _bundle.CA_FILE) if raw["dir_ca"] else None)
+        trust = raw["ca"] if self.ca is not None else raw["dir_ca"]
+        if trust is not None:
+            where = str(self.ca) if self.ca is not None else str(self.cert_dir / _bundle.CA_FILE)
+            _bundle.parse_pem_certs(trust, where, "CA bundle")
+        ctx = client_context(ClientTLSOptions(ca_pem=trust, client_bundle=client))
+        old = self._context
+        self._context = ctx
+        self._digest = _digest(raw)
+        self._last_error = ""
+        self.client_bundle = client
+        self.trust = self._describe_trust(raw["dir_ca"] is not None)
+        self.generation += 1
+        fields = {"trust": self.trust}
+        if client is not None:
+            fields.update(client_cert=client.cert_path, subject=client.info.subject,
+                          not_after=client.info.not_after.isoformat())
+        log.info("outbound TLS loaded" if old is None else "outbound TLS reloaded", **fields)
+        if old is not None and self.metrics is not None:
+            self.metrics.reloads.labels("outbound", "success").inc()
+
+
+def _digest(raw: dict[str, bytes | None]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(raw):
+        part = raw[key]
+        h.update(key.encode() + b"\0" + (b"-" if part is None else len(part).to_bytes(8, "big") + part))
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------- failures, named
+
+# OpenSSL X509_V_ERR_* codes -> (metric kind, what to call it)
+_VERIFY_KINDS = {
+    2: ("unknown_ca", "unknown CA"), 18: ("unknown_ca", "unknown CA"), 19: ("unknown_ca", "unknown CA"),
+    20: ("unknown_ca", "unknown CA"), 21: ("unknown_ca", "unknown CA"),
+    9: ("not_yet_valid", "not yet valid"), 10: ("expired", "expired"),
+    62: ("name_mismatch", "name mismatch"), 64: ("name_mismatch", "name mismatch"),
+    26: ("wrong_purpose", "not a server certificate"), 23: ("revoked", "revoked"),
+}
+
+
+def describe_verify_failure(code: int, message: str, peer: str, name: str, trust: str) -> tuple[str, str]:
+    """(metric kind, reason) for a peer certificate OpenSSL rejected. Pure."""
+    kind, what = _VERIFY_KINDS.get(code, ("cert_rejected", "rejected"))
+    reason = f"peer {peer}: certificate rejected: {what} ({message or f'verify error {code}'})"
+    if kind == "unknown_ca":
+        reason += f"; it is not signed by {trust}"
+    elif kind == "name_mismatch":
+        reason += f"; the name checked was {name!r} (set server_name to check another)"
+    return kind, reason
+
+
+async def connect_tcp(host: str, port: int, timeout_s: float) -> trio.SocketStream:
+    """A TCP stream to ``host:port``, or UpstreamError naming what went wrong."""
+    peer = f"{host}:{port}"
+    try:
+        with trio.fail_after(timeout_s):
+            return await trio.open_tcp_stream(host, port)
+    except trio.TooSlowError:
+        raise UpstreamError("connect_timeout", f"connect to {peer} timed out after {timeout_s:g}s") from None
+    except OSError as exc:
+        if isinstance(exc, socket.gaierror):
+            raise UpstreamError("resolve", f"cannot resolve {host}") from None
+        # trio reports "all attempts failed" with the per-address errors as the cause
+        causes = getattr(exc.__cause__, "exceptions", None) or (exc,)
+        codes = {c.errno for c in causes if isinstance(c, OSError) and c.errno}
+        if codes == {errno.ECONNREFUSED}:
+            raise UpstreamError("connect", f"connection to {peer} refused") from None
+        names = ", ".join(sorted(errno.errorcode.get(c, str(c)) for c in codes))
+        raise UpstreamError("connect", f"cannot connect to {peer}: {names or exc}") from None
+
+
+# ---------------------------------------------------------------------------- the opener
+
+class PeerOpener:
+    """Pool opener: a verified TLS 1.3 stream to one peer (ALPN http/1.1)."""
+
+    def __init__(self, host: str, port: int, tls: ClientTLS, metrics: Metrics, *,
+                 server_name: str | None = None, pin: AllowRules | None = None,
+                 connect_timeout_s: float = 5.0, handshake_timeout_s: float = 10.0) -> None:
+        self.host = host
+        self.port = port
+        self.tls = tls
+        self.metrics = metrics
+        self.server_name = server_name or host
+        self.pin = pin or AllowRules()
+        self.connect_timeout_s = connect_timeout_s
+        self.handshake_timeout_s = handshake_timeout_s
+        self.peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    async def __call__(self) -> TLSStream:
+        try:
+            return await self._open()
+        except UpstreamError as exc:
+            self.metrics.outbound_errors.labels(self.peer, exc.kind).inc()
+            log.warning("peer connection failed", peer=self.peer, kind=exc.kind, reason=exc.reason)
+            raise
+
+    async def _open(self) -> TLSStream:
+        try:
+            ctx = self.tls.current()
+        except CertError as exc:   # only before the first successful load; kept here for safety
+            raise UpstreamError("tls_config", f"outbound TLS material unusable: {exc}") from None
+        tcp = await connect_tcp(self.host, self.port, self.connect_timeout_s)
+        raw = stdlib_socket(tcp.socket)
+        try:
+            stream = TLSStream(raw, ctx, server_side=False, server_hostname=self.server_name)
+        except (OSError, ValueError) as exc:
+            raw.close()
+            raise UpstreamError("tls", f"peer {self.peer}: cannot start TLS: {exc}") from None
+        try:
+            with trio.fail_after(self.handshake_timeout_s):
+                await stream.do_handshake()
+            self._check_pin(stream)
+        except trio.TooSlowError:
+            stream.close_now()
+            raise UpstreamError("connect_timeout", f"peer {self.peer}: no TLS handshake within "
+                                f"{self.handshake_timeout_s:g}s") from None
+        except ssl.SSLCertVerificationError as exc:
+            stream.close_now()
+            kind, reason = describe_verify_failure(exc.verify_code, exc.verify_message or "", self.peer,
+                                                   self.server_name, self.tls.trust)
+            raise UpstreamError(kind, reason) from None
+        except ssl.SSLError as exc:
+            stream.close_now()
+            raise UpstreamError("tls", f"peer {self.peer}: TLS handshake failed: "
+                                f"{exc.reason or exc}") from None
+        except (trio.BrokenResourceError, OSError) as exc:
+            stream.close_now()
+            raise UpstreamError("tls", f"peer {self.peer}: connection lost during the TLS handshake "
+                                f"({exc})") from None
+        except BaseException:
+            stream.close_now()
+            raise
+        return stream
+
+    def _check_pin(self, stream: TLSStream) -> None:
+        if self.pin.empty:
+            return
+        der = stream.getpeercert(True)
+        try:
+            identity = Identity.from_der(der)
+        except (ValueError, TypeError):
+            raise UpstreamError("identity", f"peer {self.peer}: certificate does not parse") from None
+        if not self.pin.decide(identity).allowed:
+            raise UpstreamError("identity", f"peer {self.peer}: identity not allowed: the certificate has "
+                                f"{identity.describe()}, the route pins {self.pin.describe()}")
+
+
+# ---------------------------------------------------------------------------- pools per peer
+
+class PeerPools:
+    """Forward proxy: one keep-alive pool per destination, created on first use, LRU-bounded."""
+
+    def __init__(self, make_opener: Callable[[str, int], PeerOpener],
+                 max_pools: int = MAX_PEER_POOLS) -> None:
+        self._make = make_opener
+        self._pools: OrderedDict[tuple[str, int], Pool] = OrderedDict()
+        self._max = max_pools
+
+    def get(self, host: str, port: int) -> Pool:
+        key = (host.lower(), port)
+        pool = self._pools.get(key)
+        if pool is None:
+            pool = self._pools[key] = Pool(self._make(host, port))
+            while len(self._pools) > self._max:
+                _old_key, old = self._pools.popitem(last=False)
+                old.close_idle()
+        else:
+            self._pools.move_to_end(key)
+        return pool
+
+    def close_idle(self) -> None:
+        for pool in self._pools.values():
+            pool.close_idle()
+
+    def __len__(self) -> int:
+        return len(self._pools)

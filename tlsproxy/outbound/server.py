@@ -1,0 +1,328 @@
+"""Outbound: plain-HTTP listeners on this pod that originate verified TLS 1.3 to peers.
+
+Two kinds of listener, both feeding THE forwarding engine (``http/forward.py``):
+
+* a route listener (``--outbound LISTEN=URL`` or an ``outbound_routes`` entry) sends every request
+  to its one peer: the engine's pool opens :class:`~.peers.PeerOpener` connections and the route
+  rewrites ``Host`` to the peer's authority;
+* the forward proxy (``--outbound-proxy``) reads absolute-form requests (``GET http://peer.ns.svc:8443/x``,
+  what a client with ``HTTP_PROXY`` sends) and resolves each one through ``Route.resolve``: the
+  destination is checked against the allow-list *as written* — refused with 403 before any name
+  is resolved or any connection dialled — then sent over TLS with the origin-form target. A
+  ``CONNECT host:port`` (the client speaks TLS itself) is checked the same way and tunnelled
+  unchanged with ``relay.py``. The proxy only needs to tell CONNECT apart, so it peeks at the first
+  bytes and replays them to the engine when the request is anything else.
+
+Every listener binds loopback unless given an explicit address, and runs its accept loop in the
+caller's *accept* nursery and its connections in the *handlers* nursery, so a drain stops accepting
+first and gives in-flight requests their deadline.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import trio
+
+from .. import net
+from ..config import HostPort, Settings
+from ..errors import HTTPError, UpstreamError
+from ..http import headers as hdr
+from ..http.forward import ConnFacts, Destination, Drain, Forwarder, Limits, Route
+from ..http.pool import Pool
+from ..log import get_logger
+from ..metrics import Metrics
+from ..relay import relay
+from ..tls.identity import AllowRules
+from . import routes as _routes
+from .peers import ClientTLS, PeerOpener, PeerPools, connect_tcp
+
+log = get_logger("outbound")
+access = get_logger("access")
+
+PROXY_LISTENER = "outbound-proxy"
+CONNECT_OK = b"HTTP/1.1 200 Connection established\r\n\r\n"
+_CONNECT = b"CONNECT "
+
+
+class Outbound:
+    """Every outbound listener of one proxy, built once from Settings."""
+
+    def __init__(self, settings: Settings, metrics: Metrics, drain: Drain, limits: Limits) -> None:
+        s = settings
+        self.settings = settings
+        self.metrics = metrics
+        self.drain = drain
+        self.limits = limits
+        self.routes = _routes.parse_routes(s.outbound, s.outbound_routes)
+        self.allow = _routes.parse_allow(s.outbound_allow)
+        self.proxy_addr = _routes.local_listen(str(s.outbound_proxy), "--outbound-proxy") \
+            if s.outbound_proxy is not None else None
+        self._tls: dict[tuple[Path | None, Path | None], ClientTLS] = {}
+        self._pools: list[Pool] = []
+        self._peer_pools: PeerPools | None = None
+        self.started = False
+        # Load every TLS source now: bad material stops the proxy at startup (CertError, exit 2).
+        for r in self.routes:
+            self.tls_for(r.ca, r.cert_dir)
+        if self.proxy_addr is not None:
+            self.tls_for(None, None)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.routes) or self.proxy_addr is not None
+
+    def tls_for(self, ca: Path | None, cert_dir: Path | None) -> ClientTLS:
+        """A route's own ``ca``/``cert_dir`` win; unset ones fall back to the global flags."""
+        key = (ca or self.settings.outbound_ca, cert_dir or self.settings.outbound_cert_dir)
+        tls = self._tls.get(key)
+        if tls is None:
+            tls = self._tls[key] = ClientTLS(*key, metrics=self.metrics)
+            tls.load()
+        return tls
+
+    def _opener(self, host: str, port: int, tls: ClientTLS, server_name: str | None = None,
+                pin: AllowRules | None = None) -> PeerOpener:
+        s = self.settings
+        return PeerOpener(host, port, tls, self.metrics, server_name=server_name, pin=pin,
+                          connect_timeout_s=s.upstream_connect_timeout_s,
+                          handshake_timeout_s=s.handshake_timeout_s)
+
+    # ------------------------------------------------------------------ running
+    async def start(self, accepting: trio.Nursery, handlers: trio.Nursery) -> dict[str, HostPort]:
+        """Bind and start every outbound listener; returns ``{name: bound address}``
+        (``outbound/0``, ``outbound/1``… in route order, and ``outbound-proxy``)."""
+        bound: dict[str, HostPort] = {}
+        s = self.settings
+        for i, r in enumerate(self.routes):
+            pool = Pool(self._opener(r.host, r.port, self.tls_for(r.ca, r.cert_dir), r.server_name, r.pin))
+            self._pools.append(pool)
+            route = Route(name=r.label, pool=pool, limits=self.limits, host_override=r.authority.encode(),
+                          access_log=s.access_log, upstream_label=f"https://{r.authority}")
+            handler = PlainHandler(route.name, Forwarder(route, self.metrics, self.drain), self.metrics)
+            bound[f"outbound/{i}"] = await accepting.start(
+                serve_plain, route.name, r.listen, handler, handlers, s.max_connections)
+            log.info("outbound route", listen=str(bound[f"outbound/{i}"]), peer=r.authority,
+                     server_name=r.name_checked, trust=self.tls_for(r.ca, r.cert_dir).trust,
+                     client_cert=str(r.cert_dir or s.outbound_cert_dir or "-"), pin=r.pin.describe())
+        if self.proxy_addr is not None:
+            tls = self.tls_for(None, None)
+            self._peer_pools = PeerPools(lambda host, port: self._opener(host, port, tls))
+            proxy = ForwardProxy(self.allow, self._peer_pools, self.limits, self.metrics, self.drain,
+                                 access_log=s.access_log, connect_timeout_s=s.upstream_connect_timeout_s)
+            bound[PROXY_LISTENER] = await accepting.start(
+                serve_plain, PROXY_LISTENER, self.proxy_addr, proxy.handle, handlers, s.max_connections)
+            log.info("outbound forward proxy", listen=str(bound[PROXY_LISTENER]), allow=",".join(self.allow))
+        self.started = True
+        return bound
+
+    def close_idle(self) -> None:
+        for pool in self._pools:
+            pool.close_idle()
+        if self._peer_pools is not None:
+            self._peer_pools.close_idle()
+
+    async def readiness(self) -> str | None:
+        return None if self.started else "outbound listeners not bound yet"
+
+
+async def serve_plain(name: str, addr: HostPort, handler: Callable, handlers: trio.Nursery,
+                      max_connections: int, *,
+                      task_status: trio.TaskStatus[HostPort] = trio.TASK_STATUS_IGNORED) -> None:
+    """Bind a plain TCP listener and accept forever; connections run in ``handlers``."""
+    sockets = net.bind(addr)
+    bound = net.bound_address(sockets)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(lambda task_status: net.serve_listeners(
+            sockets, handler, handlers, name=name, max_connections=max_connections,
+            task_status=task_status))
+        log.info("listening", listener=name, addr=str(addr), bound=str(bound))
+        task_status.started(bound)
+
+
+def _facts(peer) -> ConnFacts:
+    ip, port = net.peer_host_port(peer)
+    return ConnFacts(client=f"{ip}:{port}", forward=hdr.ForwardFacts(ip.encode(), b"http", b"80"))
+
+
+class PlainHandler:
+    """An accepted plain connection → the engine."""
+
+    def __init__(self, name: str, forwarder: Forwarder, metrics: Metrics) -> None:
+        self.forwarder = forwarder
+        self._accepted = metrics.connections.labels(name, "http")
+        self._active = metrics.connections_active.labels(name, "http")
+
+    async def __call__(self, sock: trio.socket.SocketType, peer) -> None:
+        self._accepted.inc()
+        self._active.inc()
+        try:
+            await self.forwarder.serve(trio.SocketStream(sock), _facts(peer))
+        finally:
+            self._active.dec()
+
+
+# ---------------------------------------------------------------------------- the forward proxy
+
+class ForwardProxy:
+    def __init__(self, allow: tuple[str, ...], pools: PeerPools, limits: Limits, metrics: Metrics,
+                 drain: Drain, *, access_log: bool = True, connect_timeout_s: float = 5.0) -> None:
+        self.allow = allow
+        self.pools = pools
+        self.limits = limits
+        self.metrics = metrics
+        self.connect_timeout_s = connect_timeout_s
+        self.access_log = access_log
+        route = Route(name=PROXY_LISTENER, pool=Pool(_no_default_peer), limits=limits, access_log=access_log,
+                      upstream_label="allow-listed peers", resolve=self.resolve)
+        self.forwarder = Forwarder(route, metrics, drain)
+        self._accepted = metrics.connections.labels(PROXY_LISTENER, "http")
+        self._active = metrics.connections_active.labels(PROXY_LISTENER, "http")
+
+    def _check_allowed(self, target: _routes.Target) -> None:
+        if not _routes.host_allowed(target.host, self.allow):
+            self.metrics.outbound_errors.labels(target.authority, "denied").inc()
+            raise HTTPError(403, f"destination {target.host} is not on the outbound allow-list "
+                            f"({', '.join(self.allow)})", kind="proxy_denied")
+
+    def resolve(self, method: bytes, target: bytes) -> Destination:
+        t = _routes.parse_proxy_target(target)
+        self._check_allowed(t)
+        return Destination(self.pools.get(t.host, t.port), t.path, t.authority.encode())
+
+    async def handle(self, sock: trio.socket.SocketType, peer) -> None:
+        self._accepted.inc()
+        self._active.inc()
+        stream = trio.SocketStream(sock)
+        try:
+            buf = await self._peek(stream)
+            if buf is None:
+                return
+            if buf.startswith(_CONNECT):
+                await self._connect(stream, buf, _facts(peer))
+            else:
+                await self.forwarder.serve(_Replay(stream, bytes(buf)), _facts(peer))
+        finally:
+            self._active.dec()
+            await trio.aclose_forcefully(stream)
+
+    async def _peek(self, stream: trio.SocketStream) -> bytearray | None:
+        """Enough of the first request to tell CONNECT apart: the whole head for a CONNECT, the first
+        bytes for anything else (the engine reads the rest, with its own limits)."""
+        buf = bytearray()
+        with trio.move_on_after(self.limits.head_timeout_s):
+            while True:
+                try:
+                    data = await stream.receive_some(65536)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return None
+                if not data:
+                    return None
+                buf += data
+                n = min(len(buf), len(_CONNECT))
+                if buf[:n] != _CONNECT[:n]:
+                    return buf
+                if n == len(_CONNECT):
+                    if hdr.find_head_end(buf) >= 0:
+                        return buf
+                    if len(buf) > self.limits.max_head_bytes:
+                        await _answer(stream, 431, "request head too large")
+                        return None
+        await _answer(stream, 408, "request head not received in time")
+        return None
+
+    async def _connect(self, stream: trio.SocketStream, buf: bytearray, facts: ConnFacts) -> None:
+        t0 = time.perf_counter()
+        end = hdr.find_head_end(buf)
+        head, rest = bytes(buf[:end]), bytes(buf[end:])
+        fields: dict = {"listener": PROXY_LISTENER, "client": facts.client, "method": "CONNECT"}
+        try:
+            raw_target = _routes.connect_request(head)
+            if raw_target is None:
+                raise HTTPError(400, "bad request: malformed CONNECT request line", kind="proxy_target")
+            fields["path"] = raw_target.decode("ascii", "replace")[:300]
+            target = _routes.parse_connect_target(raw_target)
+            self._check_allowed(target)
+            try:
+                upstream = await connect_tcp(target.host, target.port, self.connect_timeout_s)
+            except UpstreamError as exc:
+                self.metrics.outbound_errors.labels(target.authority, exc.kind).inc()
+                self.metrics.upstream_errors.labels(PROXY_LISTENER, exc.kind).inc()
+                status = 504 if exc.kind == "connect_timeout" else 502
+                raise HTTPError(status, f"upstream unavailable: {exc.reason}", kind="upstream_" + exc.kind) \
+                    from None
+        except HTTPError as err:
+            self.metrics.client_errors.labels(PROXY_LISTENER, str(err.status)).inc()
+            self.metrics.requests.labels(PROXY_LISTENER, f"{err.status // 100}xx").inc()
+            if err.status >= 500:
+                log.warning("upstream error", listener=PROXY_LISTENER, client=facts.client,
+                            status=err.status, reason=err.reason)
+            await _answer(stream, err.status, err.reason)
+            self._log(fields, err.status, t0, note=err.kind)
+            return
+        try:
+            await stream.send_all(CONNECT_OK)
+            if rest:
+                await upstream.send_all(rest)
+            self.metrics.requests.labels(PROXY_LISTENER, "2xx").inc()
+            result = await relay(stream, upstream, idle_timeout_s=None,
+                                 close_timeout_s=self.limits.upgrade_close_timeout_s)
+            fields.update(bytes_in=result.a_to_b + len(rest), bytes_out=result.b_to_a)
+            self.metrics.bytes_received.labels(PROXY_LISTENER, "tcp").inc(result.a_to_b + len(rest))
+            self.metrics.bytes_sent.labels(PROXY_LISTENER, "tcp").inc(result.b_to_a)
+            self._log(fields, 200, t0, note=f"tunnel {result.ended_by}")
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._log(fields, 200, t0, note="tunnel broken")
+        finally:
+            await trio.aclose_forcefully(upstream)
+
+    def _log(self, fields: dict, status: int, t0: float, note: str) -> None:
+        if self.access_log:
+            access.info("request", **fields, status=status,
+                        duration_ms=round((time.perf_counter() - t0) * 1000, 3), note=note)
+
+
+async def _no_default_peer() -> trio.abc.Stream:
+    raise UpstreamError("internal", "the forward proxy has no default peer")
+
+
+async def _answer(stream: trio.abc.Stream, status: int, reason: str) -> None:
+    try:
+        with trio.move_on_after(5):
+            await stream.send_all(hdr.error_response(status, reason))
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+
+
+class _Replay(trio.abc.HalfCloseableStream):
+    """A stream whose first ``receive_some`` returns bytes already read from it."""
+
+    def __init__(self, inner: trio.SocketStream, prefix: bytes) -> None:
+        self._inner = inner
+        self._prefix = prefix
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._prefix:
+            data = self._prefix
+            if max_bytes is not None and len(data) > max_bytes:
+                self._prefix = data[max_bytes:]
+                data = data[:max_bytes]
+            else:
+                self._prefix = b""
+            await trio.lowlevel.checkpoint()
+            return data
+        return await self._inner.receive_some(max_bytes)
+
+    async def send_all(self, data) -> None:
+        await self._inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._inner.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self._inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
