@@ -39,6 +39,7 @@ from .inbound.plain import PlainHandler, PlainListenerConfig, serve_plain
 from .inbound.server import ConnectionHandler, TLSListenerConfig, forwarder_serve, serve_tls
 from .log import get_logger
 from .metrics import Metrics
+from .outbound.server import Outbound
 from .tls.contexts import ServerTLSOptions, server_context
 from .tls.store import ContextStore, Generation
 
@@ -75,6 +76,12 @@ class App:
         self.source = self._cert_source()
         self.store.subscribe(self._on_swap)
         self._install_admin_routes()
+        try:   # outbound routes and their TLS material are checked before anything binds
+            self.outbound = Outbound(settings, self.metrics, self.drain, self.limits())
+        except CertError as exc:
+            raise ConfigError(f"outbound: {exc}") from None
+        if self.outbound.enabled:
+            self.health.add_check("outbound", self.outbound.readiness)
 
     # ------------------------------------------------------------------ certificates
     def _cert_source(self) -> CertSource:
@@ -249,6 +256,8 @@ class App:
                     if plain is not None:
                         self.bound.extra["http"] = await accepting.start(serve_plain, plain[0], plain[1],
                                                                          handlers)
+                    if self.outbound.enabled:
+                        self.bound.extra.update(await self.outbound.start(accepting, handlers))
                     self._announce()
                     task_status.started(self)
                     await self._drain_requested.wait()
@@ -257,6 +266,7 @@ class App:
                 log.info("listeners closed", in_flight=len(handlers.child_tasks))
                 self.drain.start()
                 pool.close_idle()
+                self.outbound.close_idle()
                 assert self.drain_started_at is not None
                 handlers.cancel_scope.deadline = self.drain_started_at + s.drain_timeout_s
             cut = handlers.cancel_scope.cancelled_caught
