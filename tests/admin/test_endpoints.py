@@ -10,7 +10,7 @@ import pytest
 
 from tests.admin.scrape import get, get_json
 from tests.support import ProxyThread, running_proxy, settings_for, wait_for
-from tlsproxy.admin.endpoints import is_loopback, shutdown_handler
+from tlsproxy.admin.endpoints import is_loopback, readyz_exclusions, shutdown_handler
 from tlsproxy.admin.health import ca_problem, certificate_problem, expiring
 from tlsproxy.admin.server import AdminRequest
 from tlsproxy.app import App
@@ -111,3 +111,15 @@ def test_ca_problem_reads_the_real_context():
     ctx2.load_verify_locations(cadata=old.cert_pem.decode())
     assert "expired" in ca_problem(ctx2, real_now)
     assert ca_problem(None, real_now) == "no TLS context loaded"
+
+
+@pytest.mark.parametrize("query, result", [
+    ("", frozenset()),
+    ("exclude=upstream", frozenset({"upstream"})),
+    ("exclude=upstream&exclude=drain", frozenset({"upstream", "drain"})),
+    ("exclude=upstream%2Cdrain", frozenset({"upstream", "drain"})),
+    ("exclude=nosuch", "unknown check 'nosuch' (checks: drain, certificate, upstream)"),
+    ("verbose", "unknown parameter 'verbose' (only exclude=CHECK)"),
+])
+def test_readyz_exclusions(query, result):
+    assert readyz_exclusions(query, ("drain", "certificate", "upstream")) == result

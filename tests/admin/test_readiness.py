@@ -72,6 +72,10 @@ def test_readiness_follows_the_upstream_away_and_back(pki):
         assert body["ready"] is False
         assert set(body["not_ready"]) == {"upstream"}
         assert "refused" in body["not_ready"]["upstream"]
+        # the proxy itself is ready (what a startup probe should wait for, before the app starts)
+        assert get_json(proxy.admin_port, "/readyz?exclude=upstream") == (200, {"ready": True})
+        assert get(proxy.admin_port, "/readyz?exclude=nosuch")[0] == 400
+        assert get(proxy.admin_port, "/readyz?verbose=1")[0] == 400
         r = curl("--cacert", str(pki.ca_file), "-o", "/dev/null", "-w", "%{http_code}", f"{proxy.url}/")
         assert r.stdout == b"502"
         assert value(scrape(proxy.admin_port), "tlsproxy_upstream_errors_total", listener="inbound",

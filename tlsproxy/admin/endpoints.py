@@ -11,8 +11,10 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 from collections.abc import Callable
+from urllib.parse import unquote
 
 from ..tls.store import ContextStore
+from .health import Health
 from .server import AdminRequest, Handler, Reply
 
 
@@ -57,6 +59,35 @@ def certs_handler(store: ContextStore, clock: Callable[[], dt.datetime] | None =
         return Reply.json(200, certs_report(store, clock()))
 
     return certs
+
+
+def readyz_exclusions(query: str, known: tuple[str, ...]) -> frozenset[str] | str:
+    """The checks named by ``exclude=`` parameters of the query, or an error text for the 400."""
+    names: set[str] = set()
+    for part in query.split("&") if query else ():
+        key, _, val = part.partition("=")
+        if key != "exclude":
+            return f"unknown parameter {unquote(key)!r} (only exclude=CHECK)"
+        for name in unquote(val).split(","):
+            if name not in known:
+                return f"unknown check {name!r} (checks: {', '.join(known)})"
+            names.add(name)
+    return frozenset(names)
+
+
+def readyz_handler(health: Health) -> Handler:
+    """200 ``{"ready": true}`` or 503 with every failing check and its reason."""
+
+    async def readyz(req: AdminRequest) -> Reply:
+        exclude = readyz_exclusions(req.query, health.check_names)
+        if isinstance(exclude, str):
+            return Reply.json(400, {"error": exclude})
+        problems = await health.not_ready(exclude)
+        if problems:
+            return Reply.json(503, {"ready": False, "not_ready": problems})
+        return Reply.json(200, {"ready": True})
+
+    return readyz
 
 
 def shutdown_handler(request_drain: Callable[[str], None]) -> Handler:

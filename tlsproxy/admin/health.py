@@ -27,12 +27,19 @@ class Health:
     def add_check(self, name: str, check: Check) -> None:
         self._checks[name] = check
 
-    async def not_ready(self) -> dict[str, str]:
-        """Name → reason for every failing check (empty when ready)."""
+    @property
+    def check_names(self) -> tuple[str, ...]:
+        return ("drain", *self._checks)
+
+    async def not_ready(self, exclude: frozenset[str] = frozenset()) -> dict[str, str]:
+        """Name → reason for every failing check (empty when ready); ``exclude`` skips checks by
+        name (``/readyz?exclude=upstream``, as kube-apiserver's ``/readyz?exclude=etcd``)."""
         problems: dict[str, str] = {}
-        if self.draining:
+        if self.draining and "drain" not in exclude:
             problems["drain"] = "draining: shutting down"
         for name, check in self._checks.items():
+            if name in exclude:
+                continue
             try:
                 reason = await check()
             except Exception as exc:  # a broken check is a failing check, never a crash
