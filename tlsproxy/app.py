@@ -39,6 +39,7 @@ from .inbound.plain import PlainHandler, PlainListenerConfig, serve_plain
 from .inbound.server import ConnectionHandler, TLSListenerConfig, forwarder_serve, serve_tls
 from .log import get_logger
 from .metrics import Metrics
+from .outbound.server import Outbound
 from .tls.contexts import ServerTLSOptions, server_context
 from .tls.store import ContextStore, Generation
 
@@ -75,6 +76,12 @@ class App:
         self.source = self._cert_source()
         self.store.subscribe(self._on_swap)
         self._install_admin_routes()
+        try:   # outbound routes and their TLS material are checked before anything binds
+            self.outbound = Outbound(settings, self.metrics, self.drain, self.limits())
+        except CertError as exc:
+            raise ConfigError(f"outbound: {exc}") from None
+        if self.outbound.enabled:
+            self.health.add_check("outbound", self.outbound.readiness)
 
     # ------------------------------------------------------------------ certificates
     def _cert_source(self) -> CertSource:
@@ -229,7 +236,7 @@ class App:
                       upstream_label=str(s.upstream))
         forwarder = Forwarder(route, self.metrics, self.drain)
         tls_cfg = TLSListenerConfig(name="inbound", addr=s.listen, handshake_timeout_s=s.handshake_timeout_s,
-                                    max_connections=s.max_connections)
+                                    max_connections=s.max_connections, reuse_port=s.workers > 1)
         handler = ConnectionHandler(tls_cfg, self.store, self.metrics, forwarder_serve(forwarder),
                                     peer_policy=mtls.make_policy(self.mtls))
         plain = self._plain_listener(pool)
@@ -243,6 +250,8 @@ class App:
                     if plain is not None:
                         self.bound.extra["http"] = await accepting.start(serve_plain, plain[0], plain[1],
                                                                          handlers)
+                    if self.outbound.enabled:
+                        self.bound.extra.update(await self.outbound.start(accepting, handlers))
                     self._announce()
                     task_status.started(self)
                     await self._drain_requested.wait()
@@ -251,6 +260,7 @@ class App:
                 log.info("listeners closed", in_flight=len(handlers.child_tasks))
                 self.drain.start()
                 pool.close_idle()
+                self.outbound.close_idle()
                 assert self.drain_started_at is not None
                 handlers.cancel_scope.deadline = self.drain_started_at + s.drain_timeout_s
             cut = handlers.cancel_scope.cancelled_caught
@@ -344,6 +354,11 @@ def main_serve(settings: Settings) -> int:
     except CertError as exc:
         sys.stderr.write(f"tlsproxy: error: {exc}\n")
         return 2
+    if settings.workers > 1:
+        # Validated above in this process; each worker builds its own App (see workers.py).
+        from .workers import run_workers
+
+        return run_workers(settings, lambda ws, _index: run_main(App(ws).run_with_signals))
     return run_main(app.run_with_signals)
 
 
