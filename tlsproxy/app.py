@@ -28,7 +28,7 @@ from .admin.health import Health, ca_problem, certificate_problem, expiring
 from .admin.server import AdminRequest, AdminRoutes, Reply, serve_admin
 from .certs import devca
 from .certs.bundle import Bundle
-from .certs.source import CertSource
+from .certs.source import CertSource, Material
 from .config import HostPort, Settings
 from .errors import CertError, ConfigError
 from .http.forward import Drain, Forwarder, Limits, Route
@@ -41,6 +41,7 @@ from .log import get_logger
 from .metrics import Metrics
 from .outbound.server import Outbound
 from .tls.contexts import ServerTLSOptions, server_context
+from .tls.reload import Reloader, serve_reloads
 from .tls.store import ContextStore, Generation
 
 log = get_logger("")
@@ -75,6 +76,9 @@ class App:
         self.mtls = mtls.MTLSConfig.from_settings(settings)
         self.source = self._cert_source()
         self.store.subscribe(self._on_swap)
+        self._cert_ready = trio.Event()
+        self.reloader = Reloader(self.store, self.source.read, self.build_generation, self.metrics,
+                                 describe=self.source.describe())
         self._install_admin_routes()
         try:   # outbound routes and their TLS material are checked before anything binds
             self.outbound = Outbound(settings, self.metrics, self.drain, self.limits())
@@ -87,9 +91,9 @@ class App:
     def _cert_source(self) -> CertSource:
         s = self.settings
         if s.cert_dir is not None:
-            return CertSource(cert_dir=s.cert_dir, client_ca=s.client_ca)
+            return CertSource(cert_dir=s.cert_dir, client_ca=s.client_ca, cert2=s.cert2, key2=s.key2)
         if s.cert is not None:
-            return CertSource(cert=s.cert, key=s.key, client_ca=s.client_ca)
+            return CertSource(cert=s.cert, key=s.key, client_ca=s.client_ca, cert2=s.cert2, key2=s.key2)
         state = s.state_dir or devca.default_state_dir(self._state_env)
         try:
             directory, _created = devca.ensure(state)
@@ -106,18 +110,19 @@ class App:
         return ServerTLSOptions(min_version=s.tls_min_version, session_tickets=s.tls_session_tickets,
                                 client_ca_pem=client_ca)
 
-    def build_generation(self) -> tuple[object, list[Bundle]]:
-        """Load and validate the material (certificate, key, client CA) and build a context.
+    def build_generation(self, material: Material | None = None) -> tuple[object, list[Bundle]]:
+        """Validate the material (certificate(s), key(s), client CA) and build a *new* context.
 
-        The one place that reads certificate material: reloads call it too. Raises CertError;
-        changes nothing."""
-        bundle = self.source.load()
-        ctx = server_context([bundle], self.tls_options(bundle))
-        return ctx, [bundle]
+        ``material`` is what the reloader read (``self.source.read()`` when None). The one place
+        that turns certificate material into a context: startup and every reload call it. Raises
+        CertError; changes nothing."""
+        bundles = list((material if material is not None else self.source.read()).bundles())
+        ctx = server_context(bundles, self.tls_options(bundles[0]))
+        return ctx, bundles
 
     def load_certificates(self) -> Generation:
-        ctx, bundles = self.build_generation()
-        return self.store.swap(ctx, bundles)
+        """Startup load through the reloader (so it knows which material is live). Raises CertError."""
+        return self.reloader.load_now()
 
     def _on_swap(self, old: Generation | None, new: Generation) -> None:
         for b in new.bundles:
@@ -141,6 +146,7 @@ class App:
             fields["old_serial"] = old.bundles[0].info.serial
             fields["old_not_after"] = old.bundles[0].info.not_after.isoformat()
         log.info("certificate loaded" if old is None else "certificate reloaded", **fields)
+        self._cert_ready.set()
         self._warn_expiring(new)
 
     def _warn_expiring(self, gen: Generation | None) -> None:
@@ -182,6 +188,9 @@ class App:
 
         async def cert_check() -> str | None:
             gen = self.store.generation
+            if gen is None:
+                why = self.store.last_error
+                return f"waiting for certificate ({why})" if why else "waiting for certificate"
             return certificate_problem(gen and [b.info for b in gen.bundles], dt.datetime.now(dt.UTC))
 
         async def ca_check() -> str | None:
@@ -229,8 +238,12 @@ class App:
 
     async def run(self, *, task_status: trio.TaskStatus[App] = trio.TASK_STATUS_IGNORED) -> None:
         s = self.settings
-        if not self.store.ready:
-            self.load_certificates()
+        if not self.store.ready and self.store.last_error is None:    # main_serve may have tried
+            try:
+                self.load_certificates()
+            except CertError:
+                if not s.wait_for_cert_s:
+                    raise
         pool = Pool(upstream_mod.tcp_opener(s.upstream, s.upstream_connect_timeout_s))
         route = Route(name="inbound", pool=pool, limits=self.limits(), access_log=s.access_log,
                       upstream_label=str(s.upstream))
@@ -244,6 +257,12 @@ class App:
         async with trio.open_nursery() as root:
             self.bound.admin = await root.start(serve_admin, s.admin, self.admin_routes)
             root.start_soon(self._expiry_watch)
+            await root.start(lambda task_status: serve_reloads(
+                self.reloader, self.source.watch_paths, interval_s=s.reload_check_interval_s,
+                task_status=task_status))
+            if not self.store.ready and not await self._wait_for_certificate():
+                root.cancel_scope.cancel()      # drain requested while still waiting: nothing to drain
+                return
             async with trio.open_nursery() as handlers:
                 async with trio.open_nursery() as accepting:
                     self.bound.tls = await accepting.start(serve_tls, tls_cfg, handler, handlers)
@@ -267,6 +286,27 @@ class App:
             log.info("drain finished", cut_connections=cut,
                      seconds=round(trio.current_time() - self.drain_started_at, 3))
             root.cancel_scope.cancel()
+
+    async def _wait_for_certificate(self) -> bool:
+        """``--wait-for-cert``: wait (not ready, admin up) until the reloader has swapped in a first
+        certificate. False when a drain was requested first; CertError after the deadline."""
+        wait_s = self.settings.wait_for_cert_s or 0.0
+        log.warning("waiting for certificate", source=self.source.describe(), wait_for_cert_s=wait_s,
+                    reason=self.store.last_error)
+        with trio.move_on_after(wait_s):
+            async with trio.open_nursery() as nursery:
+                async def until(event: trio.Event) -> None:
+                    await event.wait()
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(until, self._cert_ready)
+                nursery.start_soon(until, self._drain_requested)
+        if self.store.ready:
+            return True
+        if self._drain_requested.is_set():
+            return False
+        raise CertError(self.source.describe(), f"no usable certificate after waiting {wait_s:g}s "
+                        f"(--wait-for-cert): {self.store.last_error or 'none found'}")
 
     def _plain_listener(self, pool: Pool) -> tuple[PlainListenerConfig, PlainHandler] | None:
         """The ``--http-listen`` listener, or None when it is not configured (or ``--http-mode off``)."""
@@ -333,17 +373,9 @@ class App:
                     raise SystemExit(1)
 
     async def on_sighup(self) -> None:
-        """Force a certificate reload (the certificates module may replace this)."""
-        try:
-            ctx, bundles = self.build_generation()
-        except CertError as exc:
-            self.store.record_failure(str(exc))
-            self.metrics.reloads.labels("server", "failure").inc()
-            log.error("certificate reload failed; keeping the current certificate", file=exc.path,
-                      reason=exc.reason)
-            return
-        self.store.swap(ctx, bundles)
-        self.metrics.reloads.labels("server", "success").inc()
+        """SIGHUP: force a certificate reload (rebuilt even when the files look unchanged)."""
+        log.info("signal received", signal="SIGHUP")
+        await self.reloader.reload("sighup", force=True)
 
 
 def main_serve(settings: Settings) -> int:
@@ -352,8 +384,9 @@ def main_serve(settings: Settings) -> int:
         app = App(settings)
         app.load_certificates()
     except CertError as exc:
-        sys.stderr.write(f"tlsproxy: error: {exc}\n")
-        return 2
+        if not settings.wait_for_cert_s:
+            sys.stderr.write(f"tlsproxy: error: {exc}\n")
+            return 2
     if settings.workers > 1:
         # Validated above in this process; each worker builds its own App (see workers.py).
         from .workers import run_workers

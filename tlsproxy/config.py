@@ -68,6 +68,14 @@ def parse_size(raw: Any) -> int:
     return int(m.group(1)) * _SIZE_UNITS[unit]
 
 
+def parse_optional_duration(raw: Any) -> float | None:
+    """A duration, or ``0``/``off``/``none`` for "not at all"."""
+    if raw is None or str(raw).strip().lower() in ("", "0", "off", "none"):
+        return None
+    value = parse_duration(raw)
+    return value or None
+
+
 def parse_optional_size(raw: Any) -> int | None:
     """A size, or ``0``/``unlimited``/``none`` for no limit."""
     if raw is None or str(raw).strip().lower() in ("", "0", "unlimited", "none", "off"):
@@ -278,6 +286,7 @@ IDLE_TIMEOUT_S = 60.0                        # keep-alive idle (nginx keepalive_
 UPSTREAM_CONNECT_TIMEOUT_S = 5.0             # localhost app: a connect that takes longer is a dead app
 UPSTREAM_RESPONSE_TIMEOUT_S = 60.0           # nginx proxy_read_timeout 60 s
 DRAIN_TIMEOUT_S = 20.0                       # under Kubernetes' default 30 s grace period
+RELOAD_CHECK_INTERVAL_S = 60.0               # kubelet's own sync period; events normally arrive in < 1 s
 MAX_CONNECTIONS = 10_000                     # beyond it, accept() waits; the kernel backlog holds the rest
 
 
@@ -301,6 +310,19 @@ class Settings:
     state_dir: Path | None = opt(None, parse_path, "where standalone mode keeps its development CA "
                                  "(default: $XDG_STATE_HOME/tlsproxy or ~/.local/state/tlsproxy)",
                                  metavar="DIR", group="certificates")
+    cert2: Path | None = opt(None, parse_path, "a second certificate chain PEM of the other key type "
+                             "(RSA beside ECDSA), with --key2; default: tls2.crt in --cert-dir if present",
+                             metavar="FILE", group="certificates")
+    key2: Path | None = opt(None, parse_path, "private key PEM of --cert2", metavar="FILE",
+                            group="certificates")
+    wait_for_cert_s: float | None = opt(None, parse_optional_duration, "start without a usable certificate "
+                                        "(admin up, not ready) and wait this long for one to appear "
+                                        "before giving up; default: exit at once", flag="wait-for-cert",
+                                        metavar="DURATION", group="certificates")
+    reload_check_interval_s: float = opt(RELOAD_CHECK_INTERVAL_S, parse_duration, "re-read the "
+                                         "certificate files this often even without a file event "
+                                         "(backstop for a missed event; 0 disables)",
+                                         flag="reload-interval", metavar="DURATION", group="certificates")
     # TLS
     tls_min_version: str = opt("1.3", parse_tls_version, "lowest TLS version accepted: 1.3, or 1.2 as an "
                                "opt-in", metavar="VERSION", group="tls")
@@ -523,6 +545,10 @@ def check_settings(s: Settings) -> None:
         raise ConfigError("--cert and --key go together: give both or neither")
     if s.cert_dir is not None and s.cert is not None:
         raise ConfigError("--cert-dir and --cert/--key are alternatives: give one of them")
+    if (s.cert2 is None) != (s.key2 is None):
+        raise ConfigError("--cert2 and --key2 go together: give both or neither")
+    if s.cert2 is not None and s.cert is None and s.cert_dir is None:
+        raise ConfigError("--cert2/--key2 add a second pair: give the first with --cert/--key or --cert-dir")
     if s.require_client_cert and s.client_ca is None and s.cert is not None:
         raise ConfigError("--require-client-cert: with --cert/--key there is no ca.crt to use; "
                           "give --client-ca FILE")
