@@ -370,3 +370,24 @@ def test_verified_chain_der_on_a_live_socket(pki, tmp_path):
         chain = mtls.verified_chain_der(server)
         assert chain[0] == server.getpeercert(binary_form=True)
         assert chain[-1] == pki.ca.cert.public_bytes(Encoding.DER)
+
+
+def test_client_ca_configmap_rotation_is_picked_up_by_the_watcher(pki, app, tmp_path):
+    """A client CA mounted from a ConfigMap (kubelet's ..data layout) is rotated on disk: the
+    watcher reloads it with no call from the test, new handshakes use the new CA."""
+    from tests.secret_writers import atomic_write
+
+    mount = tmp_path / "client-ca"
+    atomic_write(mount, {"ca.crt": pki.ca.cert_pem})
+    new_ca = generate.make_ca("rotated client CA")
+    old_client = write_client(tmp_path / "c", "old", front_client(pki))
+    new_client = write_client(tmp_path / "c", "new",
+                              generate.issue(new_ca, "front", client=True, server=False))
+    with running_proxy(settings_for(pki, app.port, client_ca=mount / "ca.crt")) as proxy:
+        assert curl_with(pki, proxy, old_client).returncode == 0
+        assert curl_with(pki, proxy, new_client).returncode != 0
+        generation = proxy.app.store.generation.number
+        assert atomic_write(mount, {"ca.crt": new_ca.cert_pem})
+        assert wait_for(lambda: proxy.app.store.generation.number > generation, timeout=10)
+        assert curl_with(pki, proxy, new_client).returncode == 0
+        assert curl_with(pki, proxy, old_client).returncode != 0
