@@ -560,3 +560,5 @@ def check_settings(s: Settings) -> None:
                               "--require-client-cert on with a ca.crt in --cert-dir)")
     if not 1 <= s.redirect_port <= 65535:
         raise ConfigError(f"--redirect-port: {s.redirect_port} is not a port (1 to 65535)")
+    if s.http_listen is not None and s.http_mode == "forward" and s.protocol != "http":
+        raise ConfigError("--http-mode forward proxies HTTP requests: it needs --protocol http")

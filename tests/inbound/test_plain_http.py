@@ -124,3 +124,20 @@ def test_off_mode_binds_nothing(pki, app):
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", port), timeout=5)
         assert proxy.call(lambda: None) is None
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--redirect-port", "0"], "tlsproxy: error: --redirect-port: 0 is not a port (1 to 65535)\n"),
+    (["--redirect-port", "70000"], "tlsproxy: error: --redirect-port: 70000 is not a port (1 to 65535)\n"),
+    (["--http-mode", "sideways"], "tlsproxy: error: --http-mode: 'sideways' is not one of redirect, "
+                                  "forward, off\n"),
+    (["--http-listen", ":0", "--http-mode", "forward", "--protocol", "tcp", "--upstream", "tcp://127.0.0.1:5"],
+     "tlsproxy: error: --http-mode forward proxies HTTP requests: it needs --protocol http\n"),
+])
+def test_bad_plain_http_settings_are_one_line_errors(args, message):
+    import subprocess
+
+    from tests.support import TLSPROXY
+
+    r = subprocess.run([TLSPROXY, "serve", *args], capture_output=True, text=True, timeout=30)
+    assert (r.returncode, r.stderr) == (2, message)
