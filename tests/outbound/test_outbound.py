@@ -244,6 +244,6 @@ def test_bad_outbound_settings_are_one_line_errors(tmp_path):
                             "--state-dir", str(tmp_path / "state"), *args],
                            capture_output=True, text=True, timeout=30)
         assert r.returncode == 2, (args, r.stderr)
-        assert r.stderr.startswith("tlsproxy: error:"), r.stderr
-        assert text in r.stderr, r.stderr
+        last = r.stderr.strip().splitlines()[-1]
+        assert last.startswith("tlsproxy: error:") and text in last, r.stderr
         assert "Traceback" not in r.stderr

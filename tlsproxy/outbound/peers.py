@@ -7,14 +7,11 @@ file (``--outbound-ca``, or a route's ``ca``) and a client-certificate Secret di
 (``--outbound-cert-dir``, or a route's ``cert_dir``). The trust bundle is, in order: the CA file;
 else the ``ca.crt`` of the certificate directory; else the system trust store.
 
-Hot reload, without a watcher thread: every time a *new* peer connection is opened (pooled
-connections are reused without a handshake) the files are read again — at most once per
-``RECHECK_S`` — and their bytes hashed. Same hash: keep the context. New hash: validate the
-material and build a *new* context; success swaps the reference (new handshakes use it, open
-connections keep theirs), failure keeps the old context and logs why, once per distinct error
-(ghostunnel's rule: *on failure the old state is kept*). Reading a few small files once a second
-on the connect path costs microseconds and cannot miss a change the way an inotify watch on a
-swapped ``..data`` symlink can.
+Hot reload is the inbound one (``certs/watch.py`` + ``tls/reload.py``): the directories holding
+the files are watched, with a periodic re-check as a backstop (``--reload-check-interval``); a
+change reads every file once, hashes the bytes, and only new bytes are validated and built into a
+*new* context that replaces the store's reference (new handshakes use it, open and pooled
+connections keep theirs). On failure the old context is kept and the failure logged once.
 
 :class:`PeerOpener` is a :class:`~tlsproxy.http.pool.Pool` opener. Each failure becomes an
 :class:`~tlsproxy.errors.UpstreamError` whose ``reason`` is the 502/504 body and log line: a rejected
@@ -28,9 +25,9 @@ import errno
 import hashlib
 import socket
 import ssl
-import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import trio
@@ -43,33 +40,52 @@ from ..metrics import Metrics
 from ..tls.contexts import ClientTLSOptions, client_context
 from ..tls.identity import AllowRules, Identity
 from ..tls.listener import stdlib_socket
+from ..tls.reload import Reloader
+from ..tls.store import ContextStore, Generation
 from ..tls.stream import TLSStream
 
 log = get_logger("outbound")
 
-RECHECK_S = 1.0          # how often (at most) the CA / client-cert files are re-read on connect
 MAX_PEER_POOLS = 256     # forward proxy: pools kept for distinct destinations (LRU beyond)
 
 
 # ---------------------------------------------------------------------------- client TLS material
 
-class ClientTLS:
-    """The current client context for one (CA file, client-certificate directory) pair."""
+@dataclass(frozen=True)
+class _Snapshot:
+    """The bytes of every file of one source, read once; ``digest`` says whether anything changed."""
 
-    def __init__(self, ca: Path | None, cert_dir: Path | None, metrics: Metrics | None = None, *,
-                 recheck_s: float = RECHECK_S, clock: Callable[[], float] = time.monotonic) -> None:
+    ca: bytes | None
+    crt: bytes | None
+    key: bytes | None
+    dir_ca: bytes | None
+
+    @property
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for part in (self.ca, self.crt, self.key, self.dir_ca):
+            h.update(b"-" if part is None else len(part).to_bytes(8, "big") + part)
+        return h.hexdigest()
+
+
+class ClientTLS:
+    """The current client context for one (CA file, client-certificate directory) pair.
+
+    The build-validate-swap and its rules (on failure the old context is kept, a failure is logged
+    once) are ``tls/reload.py``'s; this class says how to read the files and build the context."""
+
+    def __init__(self, ca: Path | None, cert_dir: Path | None, metrics: Metrics | None = None) -> None:
         self.ca = ca
         self.cert_dir = cert_dir
-        self.metrics = metrics
-        self.recheck_s = recheck_s
-        self._clock = clock
-        self._context: ssl.SSLContext | None = None
-        self._digest = ""
-        self._checked_at = float("-inf")
-        self._last_error = ""
-        self.client_bundle: _bundle.Bundle | None = None
+        self.store = ContextStore()
+        self.reloader = Reloader(self.store, self._read, self._build, metrics, role="outbound",
+                                 describe=self.describe())
         self.trust = self._describe_trust(False)
-        self.generation = 0
+        self.store.subscribe(self._on_swap)
+
+    def describe(self) -> str:
+        parts = [f"ca={self.ca}" if self.ca else "", f"cert_dir={self.cert_dir}" if self.cert_dir else ""]
+        return " ".join(p for p in parts if p) or "system trust store"
 
     def _describe_trust(self, dir_has_ca: bool) -> str:
         if self.ca is not None:
@@ -78,84 +94,64 @@ class ClientTLS:
             return f"the CA bundle {self.cert_dir / _bundle.CA_FILE}"
         return "the system trust store"
 
+    @property
+    def watch_paths(self) -> tuple[Path, ...]:
+        """Directories to watch (never the files: kubelet swaps a symlinked directory)."""
+        paths = [self.ca.parent] if self.ca is not None else []
+        if self.cert_dir is not None:
+            paths.append(self.cert_dir)
+        return tuple(dict.fromkeys(paths))
+
     def load(self) -> None:
         """First load: raises :class:`CertError` (the proxy refuses to start on bad material)."""
-        raw = self._read()
-        self._build(raw)
+        self.reloader.load_now()
 
     def current(self) -> ssl.SSLContext:
-        """The context for a new handshake; re-checks the files when ``recheck_s`` has passed."""
-        now = self._clock()
-        if self._context is None or now - self._checked_at >= self.recheck_s:
-            self._checked_at = now
-            self._refresh()
-        assert self._context is not None
-        return self._context
+        """The context for a new handshake."""
+        return self.store.current
 
-    def _refresh(self) -> None:
-        try:
-            raw = self._read()
-            if self._digest and _digest(raw) == self._digest:
-                return
-            self._build(raw)
-        except CertError as exc:
-            if self._context is None:
-                raise
-            if str(exc) != self._last_error:
-                self._last_error = str(exc)
-                log.error("outbound certificate reload failed; keeping the current one",
-                          file=exc.path, reason=exc.reason)
-            if self.metrics is not None:
-                self.metrics.reloads.labels("outbound", "failure").inc()
+    @property
+    def client_bundle(self) -> _bundle.Bundle | None:
+        gen = self.store.generation
+        return gen.bundles[0] if gen is not None and gen.bundles else None
 
-    def _read(self) -> dict[str, bytes | None]:
-        raw: dict[str, bytes | None] = {"ca": None, "crt": None, "key": None, "dir_ca": None}
+    def _read(self) -> _Snapshot:
+        ca = crt = key = dir_ca = None
         if self.ca is not None:
-            raw["ca"] = _bundle.read_file(self.ca, "CA bundle")
+            ca = _bundle.read_file(self.ca, "CA bundle")
         if self.cert_dir is not None:
             if not self.cert_dir.is_dir():
                 raise CertError(self.cert_dir, "is not a directory")
             base = _bundle.resolve_secret_dir(self.cert_dir)
-            raw["crt"] = _bundle.read_file(base / _bundle.CERT_FILE, "certificate")
-            raw["key"] = _bundle.read_file(base / _bundle.KEY_FILE, "private key")
+            crt = _bundle.read_file(base / _bundle.CERT_FILE, "certificate")
+            key = _bundle.read_file(base / _bundle.KEY_FILE, "private key")
             if (base / _bundle.CA_FILE).exists():
-                raw["dir_ca"] = _bundle.read_file(base / _bundle.CA_FILE, "CA bundle")
-        return raw
+                dir_ca = _bundle.read_file(base / _bundle.CA_FILE, "CA bundle")
+        return _Snapshot(ca, crt, key, dir_ca)
 
-    def _build(self, raw: dict[str, bytes | None]) -> None:
+    def _build(self, snap: _Snapshot) -> tuple[ssl.SSLContext, list[_bundle.Bundle]]:
         client: _bundle.Bundle | None = None
         if self.cert_dir is not None:
             d = self.cert_dir
-            client = _bundle.build(raw["crt"] or b"", raw["key"] or b"", raw["dir_ca"],
+            client = _bundle.build(snap.crt or b"", snap.key or b"", snap.dir_ca,
                                    str(d / _bundle.CERT_FILE), str(d / _bundle.KEY_FILE),
-                                   str(d / _bundle.CA_FILE) if raw["dir_ca"] else None)
-        trust = raw["ca"] if self.ca is not None else raw["dir_ca"]
+                                   str(d / _bundle.CA_FILE) if snap.dir_ca else None)
+        # An explicit CA file always wins; the Secret's ca.crt is the trust bundle only without one.
+        trust = snap.ca if self.ca is not None else snap.dir_ca
         if trust is not None:
             where = str(self.ca) if self.ca is not None else str(self.cert_dir / _bundle.CA_FILE)
             _bundle.parse_pem_certs(trust, where, "CA bundle")
         ctx = client_context(ClientTLSOptions(ca_pem=trust, client_bundle=client))
-        old = self._context
-        self._context = ctx
-        self._digest = _digest(raw)
-        self._last_error = ""
-        self.client_bundle = client
-        self.trust = self._describe_trust(raw["dir_ca"] is not None)
-        self.generation += 1
-        fields = {"trust": self.trust}
+        return ctx, [client] if client is not None else []
+
+    def _on_swap(self, old: Generation | None, new: Generation) -> None:
+        client = new.bundles[0] if new.bundles else None
+        self.trust = self._describe_trust(client is not None and client.ca_pem is not None)
+        fields = {"trust": self.trust, "generation": new.number}
         if client is not None:
             fields.update(client_cert=client.cert_path, subject=client.info.subject,
                           not_after=client.info.not_after.isoformat())
         log.info("outbound TLS loaded" if old is None else "outbound TLS reloaded", **fields)
-        if old is not None and self.metrics is not None:
-            self.metrics.reloads.labels("outbound", "success").inc()
-
-
-def _digest(raw: dict[str, bytes | None]) -> str:
-    h = hashlib.sha256()
-    for key in sorted(raw):
-        part = raw[key]
-        h.update(key.encode() + b"\0" + (b"-" if part is None else len(part).to_bytes(8, "big") + part))
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------- failures, named
@@ -230,8 +226,8 @@ class PeerOpener:
     async def _open(self) -> TLSStream:
         try:
             ctx = self.tls.current()
-        except CertError as exc:   # only before the first successful load; kept here for safety
-            raise UpstreamError("tls_config", f"outbound TLS material unusable: {exc}") from None
+        except LookupError:   # never loaded: Outbound loads every source before it binds
+            raise UpstreamError("tls_config", "outbound TLS material not loaded") from None
         tcp = await connect_tcp(self.host, self.port, self.connect_timeout_s)
         raw = stdlib_socket(tcp.socket)
         try:

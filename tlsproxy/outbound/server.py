@@ -36,6 +36,7 @@ from ..log import get_logger
 from ..metrics import Metrics
 from ..relay import relay
 from ..tls.identity import AllowRules
+from ..tls.reload import serve_reloads
 from . import routes as _routes
 from .peers import ClientTLS, PeerOpener, PeerPools, connect_tcp
 
@@ -96,6 +97,13 @@ class Outbound:
         (``outbound/0``, ``outbound/1``… in route order, and ``outbound-proxy``)."""
         bound: dict[str, HostPort] = {}
         s = self.settings
+        # Reload watchers live as long as the listeners: a drain stops reloads with accepting (the
+        # in-flight requests keep the last good context for their remaining seconds).
+        for tls in self._tls.values():
+            if tls.watch_paths:
+                await accepting.start(lambda task_status, tls=tls: serve_reloads(
+                    tls.reloader, tls.watch_paths, interval_s=s.reload_check_interval_s,
+                    task_status=task_status))
         for i, r in enumerate(self.routes):
             pool = Pool(self._opener(r.host, r.port, self.tls_for(r.ca, r.cert_dir), r.server_name, r.pin))
             self._pools.append(pool)
