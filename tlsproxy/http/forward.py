@@ -24,6 +24,7 @@ Inbound and outbound both use this engine; they differ only in the pool's opener
 
 from __future__ import annotations
 
+import select
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -273,7 +274,10 @@ class Forwarder:
                         upstream_req: h11.Request, upgrade: bytes | None, entry: _AccessEntry,
                         pool: Pool) -> bool:
         limits = self.route.limits
-        has_body = client.their_state is h11.SEND_BODY
+        # h11 is in SEND_BODY after every request head (even a bodiless GET), so ask the framing.
+        cl = hdr.header_value(req.headers._full_items, b"content-length")
+        has_body = cl not in (None, b"0") or \
+            hdr.header_value(req.headers._full_items, b"transfer-encoding") is not None
         retryable = not has_body and req.method in IDEMPOTENT
         up = await self._acquire(pool)
         try:
@@ -310,12 +314,19 @@ class Forwarder:
         except BaseException:
             pool.discard(up)
             raise
-        pool.release(up)
+        if up.h11.trailing_data[0]:
+            pool.discard(up)    # bytes beyond the response: never hand them to the next request
+        else:
+            pool.release(up)
         return True
 
     async def _acquire(self, pool: Pool, fresh: bool = False) -> UpstreamConn:
         try:
-            return await pool.acquire(fresh=fresh)
+            while True:
+                up = await pool.acquire(fresh=fresh)
+                if not up.reused or not _stale(up.stream):
+                    return up
+                pool.discard(up)   # closed by the app, or stray bytes arrived while it sat idle
         except UpstreamError as exc:
             self._upstream_error(exc.kind)
             status = 504 if exc.kind == "connect_timeout" else 502
@@ -344,7 +355,7 @@ class Forwarder:
                         sent_anything = True
                         out = bytearray()
                     if client.they_are_waiting_for_100_continue:
-                        await _client_send(stream, EXPECT_ANSWER)
+                        await _client_send(stream, EXPECT_ANSWER, self.route.limits.body_timeout_s)
                         client.send(h11.InformationalResponse(status_code=100, headers=[]))
                     with trio.move_on_after(limits.body_timeout_s):
                         data = await _receive(stream)
@@ -397,7 +408,7 @@ class Forwarder:
                     head = client.send(h11.InformationalResponse(
                         status_code=event.status_code,
                         headers=Headers(hdr.rewrite_response(event.headers._full_items)), _parsed=True))
-                    await _client_send(stream, head)
+                    await _client_send(stream, head, self.route.limits.body_timeout_s)
                 continue
             if etype is h11.ConnectionClosed:
                 raise UpstreamError("closed", "upstream closed the connection before answering",
@@ -415,17 +426,22 @@ class Forwarder:
                                                  reason=response.reason, http_version=b"1.1",
                                                  _parsed=True)))
         sent = 0
+        flushed = False          # until the head is on the wire, a broken body can still be a 502
         upc = up.h11
         while True:
             try:
                 event = upc.next_event()
             except h11.RemoteProtocolError as exc:
                 self._upstream_error("protocol")
+                if not flushed:
+                    raise HTTPError(502, f"upstream sent an invalid response: {exc}",
+                                    kind="upstream_protocol") from None
                 raise _Close(f"upstream broke the response body: {exc}") from None
             if event is _NEED_DATA:
                 if out:
-                    await _client_send(stream, out)
+                    await _client_send(stream, out, self.route.limits.body_timeout_s)
                     out = bytearray()
+                    flushed = True
                 with trio.move_on_after(limits.body_timeout_s):
                     try:
                         data = await up.stream.receive_some()
@@ -441,8 +457,9 @@ class Forwarder:
                 sent += len(event.data)
                 out += client.send(event)
                 if len(out) >= FLUSH_BYTES:
-                    await _client_send(stream, out)
+                    await _client_send(stream, out, self.route.limits.body_timeout_s)
                     out = bytearray()
+                    flushed = True
             elif etype is _EndOfMessage:
                 out += client.send(h11.EndOfMessage())
                 break
@@ -450,7 +467,7 @@ class Forwarder:
                 self._upstream_error("protocol")
                 raise _Close("upstream closed during the response body")
         if out:
-            await _client_send(stream, out)
+            await _client_send(stream, out, self.route.limits.body_timeout_s)
         entry.bytes_out = sent
         self._m_out.inc(sent)
 
@@ -461,11 +478,11 @@ class Forwarder:
             items = hdr.rewrite_response(response.headers._full_items, upgrade=True)
             head = client.send(h11.InformationalResponse(status_code=101, headers=Headers(items),
                                                          reason=response.reason, _parsed=True))
-            await _client_send(stream, head)
+            await _client_send(stream, head, self.route.limits.body_timeout_s)
             client_rest = client.trailing_data[0]
             upstream_rest = up.h11.trailing_data[0]
             if upstream_rest:
-                await _client_send(stream, upstream_rest)
+                await _client_send(stream, upstream_rest, self.route.limits.body_timeout_s)
             if client_rest:
                 await up.stream.send_all(client_rest)
             result = await relay(stream, up.stream, idle_timeout_s=None,
@@ -509,11 +526,16 @@ async def _receive(stream: trio.abc.Stream) -> bytes:
         raise _Close(f"client connection broke: {exc}") from None
 
 
-async def _client_send(stream: trio.abc.Stream, data: bytes | bytearray) -> None:
+async def _client_send(stream: trio.abc.Stream, data: bytes | bytearray, timeout_s: float) -> None:
+    """Send to the client; one that stops reading for ``timeout_s`` (a slow-read attack, or a
+    client gone without a FIN) is cut, so it cannot hold its connection and an upstream forever."""
     try:
-        await stream.send_all(data)
+        with trio.move_on_after(timeout_s) as scope:
+            await stream.send_all(data)
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         raise _Close(f"client went away: {exc}") from None
+    if scope.cancelled_caught:
+        raise _Close("client stopped reading the response")
 
 
 UPSTREAM_WRITE_TIMEOUT_S = 30.0   # an upstream that stops reading our request for this long is dead
@@ -535,6 +557,19 @@ async def _upstream_receive(up: UpstreamConn, first: bool) -> bytes:
         return await up.stream.receive_some()
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
         raise UpstreamError("reset", f"connection lost: {_short(exc)}", sent_nothing=first) from None
+
+
+def _stale(stream: trio.abc.Stream) -> bool:
+    """True when an idle pooled connection is readable: EOF (the app closed it) or bytes nobody
+    asked for (an app that answered twice). Either way it must not carry the next request."""
+    fileno = getattr(stream, "fileno", None)
+    sock = getattr(stream, "socket", None)
+    fd = fileno() if fileno is not None else (sock.fileno() if sock is not None else -1)
+    if fd < 0:
+        return True
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLPRI)
+    return bool(poller.poll(0))
 
 
 def _short(exc: BaseException) -> str:

@@ -1,0 +1,221 @@
+"""Helpers for the hostile suite: scripted raw upstreams, a recording upstream, raw TLS clients.
+
+Every upstream here is a real listening socket on 127.0.0.1 served by a thread; every wait is
+bounded. ``ScriptedUpstream`` runs a behaviour function per accepted connection, so a test can
+make the "app" misbehave in exactly one way (reset mid-body, answer twice, stall, ...) and record
+what it received.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import ssl
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import h11
+
+from tests.support import PKI, client_context
+
+
+def status_of(data: bytes) -> int:
+    return int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.1 ") else 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------- upstreams
+
+@dataclass
+class Conn:
+    """One accepted upstream connection, for a behaviour function."""
+
+    sock: socket.socket
+    index: int                                   # 0 for the first connection the upstream accepted
+    received: bytearray = field(default_factory=bytearray)
+
+    def read_request(self, timeout: float = 10) -> h11.Request | None:
+        """Read one request head (and its body, if any, by Content-Length/chunked) with h11."""
+        parser = h11.Connection(h11.SERVER)
+        if self.received:
+            parser.receive_data(bytes(self.received))
+            self.received.clear()
+        req = None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            event = parser.next_event()
+            if event is h11.NEED_DATA:
+                self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+                try:
+                    data = self.sock.recv(65536)
+                except OSError:
+                    return req
+                parser.receive_data(data)
+                if not data:
+                    return req
+                continue
+            if isinstance(event, h11.Request):
+                req = event
+            elif isinstance(event, h11.EndOfMessage):
+                self.received.extend(parser.trailing_data[0])
+                return req
+            elif isinstance(event, h11.ConnectionClosed):
+                return req
+        return req
+
+    def reset(self) -> None:
+        """Close with RST (SO_LINGER 0) instead of FIN."""
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.sock.close()
+
+
+Behaviour = Callable[[Conn], None]
+
+
+class ScriptedUpstream:
+    """A TCP server that runs ``behaviour(conn)`` for every connection; records request targets."""
+
+    def __init__(self, behaviour: Behaviour, port: int = 0) -> None:
+        self.behaviour = behaviour
+        self.requests: list[bytes] = []          # targets of every request a behaviour read
+        self.connections = 0
+        self._srv = socket.socket()
+        self._srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._srv.bind(("127.0.0.1", port))
+        self._srv.listen(128)
+        self._srv.settimeout(0.1)
+        self.port = self._srv.getsockname()[1]
+        self._stop = threading.Event()
+        self._socks: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                sock, _ = self._srv.accept()
+            except (TimeoutError, OSError):
+                continue
+            conn = Conn(sock, self.connections)
+            self.connections += 1
+            self._socks.append(sock)
+            threading.Thread(target=self._run, args=(conn,), daemon=True).start()
+
+    def _run(self, conn: Conn) -> None:
+        orig = conn.read_request
+
+        def recording(timeout: float = 10) -> h11.Request | None:
+            req = orig(timeout)
+            if req is not None:
+                self.requests.append(req.target)
+            return req
+
+        conn.read_request = recording   # type: ignore[method-assign]
+        try:
+            self.behaviour(conn)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                conn.sock.close()
+
+    def start(self) -> ScriptedUpstream:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop accepting and close every connection (a restarted app loses them all)."""
+        self._stop.set()
+        self._thread.join(5)
+        self._srv.close()
+        for s in self._socks:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                s.close()
+
+
+@contextlib.contextmanager
+def scripted_upstream(behaviour: Behaviour, port: int = 0) -> Iterator[ScriptedUpstream]:
+    up = ScriptedUpstream(behaviour, port).start()
+    try:
+        yield up
+    finally:
+        up.stop()
+
+
+def ok_response(body: bytes = b"ok", extra: bytes = b"") -> bytes:
+    return (b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n" % len(body)) + extra + b"\r\n" + body
+
+
+def keepalive_ok(conn: Conn) -> None:
+    """A well-behaved keep-alive app: answers every request with its target as the body."""
+    while True:
+        req = conn.read_request()
+        if req is None:
+            return
+        conn.sock.sendall(ok_response(req.target))
+
+
+# ---------------------------------------------------------------------------- raw TLS clients
+
+def tls_socket(port: int, pki: PKI, timeout: float = 10) -> ssl.SSLSocket:
+    ctx = client_context(pki)
+    raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    return ctx.wrap_socket(raw, server_hostname="localhost")
+
+
+def read_all(sock: socket.socket, timeout: float = 10, limit: int = 64 << 20) -> tuple[bytes, str]:
+    """Read until EOF; returns (data, how) where how is "eof", "reset" or "timeout"."""
+    chunks: list[bytes] = []
+    total = 0
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and total < limit:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            continue
+        except (ssl.SSLError, ConnectionError, OSError):
+            return b"".join(chunks), "reset"
+        if not chunk:
+            return b"".join(chunks), "eof"
+        chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks), "timeout"
+
+
+def parse_responses(data: bytes) -> list[tuple[int, bytes]]:
+    """Split a byte stream of responses (to GET requests) into (status, body) pairs with h11."""
+    c = h11.Connection(h11.CLIENT)
+    out: list[tuple[int, bytes]] = []
+    c.receive_data(data)
+    c.receive_data(b"")
+    status, body = 0, bytearray()
+    while True:
+        if c.our_state is h11.IDLE:
+            c.send(h11.Request(method="GET", target="/", headers=[("Host", "x")]))
+            c.send(h11.EndOfMessage())
+        try:
+            event = c.next_event()
+        except h11.RemoteProtocolError:
+            return out
+        if isinstance(event, h11.Response):
+            status, body = event.status_code, bytearray()
+        elif isinstance(event, h11.Data):
+            body += event.data
+        elif isinstance(event, h11.EndOfMessage):
+            out.append((status, bytes(body)))
+            if c.our_state is h11.DONE and c.their_state is h11.DONE:
+                c.start_next_cycle()
+            else:
+                return out
+        else:
+            return out
