@@ -197,6 +197,72 @@ async def connect_tcp(host: str, port: int, timeout_s: float) -> trio.SocketStre
         raise UpstreamError("connect", f"cannot connect to {peer}: {names or exc}") from None
 
 
+# ---------------------------------------------------------------------------- refusals after the handshake
+
+# TLS 1.3 lets a server refuse the client's certificate *after* the client finished its handshake:
+# the alert arrives on the first read or write of the request. Alerts worth naming:
+_PEER_ALERTS = {
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "it requires a client certificate",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "it rejected our client certificate (bad certificate)",
+    "TLSV1_ALERT_UNKNOWN_CA": "it does not trust the CA of our client certificate",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": "it says our client certificate expired",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "it rejected our client certificate",
+    "TLSV1_ALERT_ACCESS_DENIED": "it denied access to our client certificate's identity",
+}
+
+
+def alert_reason(exc: BaseException | None) -> str | None:
+    """Our words for a TLS alert the peer sent, when ``exc`` (or what caused it) carries one."""
+    while exc is not None:
+        name = getattr(exc, "reason", None)
+        if isinstance(name, str) and name in _PEER_ALERTS:
+            return _PEER_ALERTS[name]
+        exc = exc.__cause__
+    return None
+
+
+class PeerStream(TLSStream):
+    """A client TLS stream that names the peer's refusal when the first exchange fails on an alert
+    (instead of "EOF occurred in violation of protocol")."""
+
+    peer = ""
+    client_cert = False
+    _fresh = True
+
+    def _explain(self, exc: trio.BrokenResourceError) -> trio.BrokenResourceError:
+        reason = alert_reason(exc)
+        if reason is None:
+            try:    # a failed write: the alert may be waiting unread; read it without blocking
+                self.ssl_object.recv(1)
+            except ssl.SSLError as read_exc:
+                reason = alert_reason(read_exc)
+            except OSError:
+                pass
+        if reason is None:
+            return exc
+        hint = "" if self.client_cert else " (none is presented: set --outbound-cert-dir or cert_dir)"
+        return trio.BrokenResourceError(f"peer {self.peer} refused the connection after the handshake: "
+                                        f"{reason}{hint}")
+
+    async def send_all(self, data) -> None:
+        if not self._fresh:
+            return await super().send_all(data)
+        try:
+            await super().send_all(data)
+        except trio.BrokenResourceError as exc:
+            raise self._explain(exc) from None
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if not self._fresh:
+            return await super().receive_some(max_bytes)
+        try:
+            data = await super().receive_some(max_bytes)
+        except trio.BrokenResourceError as exc:
+            raise self._explain(exc) from None
+        self._fresh = False
+        return data
+
+
 # ---------------------------------------------------------------------------- the opener
 
 class PeerOpener:
@@ -215,7 +281,7 @@ class PeerOpener:
         self.handshake_timeout_s = handshake_timeout_s
         self.peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
-    async def __call__(self) -> TLSStream:
+    async def __call__(self) -> PeerStream:
         try:
             return await self._open()
         except UpstreamError as exc:
@@ -223,7 +289,7 @@ class PeerOpener:
             log.warning("peer connection failed", peer=self.peer, kind=exc.kind, reason=exc.reason)
             raise
 
-    async def _open(self) -> TLSStream:
+    async def _open(self) -> PeerStream:
         try:
             ctx = self.tls.current()
         except LookupError:   # never loaded: Outbound loads every source before it binds
@@ -231,10 +297,12 @@ class PeerOpener:
         tcp = await connect_tcp(self.host, self.port, self.connect_timeout_s)
         raw = stdlib_socket(tcp.socket)
         try:
-            stream = TLSStream(raw, ctx, server_side=False, server_hostname=self.server_name)
+            stream = PeerStream(raw, ctx, server_side=False, server_hostname=self.server_name)
         except (OSError, ValueError) as exc:
             raw.close()
             raise UpstreamError("tls", f"peer {self.peer}: cannot start TLS: {exc}") from None
+        stream.peer = self.peer
+        stream.client_cert = self.tls.client_bundle is not None
         try:
             with trio.fail_after(self.handshake_timeout_s):
                 await stream.do_handshake()
