@@ -225,6 +225,27 @@ def test_rotating_the_outbound_ca_file_is_picked_up(pki, tmp_path):
             assert get(port, "/still")[0] == 200
 
 
+def test_rotating_the_client_certificate_is_picked_up(pki, app, tmp_path):
+    cdir = client_dir(pki, tmp_path, "app-a", "spiffe://cluster.local/ns/a/sa/old")
+    b_settings = settings_for(pki, app.port, client_ca=pki.ca_file, drain_delay_s=0.0)
+    with running_proxy(b_settings) as b:
+        a_settings = outbound_only(tmp_path, outbound=(f"127.0.0.1:0=https://localhost:{b.port}",),
+                                   outbound_cert_dir=cdir)     # cdir's ca.crt is the trust bundle
+        with running_proxy(a_settings) as a:
+            port = a.app.bound.extra["outbound/0"].port
+
+            def identity() -> str:
+                status, body, _ = get(port)
+                assert status == 200, body
+                return json.loads(body)["headers"]["X-Forwarded-Client-Cert"]
+
+            assert "URI=spiffe://cluster.local/ns/a/sa/old" in identity()
+            new = pki.issue("app-a", uris=("spiffe://cluster.local/ns/a/sa/new",), server=False, client=True)
+            pki.write_pair(cdir, new)
+            assert wait_for(lambda: "URI=spiffe://cluster.local/ns/a/sa/new" in identity(), timeout=10,
+                            interval=0.3)
+
+
 # ---------------------------------------------------------------------------- configuration errors
 
 def test_bad_outbound_settings_are_one_line_errors(tmp_path):

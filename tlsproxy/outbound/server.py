@@ -105,8 +105,10 @@ class Outbound:
                     tls.reloader, tls.watch_paths, interval_s=s.reload_check_interval_s,
                     task_status=task_status))
         for i, r in enumerate(self.routes):
-            pool = Pool(self._opener(r.host, r.port, self.tls_for(r.ca, r.cert_dir), r.server_name, r.pin))
+            tls = self.tls_for(r.ca, r.cert_dir)
+            pool = Pool(self._opener(r.host, r.port, tls, r.server_name, r.pin))
             self._pools.append(pool)
+            _flush_on_reload(tls, pool.close_idle)
             route = Route(name=r.label, pool=pool, limits=self.limits, host_override=r.authority.encode(),
                           access_log=s.access_log, upstream_label=f"https://{r.authority}")
             handler = PlainHandler(route.name, Forwarder(route, self.metrics, self.drain), self.metrics)
@@ -118,6 +120,7 @@ class Outbound:
         if self.proxy_addr is not None:
             tls = self.tls_for(None, None)
             self._peer_pools = PeerPools(lambda host, port: self._opener(host, port, tls))
+            _flush_on_reload(tls, self._peer_pools.close_idle)
             proxy = ForwardProxy(self.allow, self._peer_pools, self.limits, self.metrics, self.drain,
                                  access_log=s.access_log, connect_timeout_s=s.upstream_connect_timeout_s)
             bound[PROXY_LISTENER] = await accepting.start(
@@ -134,6 +137,13 @@ class Outbound:
 
     async def readiness(self) -> str | None:
         return None if self.started else "outbound listeners not bound yet"
+
+
+def _flush_on_reload(tls: ClientTLS, close_idle: Callable[[], None]) -> None:
+    """After a reload, idle pooled connections are closed so that the next requests handshake with
+    the new material (a rotated client certificate is presented at once, not after the idle
+    timeout). Requests in flight finish on the connection they have."""
+    tls.store.subscribe(lambda old, new: close_idle() if old is not None else None)
 
 
 async def serve_plain(name: str, addr: HostPort, handler: Callable, handlers: trio.Nursery,
