@@ -1,0 +1,392 @@
+"""tlsproxy against nginx, side by side, in one run: ``python -m bench.run [--smoke]`` (``make bench``).
+
+What runs where (2 CPUs): the proxies under test (tlsproxy and nginx, one worker each) are pinned
+to CPU 0; the upstream nginx and every load generator to CPU 1. Each figure is measured for
+tlsproxy then nginx, back to back, ``--runs`` times (3; 1 with ``--smoke``); the table shows
+medians. Everything listens on 127.0.0.1 on free ports; every process is ours and is stopped by
+PID at the end; every step has a timeout and the whole run a deadline (``--max-seconds``).
+See docs/performance.md for the figures, the like-for-like rules and how to read the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from tlsproxy.certs import generate
+from tlsproxy.config import Settings
+
+from . import load, nginx, procs
+from .report import Results, entry, text_table
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "performance.md"
+SERVERS = ("tlsproxy", "nginx")
+
+
+@dataclass(frozen=True)
+class Plan:
+    runs: int = 3
+    duration_s: float = 10.0          # each wrk / h2load measurement
+    idle_connections: int = 2000
+    fixed_rate: int = 1000
+    fixed_clients: int = 10
+    max_seconds: float = 1800.0
+
+
+SMOKE = Plan(runs=1, duration_s=1.0, idle_connections=50, fixed_rate=200, fixed_clients=4, max_seconds=55.0)
+
+
+class Deadline(Exception):
+    pass
+
+
+@dataclass
+class Ports:
+    upstream: int
+    peer: int
+    tp: int
+    tp_admin: int
+    tp_resume: int
+    tp_resume_admin: int
+    tp_log: int
+    tp_log_admin: int
+    tp2: int
+    tp2_admin: int
+    ng: int
+    ng_resume: int
+    ng2: int
+    ng2_resume: int
+    tp_out_listen: int
+    tp_out_admin: int
+    tp_out: int
+    ng_out: int
+
+    @classmethod
+    def pick(cls) -> Ports:
+        seen: set[int] = set()
+        values = []
+        for _ in dataclasses.fields(cls):
+            p = procs.free_port()
+            while p in seen:
+                p = procs.free_port()
+            seen.add(p)
+            values.append(p)
+        return cls(*values)
+
+
+class Bench:
+    def __init__(self, plan: Plan, work: Path) -> None:
+        self.plan = plan
+        self.work = work
+        self.p = procs.Procs(work)
+        self.ports = Ports.pick()
+        self.results = Results()
+        self.notes: list[str] = []
+        self.facts: list[str] = []
+        self.env = load.client_env(load.openssl_conf(work / "client-openssl.cnf"))
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        w = self.work
+        ca = generate.make_ca("bench CA")                   # ECDSA P-256 (generate's default)
+        leaf = generate.issue(ca, "localhost", dns=("localhost",), ips=("127.0.0.1",))
+        self.ca, self.cert, self.key = w / "ca.pem", w / "cert.pem", w / "key.pem"
+        self.ca.write_bytes(ca.cert_pem)
+        self.cert.write_bytes(leaf.cert_pem)
+        self.key.write_bytes(leaf.key_pem)
+        nginx.write_site(w)
+        pt = self.ports
+        self._nginx("upstream", nginx.upstream_conf(w, pt.upstream, pt.peer, self.cert, self.key),
+                    procs.CPU_LOAD, [pt.upstream, pt.peer])
+        self._nginx("proxy", nginx.proxy_conf(w, port=pt.ng, resume_port=pt.ng_resume,
+                                              upstream_port=pt.upstream, cert=self.cert, key=self.key),
+                    procs.CPU_PROXY, [pt.ng, pt.ng_resume])
+        self._nginx("proxy2", nginx.proxy_conf(w, port=pt.ng2, resume_port=pt.ng2_resume,
+                                               upstream_port=pt.upstream, cert=self.cert, key=self.key,
+                                               workers=2, name="proxy2"), None, [pt.ng2])
+        self._tlsproxy("tp", pt.tp, pt.tp_admin, procs.CPU_PROXY, "--tls-session-tickets", "0")
+        self._tlsproxy("tp_resume", pt.tp_resume, pt.tp_resume_admin, procs.CPU_PROXY)
+        self._tlsproxy("tp_log", pt.tp_log, pt.tp_log_admin, procs.CPU_PROXY, "--access-log", "on",
+                       "--tls-session-tickets", "0")
+        self._tlsproxy("tp2", pt.tp2, pt.tp2_admin, None, "--tls-session-tickets", "0", "--workers", "2")
+        self._outbound_setup()
+        self._verify()
+
+    def _nginx(self, name: str, conf: str, cpu: str | None, ports: list[int]) -> None:
+        path = self.work / f"{name}.conf"
+        path.write_text(conf)
+        proc = self.p.start(name, ["nginx", "-p", str(self.work), "-e", str(self.work / f"{name}.error.log"),
+                                   "-c", str(path)], cpu=cpu)
+        for port in ports:
+            procs.wait_port(port, 20, proc)
+
+    def _tlsproxy(self, name: str, port: int, admin: int, cpu: str | None, *extra: str) -> None:
+        argv = [sys.executable, "-m", "tlsproxy", "serve", "--cert", str(self.cert), "--key", str(self.key),
+                "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}",
+                "--upstream", f"http://127.0.0.1:{self.ports.upstream}", "--access-log", "off",
+                "--log-format", "json", "--drain-delay", "0", "--drain-timeout", "2", *extra]
+        proc = self.p.start(name, argv, cpu=cpu)
+        procs.wait_port(port, 30, proc)
+
+    def _outbound_setup(self) -> None:
+        pt = self.ports
+        self.outbound = False
+        if "outbound" not in {f.name for f in dataclasses.fields(Settings)}:
+            self.results.missing["outbound"] = "n/a (outbound not built)"
+            return
+        argv = [sys.executable, "-m", "tlsproxy", "serve", "--cert", str(self.cert), "--key", str(self.key),
+                "--listen", f"127.0.0.1:{pt.tp_out_listen}", "--admin", f"127.0.0.1:{pt.tp_out_admin}",
+                "--upstream", f"http://127.0.0.1:{pt.upstream}", "--access-log", "off",
+                "--log-format", "json", "--drain-delay", "0", "--drain-timeout", "2",
+                "--outbound", f"127.0.0.1:{pt.tp_out}=https://127.0.0.1:{pt.peer}",
+                "--outbound-ca", str(self.ca)]
+        proc = self.p.start("tp_out", argv, cpu=procs.CPU_PROXY)
+        try:
+            procs.wait_port(pt.tp_out, 10, proc)
+        except RuntimeError as exc:
+            self.results.missing["outbound"] = "n/a (outbound not built)"
+            self.notes.append(f"(e) tlsproxy --outbound did not come up: {exc}")
+            self.p.stop("tp_out")
+            return
+        self._nginx("outbound", nginx.outbound_conf(self.work, port=pt.ng_out, peer_port=pt.peer, ca=self.ca),
+                    procs.CPU_PROXY, [pt.ng_out])
+        self.outbound = True
+
+    def _verify(self) -> None:
+        """Resumption really off where it must be (and on where it must be), and what was negotiated."""
+        pt = self.ports
+        checks = {"tlsproxy": (pt.tp, pt.tp_resume), "nginx": (pt.ng, pt.ng_resume)}
+        for server, (off, on) in checks.items():
+            rc_off, rc_on = (load.reconnect_check(p, self.ca, self.env) for p in (off, on))
+            rs_off, rs_on = (load.resumption_check(p, self.ca, self.env, self.work) for p in (off, on))
+            self.facts.append(
+                f"{server}: resumption-off port: `s_client -reconnect` {rc_off[0]} new / {rc_off[1]} reused, "
+                f"`s_client -sess_out`/`-sess_in` {rs_off[0]} new / {rs_off[1]} reused; resumption-on port: "
+                f"`-reconnect` {rc_on[0]} new / {rc_on[1]} reused, `-sess_in` {rs_on[0]} new / {rs_on[1]} "
+                f"reused; negotiated {load.negotiated(off, self.ca, self.env)}")
+            if rc_off[1] or rs_off[1]:
+                raise RuntimeError(f"{server} resumed sessions with resumption off: "
+                                   "(b) would measure resumptions")
+            if not rs_on[1]:
+                self.notes.append(f"{server}: no resumption seen on the resumption-on port either: "
+                                  "the check may be blind")
+
+    # ------------------------------------------------------------------ figures
+    def url(self, port: int, path: str = "/small", scheme: str = "https") -> str:
+        return f"{scheme}://127.0.0.1:{port}{path}"
+
+    def measure(self) -> None:
+        plan, pt, d = self.plan, self.ports, self.plan.duration_s
+        for run in range(plan.runs):
+            self._progress(f"run {run + 1}/{plan.runs}")
+            for server, port in (("tlsproxy", pt.tp), ("nginx", pt.ng)):
+                r = load.wrk(self.url(port), connections=50, duration_s=d, env=self.env)
+                self._add("ka_rps", server, r.rps, r.errors)
+                self.results.add("ka_p50", server, r.p50_ms or 0.0)
+                self.results.add("ka_p99", server, r.p99_ms or 0.0)
+                if server == "tlsproxy":
+                    r = load.wrk(self.url(pt.tp_log), connections=50, duration_s=d, env=self.env)
+                    self._add("ka_rps_log", server, r.rps, r.errors)
+                    self.results.add("w1_rps", server, self.results.samples[("ka_rps", server)][-1])
+                else:
+                    self.results.add("w1_rps", server, self.results.samples[("ka_rps", server)][-1])
+            self._progress("handshakes")
+            for server, port, resume in (("tlsproxy", pt.tp, pt.tp_resume), ("nginx", pt.ng, pt.ng_resume)):
+                r = load.wrk(self.url(port), connections=50, duration_s=d, env=self.env, close=True)
+                self._add("hs", server, r.rps, r.errors)
+                r = load.wrk(self.url(resume), connections=50, duration_s=d, env=self.env, close=True)
+                self._add("resumed", server, r.rps, r.errors)
+            self._progress("bulk")
+            for server, port in (("tlsproxy", pt.tp), ("nginx", pt.ng)):
+                mib_s = load.curl_download_mib_s(self.url(port, "/64m"), self.ca, self.env)
+                self.results.add("dl64", server, mib_s)
+                r = load.wrk(self.url(port, "/1m"), connections=8, duration_s=d, env=self.env)
+                self._add("ka1m", server, r.mib_s, r.errors)
+            self._progress("idle connections")
+            for server in SERVERS:
+                self.results.add("idle_rss", server, self._idle_rss(server))
+            if self.outbound:
+                self._progress("outbound")
+                for server, port in (("tlsproxy", pt.tp_out), ("nginx", pt.ng_out)):
+                    r = load.wrk(self.url(port, scheme="http"), connections=50, duration_s=d, env=self.env)
+                    self._add("outbound", server, r.rps, r.errors)
+            self._progress("2 workers")
+            for server, port in (("tlsproxy", pt.tp2), ("nginx", pt.ng2)):
+                r = load.wrk(self.url(port), connections=50, duration_s=d, env=self.env)
+                self._add("w2_rps", server, r.rps, r.errors)
+                self.results.add("w2_gain", server, r.rps / self.results.samples[("w1_rps", server)][-1])
+            self._progress("fixed rate")
+            for server, port in (("tlsproxy", pt.tp), ("nginx", pt.ng)):
+                rr = load.h2load_fixed_rate(self.url(port), rate=plan.fixed_rate, clients=plan.fixed_clients,
+                                            duration_s=max(d, 1.0), env=self.env,
+                                            log_file=self.work / "h2load.log")
+                self.results.add("fixed_p99", server, rr.p99_ms)
+                self.results.add("fixed_p50", server, rr.p50_ms)
+                if rr.failed:
+                    self.notes.append(f"(g) {server}: {rr.failed} failed requests")
+                if rr.achieved_rps < 0.9 * plan.fixed_rate:
+                    self.notes.append(f"(g) {server}: achieved only {rr.achieved_rps:.0f} req/s")
+        self._check_no_resumption()
+
+    def _add(self, key: str, server: str, value: float, errors: int) -> None:
+        self.results.add(key, server, value)
+        if errors:
+            self.notes.append(f"{key} {server}: wrk reported {errors} errors/non-2xx in one run")
+
+    def _idle_rss(self, server: str) -> float:
+        n = self.plan.idle_connections
+        if server == "tlsproxy":
+            pid, port = self.p.running["tp"].pid, self.ports.tp
+        else:
+            workers = procs.children(self.p.running["proxy"].pid)
+            if len(workers) != 1:
+                raise RuntimeError(f"expected one nginx worker, found {workers}")
+            pid, port = workers[0], self.ports.ng
+        time.sleep(0.5)
+        before = procs.rss_kib(pid)
+        argv = [sys.executable, "-m", "bench.idle", str(port), str(n), str(self.ca)]
+        client = subprocess.Popen(procs.pinned(procs.CPU_LOAD, argv),
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=self.env,
+                                  cwd=ROOT)
+        try:
+            line = _readline(client, 120)
+            m = re.match(r"holding (\d+) failed (\d+)", line)
+            if not m:
+                raise RuntimeError(f"idle client said {line!r}")
+            held = int(m.group(1))
+            if held < 0.98 * n:
+                self.notes.append(f"(d) {server}: only {held}/{n} idle connections were established")
+            time.sleep(1.0)          # let the server finish the handshakes it is still reading
+            after = procs.rss_kib(pid)
+        finally:
+            client.stdin.close()
+            try:
+                client.wait(30)
+            except subprocess.TimeoutExpired:
+                client.kill()
+                client.wait(5)
+        return (after - before) / max(held, 1)
+
+    def _check_no_resumption(self) -> None:
+        """tlsproxy's own count: no resumed handshake on the tickets-0 instance, some on the other."""
+        for admin, want in ((self.ports.tp_admin, False), (self.ports.tp_resume_admin, True)):
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5) as r:
+                text = r.read().decode()
+            yes = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                      if line.startswith("tlsproxy_handshakes_total{") and 'resumed="yes"' in line)
+            no = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                     if line.startswith("tlsproxy_handshakes_total{") and 'resumed="no"' in line)
+            self.facts.append(f"tlsproxy {'resumption-on' if want else 'resumption-off'} instance counted "
+                              f"{no:.0f} full and {yes:.0f} resumed handshakes")
+            if not want and yes:
+                raise RuntimeError("tlsproxy resumed handshakes with --tls-session-tickets 0")
+
+    def _progress(self, what: str) -> None:
+        print(f"bench: {what}", file=sys.stderr, flush=True)
+
+
+def _readline(p: subprocess.Popen, timeout_s: float) -> str:
+    import selectors
+
+    sel = selectors.DefaultSelector()
+    sel.register(p.stdout, selectors.EVENT_READ)
+    if not sel.select(timeout_s):
+        raise RuntimeError(f"no answer in {timeout_s:g}s")
+    return p.stdout.readline().strip()
+
+
+def _git_rev() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "tlsproxy"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return rev + (" + uncommitted changes in tlsproxy/" if dirty else "")
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+
+
+def _alarm(_signum, _frame) -> None:
+    raise Deadline("the benchmark ran past --max-seconds")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny durations, one run (CI); not recorded by default")
+    ap.add_argument("--runs", type=int, help="runs per figure (median reported)")
+    ap.add_argument("--duration", type=float, help="seconds per wrk/h2load measurement")
+    ap.add_argument("--record", action=argparse.BooleanOptionalAction, default=None,
+                    help="append the run to docs/performance.md (default: on, off with --smoke)")
+    ap.add_argument("--note", action="append", default=[], help="a note recorded with the run")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs)")
+    args = ap.parse_args(argv)
+    plan = SMOKE if args.smoke else Plan()
+    if args.runs:
+        plan = dataclasses.replace(plan, runs=args.runs)
+    if args.duration:
+        plan = dataclasses.replace(plan, duration_s=args.duration)
+    record = (not args.smoke) if args.record is None else args.record
+    missing = [t for t in ("nginx", "wrk", "h2load", "taskset", "openssl", "curl") if shutil.which(t) is None]
+    if missing:
+        print(f"bench: error: missing tools: {', '.join(missing)} (make bench installs them)",
+              file=sys.stderr)
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="tlsproxy-bench-"))
+    bench = Bench(plan, work)
+    started = dt.datetime.now(dt.UTC)
+    load_before = procs.loadavg()
+    signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(int(plan.max_seconds))
+    t0 = time.monotonic()
+    failed: str | None = None
+    try:
+        bench.setup()
+        bench.measure()
+    except (Deadline, RuntimeError, subprocess.TimeoutExpired, OSError, ValueError) as exc:
+        failed = f"{type(exc).__name__}: {exc}"
+    finally:
+        signal.alarm(0)
+        bench.p.stop_all()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    elapsed = time.monotonic() - t0
+    table = text_table(bench.results)
+    print(table)
+    for fact in bench.facts:
+        print("  " + fact)
+    for note in bench.notes:
+        print("  note: " + note)
+    if failed:
+        print(f"bench: error: {failed}" + (f" (work dir kept: {work})" if args.keep else ""), file=sys.stderr)
+        return 1
+    if record:
+        nginx_v = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip()
+        facts = [f"machine: {procs.machine()}",
+                 f"load average before / after: {load_before} / {procs.loadavg()}",
+                 f"tlsproxy {_git_rev()}; {nginx_v}; Python {sys.version.split()[0]}",
+                 f"{plan.runs} run(s) per figure (median shown), {plan.duration_s:g} s per load step, "
+                 f"{plan.idle_connections} idle connections, fixed rate {plan.fixed_rate} req/s; "
+                 f"whole run {elapsed:.0f} s",
+                 *bench.facts]
+        title = f"Run of {started:%Y-%m-%d %H:%M} UTC" + (" (smoke)" if args.smoke else "")
+        with DOC.open("a") as f:
+            f.write(entry(bench.results, title=title, facts=facts, notes=[*args.note, *bench.notes]))
+        print(f"bench: appended to {DOC.relative_to(ROOT)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
