@@ -14,7 +14,8 @@ Port 0 (tests): the parent reserves a port by *binding without listening* (with 
 socket that does not listen never receives connections, yet it keeps the port for the workers.
 
 What only worker 0 does: the admin listener (``--admin``: /healthz, /readyz, /metrics, /shutdown)
-and the plain-HTTP listener (``--http-listen``, usually redirects). The other workers put their
+and the plain-HTTP listener (``--http-listen``, usually redirects), and the outbound listeners
+(``--outbound``, ``--outbound-proxy``: fixed local ports). The other workers put their
 admin listener on an ephemeral loopback port and run no plain listener. So /metrics counts worker
 0's traffic only (about 1/N of it) — a documented limitation, see docs/performance.md.
 
@@ -80,7 +81,9 @@ def worker_settings(settings: Settings, index: int, listen: HostPort) -> Setting
     ``workers`` stays N, which makes the App bind with SO_REUSEPORT."""
     if index == 0:
         return settings.replace(listen=listen)
-    return settings.replace(listen=listen, admin=HostPort("127.0.0.1", 0), http_listen=None)
+    # Outbound listeners (plain, fixed local ports) run on worker 0 only, like the plain listener.
+    return settings.replace(listen=listen, admin=HostPort("127.0.0.1", 0), http_listen=None,
+                            outbound=(), outbound_routes=(), outbound_proxy=None)
 
 
 def _die_with_parent() -> None:

@@ -77,3 +77,21 @@ def test_walkthrough_with_real_processes(tmp_path):
     assert "outbound TLS loaded" in a_text
     assert f'"listener":"outbound:localhost:{b_port}"' in a_text       # the access-log line
     assert "Traceback" not in a_text + (tmp_path / "b.log").read_text()
+
+
+def test_outbound_with_workers_runs_on_worker_zero_only(pki, tmp_path):
+    from tests.outbound.peer import tls_peer
+
+    leaf = pki.issue("localhost", dns=("localhost",))
+    with tls_peer(tmp_path / "peer", leaf) as peer:
+        out_port, admin = free_port(), free_port()
+        args = ["serve", "--workers", "2", "--listen", "127.0.0.1:0", "--admin", f"127.0.0.1:{admin}",
+                "--state-dir", str(tmp_path / "state"), "--drain-delay", "0",
+                "--outbound", f"127.0.0.1:{out_port}=https://localhost:{peer.port}",
+                "--outbound-ca", str(pki.ca_file)]
+        with open(tmp_path / "a.log", "wb") as log, process(args, tmp_path, log) as proc:
+            assert wait_for(lambda: http_get(out_port, "/w")[0] == 200, timeout=20, interval=0.2), \
+                (tmp_path / "a.log").read_text()
+            for _ in range(5):
+                assert http_get(out_port, "/w")[0] == 200
+            assert proc.poll() is None, (tmp_path / "a.log").read_text()   # no worker died on a bind
