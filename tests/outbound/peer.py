@@ -85,3 +85,59 @@ def tls_peer(tmp: Path, issued: generate.Issued, *, client_ca: bytes | None = No
     finally:
         server.shutdown()
         server.server_close()
+
+
+@contextlib.contextmanager
+def upgrade_peer(tmp: Path, issued: generate.Issued) -> Iterator[TLSPeer]:
+    """A TLS peer that answers any request with ``101`` and then echoes bytes until EOF."""
+    import socket
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    chain = tmp / "upgrade-peer.pem"
+    chain.write_bytes(issued.cert_pem + issued.key_pem)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(chain))
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    peer = TLSPeer(listener.getsockname()[1])
+    stop = threading.Event()
+
+    def serve_one(raw: socket.socket) -> None:
+        raw.settimeout(10)
+        try:
+            with ctx.wrap_socket(raw, server_side=True) as s:
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    chunk = s.recv(4096)
+                    if not chunk:
+                        return
+                    head += chunk
+                peer.seen.append({"head": head.decode("latin-1")})
+                s.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n"
+                          + head.split(b"\r\n\r\n", 1)[1])
+                while True:
+                    data = s.recv(65536)
+                    if not data:
+                        return
+                    s.sendall(data)
+        except OSError:
+            pass
+
+    def accept_loop() -> None:
+        while not stop.is_set():
+            try:
+                raw, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=serve_one, args=(raw,), daemon=True).start()
+
+    t = threading.Thread(target=accept_loop, daemon=True)
+    t.start()
+    try:
+        yield peer
+    finally:
+        stop.set()
+        t.join(5)
+        listener.close()

@@ -11,6 +11,8 @@ import json
 import socket
 import time
 
+import pytest
+
 from tests.outbound.peer import tls_peer
 from tests.support import running_proxy, settings_for, wait_for
 from tlsproxy.certs import generate
@@ -117,6 +119,74 @@ def test_client_certificate_alpn_and_tls13_seen_by_peer(pki, tmp_path):
             assert info["alpn"] == "http/1.1"
             assert info["tls"] == "TLSv1.3"
             assert info["headers"]["Host"] == f"127.0.0.1:{peer.port}"
+
+
+def test_upgrade_is_relayed_through_the_same_engine(pki, tmp_path):
+    from tests.outbound.peer import upgrade_peer
+
+    leaf = pki.issue("localhost", dns=("localhost",))
+    with upgrade_peer(tmp_path / "peer", leaf) as peer:
+        a_settings = outbound_only(tmp_path, outbound_ca=pki.ca_file,
+                                   outbound=(f"127.0.0.1:0=https://localhost:{peer.port}",))
+        with running_proxy(a_settings) as a:
+            port = a.app.bound.extra["outbound/0"].port
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.sendall(b"GET /ws HTTP/1.1\r\nHost: app\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    chunk = s.recv(4096)
+                    assert chunk, head
+                    head += chunk
+                assert head.startswith(b"HTTP/1.1 101 "), head
+                for i in range(20):
+                    msg = f"ping {i} ".encode() * 100
+                    s.sendall(msg)
+                    got = b""
+                    while len(got) < len(msg):
+                        got += s.recv(65536)
+                    assert got == msg
+            assert f"Host: localhost:{peer.port}" in peer.seen[0]["head"]
+            assert "Upgrade: echo" in peer.seen[0]["head"]
+
+
+def test_yaml_config_file_with_routes(pki, tmp_path):
+    from tlsproxy.config import build_settings
+
+    leaf = pki.issue("localhost", dns=("localhost",), uris=("spiffe://cluster.local/ns/b/sa/b",))
+    with tls_peer(tmp_path / "peer", leaf) as peer:
+        config = tmp_path / "tlsproxy.yaml"
+        config.write_text(f"""
+outbound_ca: {pki.ca_file}
+outbound_routes:
+  - listen: 127.0.0.1:0
+    url: https://127.0.0.1:{peer.port}
+    server_name: localhost
+    allow_uri: [spiffe://cluster.local/ns/b/*]
+  - listen: 127.0.0.1:0
+    url: https://127.0.0.1:{peer.port}
+    server_name: localhost
+    allow_dns: [someone-else.svc]
+""")
+        settings = build_settings({"config": str(config)}, {})
+        a_settings = outbound_only(tmp_path, outbound_ca=settings.outbound_ca,
+                                   outbound_routes=settings.outbound_routes)
+        with running_proxy(a_settings) as a:
+            assert get(a.app.bound.extra["outbound/0"].port)[0] == 200
+            status, body, _ = get(a.app.bound.extra["outbound/1"].port)
+            assert status == 502 and b"identity not allowed" in body and b"dns=someone-else.svc" in body
+
+
+def test_drain_closes_outbound_listeners(pki, tmp_path):
+    leaf = pki.issue("localhost", dns=("localhost",))
+    with tls_peer(tmp_path / "peer", leaf) as peer:
+        a_settings = outbound_only(tmp_path, outbound_ca=pki.ca_file, outbound_proxy=HostPort("127.0.0.1", 0),
+                                   outbound=(f"127.0.0.1:0=https://localhost:{peer.port}",))
+        with running_proxy(a_settings) as a:
+            ports = [a.app.bound.extra["outbound/0"].port, a.app.bound.extra["outbound-proxy"].port]
+            assert get(ports[0])[0] == 200
+        for port in ports:
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(("127.0.0.1", port), timeout=5).close()
 
 
 # ---------------------------------------------------------------------------- failures, named
