@@ -283,3 +283,15 @@ def test_wait_for_cert_serves_once_the_secret_is_populated(pki, app, tmp_path):
     finally:
         proxy.stop()
     assert proxy.proc.returncode == 0
+
+
+def test_sigterm_while_waiting_for_cert_exits_0(tmp_path, app):
+    d = tmp_path / "vol"
+    d.mkdir()
+    proxy = Proxy(*_binary_args(app, "--cert-dir", str(d), "--wait-for-cert", "60s"))
+    try:
+        proxy.wait_event(lambda e: e.get("event") == "waiting for certificate")
+        proxy.proc.send_signal(signal.SIGTERM)
+        assert proxy.proc.wait(15) == 0
+    finally:
+        proxy.stop()

@@ -79,6 +79,7 @@ def _all_dirs(dirs: Sequence[Path]) -> bool:
 
 
 async def _events(dirs: Sequence[Path], call: Callable[[Trigger], Awaitable[None]], stop: trio.Event) -> None:
+    last_error = ""
     while not stop.is_set():
         if not _all_dirs(dirs):
             missing = [str(d) for d in dirs if not d.is_dir()]
@@ -98,8 +99,14 @@ async def _events(dirs: Sequence[Path], call: Callable[[Trigger], Awaitable[None
                     await call("files")
                 if not _all_dirs(dirs):
                     break       # a watched directory went away: back to polling
-        except (FileNotFoundError, OSError) as exc:
-            # The directory vanished between the check and the watch start (or the watch backend
-            # refused it): poll again shortly.
-            log.debug("certificate directory watch failed; polling", error=str(exc))
+        except Exception as exc:  # noqa: BLE001 - the watch must never take the proxy down
+            # The directory vanished between the check and the watch start, or the backend refused
+            # it (e.g. the inotify watch limit): say so once, keep the periodic re-check, retry.
+            text = f"{type(exc).__name__}: {exc}"
+            if text != last_error:
+                level = log.debug if isinstance(exc, FileNotFoundError) else log.warning
+                level("certificate directory watch failed; relying on re-checks", error=text,
+                      dirs=[str(d) for d in dirs])
+                last_error = text
             await trio.sleep(MISSING_POLL_S)
+            await call("poll")
