@@ -84,8 +84,8 @@ def test_allow_list_refuses_before_resolving_or_dialling(pki, tmp_path):
         out = raw(port, b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
         assert out.startswith(b"HTTP/1.1 400 "), out
         samples = a.app.metrics.registry.get_sample_value(
-            "tlsproxy_outbound_errors_total", {"peer": "nope.invalid:8443", "kind": "denied"})
-        assert samples == 1.0
+            "tlsproxy_outbound_errors_total", {"peer": "not-allowed", "kind": "denied"})
+        assert samples == 3.0     # two GETs and one CONNECT, under one label value
     listener.close()
 
 
