@@ -41,6 +41,8 @@ class Conn:
     sock: socket.socket
     index: int                                   # 0 for the first connection the upstream accepted
     received: bytearray = field(default_factory=bytearray)
+    sink: bytearray | None = None                # every byte read from the proxy, for assertions
+    body: bytes = b""                            # body of the last request read
 
     def read_request(self, timeout: float = 10) -> h11.Request | None:
         """Read one request head (and its body, if any, by Content-Length/chunked) with h11."""
@@ -49,6 +51,7 @@ class Conn:
             parser.receive_data(bytes(self.received))
             self.received.clear()
         req = None
+        body = bytearray()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             event = parser.next_event()
@@ -58,14 +61,19 @@ class Conn:
                     data = self.sock.recv(65536)
                 except OSError:
                     return req
+                if self.sink is not None:
+                    self.sink += data
                 parser.receive_data(data)
                 if not data:
                     return req
                 continue
             if isinstance(event, h11.Request):
                 req = event
+            elif isinstance(event, h11.Data):
+                body += event.data
             elif isinstance(event, h11.EndOfMessage):
                 self.received.extend(parser.trailing_data[0])
+                self.body = bytes(body)
                 return req
             elif isinstance(event, h11.ConnectionClosed):
                 return req
@@ -86,6 +94,8 @@ class ScriptedUpstream:
     def __init__(self, behaviour: Behaviour, port: int = 0) -> None:
         self.behaviour = behaviour
         self.requests: list[bytes] = []          # targets of every request a behaviour read
+        self.raw = bytearray()                   # every byte any connection received
+        self.seen: list[tuple[h11.Request, bytes]] = []   # complete requests read, with bodies
         self.connections = 0
         self._srv = socket.socket()
         self._srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -103,7 +113,7 @@ class ScriptedUpstream:
                 sock, _ = self._srv.accept()
             except (TimeoutError, OSError):
                 continue
-            conn = Conn(sock, self.connections)
+            conn = Conn(sock, self.connections, sink=self.raw)
             self.connections += 1
             self._socks.append(sock)
             threading.Thread(target=self._run, args=(conn,), daemon=True).start()
@@ -115,6 +125,7 @@ class ScriptedUpstream:
             req = orig(timeout)
             if req is not None:
                 self.requests.append(req.target)
+                self.seen.append((req, conn.body))
             return req
 
         conn.read_request = recording   # type: ignore[method-assign]

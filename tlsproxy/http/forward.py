@@ -133,6 +133,13 @@ class _Close(Exception):
         self.why = why
 
 
+def _chunked_reader(conn: h11.Connection):
+    """h11's reader of a chunked request body (its position tells a chunk-size line from data),
+    or None for other framings."""
+    reader = getattr(conn, "_reader", None)
+    return reader if hasattr(reader, "_bytes_in_chunk") and hasattr(reader, "_reading_trailer") else None
+
+
 def _unparsed(conn: h11.Connection) -> bytes | bytearray:
     buf = getattr(conn, "_receive_buffer", None)
     data = getattr(buf, "_data", None)
@@ -197,6 +204,9 @@ class Forwarder:
                 raise hdr.map_h11_error(exc.error_status_hint, str(exc), _unparsed(client)) from None
             if event is _NEED_DATA:
                 if started:
+                    bare_cr = hdr.check_bare_cr(_unparsed(client))
+                    if bare_cr is not None:
+                        raise bare_cr
                     with trio.move_on_at(head_deadline):
                         data = await _receive(stream)
                         if not data:
@@ -343,13 +353,22 @@ class Forwarder:
         sent_anything = False
         if client.their_state is h11.SEND_BODY:
             received = 0
+            wire = len(_unparsed(client))
             max_body = limits.max_body_bytes
+            chunked = _chunked_reader(client)
             while True:
                 try:
                     event = client.next_event()
                 except h11.RemoteProtocolError as exc:
                     raise HTTPError(400, f"bad request body: {exc}", kind="body_malformed") from None
                 if event is _NEED_DATA:
+                    if chunked is not None:
+                        problem = hdr.check_chunk_overhead(wire, received)
+                        if problem is None and chunked._bytes_in_chunk == 0 \
+                                and not chunked._bytes_to_discard and not chunked._reading_trailer:
+                            problem = hdr.check_chunk_line(_unparsed(client))
+                        if problem is not None:
+                            raise problem
                     if out:
                         await _upstream_send(up, out, sent_anything)
                         sent_anything = True
@@ -361,6 +380,7 @@ class Forwarder:
                         data = await _receive(stream)
                         if not data:
                             raise _Close("client closed during request body")
+                        wire += len(data)
                         client.receive_data(data)
                         continue
                     raise _Close("request body stalled")
@@ -504,7 +524,7 @@ class Forwarder:
             self._m_requests[_code_class(err.status)].inc()
             log.info("request refused", listener=self.route.name, client=facts.client, status=err.status,
                      reason=err.reason)
-        if err.status >= 500:
+        if err.status >= 500 and err.kind.startswith("upstream"):
             log.warning("upstream error", listener=self.route.name, client=facts.client, status=err.status,
                         reason=err.reason, upstream=self.route.upstream_label)
         try:

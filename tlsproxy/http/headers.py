@@ -27,6 +27,18 @@ CLIENT_CERT_HEADERS = frozenset({b"x-forwarded-client-cert", b"client-cert", b"c
 FORWARDED_HEADERS = frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-port"})
 
 _REQUEST_ID_RE = re.compile(rb"^[\x21-\x7e]{1,200}$")   # visible ASCII, bounded: safe to log and pass on
+# RFC 9112 §3.2 / RFC 3986 §3.2.2: Host = uri-host [ ":" port ]; a server MUST answer 400 to an
+# invalid one (it is what the app routes on, and what X-Forwarded-Host repeats).
+_HOST_RE = re.compile(rb"^(?:\[[0-9A-Fa-f:.]+\]|\[v[0-9A-Fa-f]+\.[A-Za-z0-9._~!$&'()*+,;=:-]+\]"
+                      rb"|[A-Za-z0-9._~!$&'()*+,;=%-]*)(?::[0-9]*)?$")
+_BARE_CR_RE = re.compile(rb"\r[^\n]")
+# Header fields per request: Apache's LimitRequestFields and Tomcat's maxHeaderCount are 100, and
+# Python's http.server (behind many sidecars) refuses more than 100 itself; we answer 431 first.
+MAX_HEADER_FIELDS = 100
+# Chunked framing bytes (sizes, extensions, CRLFs) allowed beyond the data they frame: chunk
+# extensions are discarded, so a body of 1-byte chunks with 30 KB extensions costs us CPU and
+# bandwidth for nothing (Go's net/http bounds the same overhead since CVE-2023-39326).
+MAX_CHUNK_OVERHEAD_BYTES = 64 * 1024
 
 STATUS_TEXT = {
     100: "Continue", 101: "Switching Protocols", 200: "OK", 301: "Moved Permanently",
@@ -83,6 +95,33 @@ def check_raw_head(head: bytes | bytearray) -> HTTPError | None:
     return None
 
 
+def check_bare_cr(buf: bytes | bytearray) -> HTTPError | None:
+    """A CR not followed by LF (RFC 9112 §2.2: invalid). Checked on a head still incomplete, so a
+    client ending lines with bare CRs is refused at once instead of waiting for the head timeout."""
+    if _BARE_CR_RE.search(buf):
+        return HTTPError(400, "bad request: bare CR (RFC 9112 section 2.2)", kind="bare_cr")
+    return None
+
+
+def check_chunk_line(buf: bytes | bytearray) -> HTTPError | None:
+    """``buf`` starts at a chunk-size line: its first LF must follow a CR (h11 would wait for a
+    CRLF that never comes, until the body timeout)."""
+    lf = buf.find(b"\n")
+    if lf >= 0 and (lf == 0 or buf[lf - 1] != 0x0D):
+        return HTTPError(400, "bad request: bare LF in chunked framing (RFC 9112 section 7.1)",
+                         kind="bare_lf")
+    return None
+
+
+def check_chunk_overhead(wire_bytes: int, data_bytes: int) -> HTTPError | None:
+    """Refuse a chunked body whose framing outweighs its data beyond ``MAX_CHUNK_OVERHEAD_BYTES``."""
+    overhead = wire_bytes - data_bytes
+    if overhead > MAX_CHUNK_OVERHEAD_BYTES and overhead > data_bytes:
+        return HTTPError(400, "bad request: chunked framing overhead too large (chunk extensions)",
+                         kind="chunk_overhead")
+    return None
+
+
 def check_head_size(buf: bytes | bytearray, end: int, max_head_bytes: int) -> HTTPError | None:
     """h11 bounds only *incomplete* heads; a complete one that arrived in one read is bounded here."""
     if end <= max_head_bytes:
@@ -101,20 +140,32 @@ def check_request(method: bytes, target: bytes, http_version: bytes, headers: It
                         "use HTTP/1.1", kind="version")
     has_cl = has_te = False
     hosts = 0
-    for name, _value in headers:
+    fields = 0
+    host = b""
+    for name, value in headers:
+        fields += 1
         if name == b"content-length":
             has_cl = True
         elif name == b"transfer-encoding":
             has_te = True
         elif name == b"host":
             hosts += 1
+            host = value
+    if fields > MAX_HEADER_FIELDS:
+        raise HTTPError(431, f"request has more than {MAX_HEADER_FIELDS} header fields",
+                        kind="too_many_headers")
     if has_cl and has_te:
         raise HTTPError(400, "bad request: both Content-Length and Transfer-Encoding "
                         "(RFC 9112 section 6.3)", kind="smuggling")
+    if has_te and http_version == b"1.0":
+        raise HTTPError(400, "bad request: Transfer-Encoding in an HTTP/1.0 request "
+                        "(RFC 9112 section 6.1)", kind="smuggling")
     if hosts > 1:
         raise HTTPError(400, "bad request: more than one Host header", kind="host")
     if http_version == b"1.1" and hosts == 0:
         raise HTTPError(400, "bad request: missing Host header", kind="host")
+    if not _HOST_RE.match(host):
+        raise HTTPError(400, "bad request: invalid Host header (RFC 9112 section 3.2)", kind="host")
     if method == b"CONNECT":
         raise HTTPError(405, "CONNECT is not supported on this listener", kind="method")
     if not (target.startswith(b"/") or target == b"*" or target.startswith((b"http://", b"https://"))):
@@ -223,6 +274,10 @@ def rewrite_request(full_items: list[Triple], facts: ForwardFacts, *, host_overr
         out.append(item)
     if host_override is not None:
         out.insert(0, (b"Host", b"host", host_override))
+    elif not any(item[1] == b"host" for item in out):
+        # an HTTP/1.0 client may omit Host; the upstream leg is HTTP/1.1, which needs one:
+        # empty, as RFC 9112 §3.2 says for a target without an authority
+        out.insert(0, (b"Host", b"host", b""))
     if upgrade is not None:
         out.append((b"Connection", b"connection", b"upgrade"))
         out.append((b"Upgrade", b"upgrade", upgrade))
