@@ -132,3 +132,27 @@ async def test_startup_failure_raises_and_is_recorded(tmp_path: Path) -> None:
     # a missing directory polled again is not re-reported
     assert (await reloader.reload("poll")).result == "refused_again"
     assert _count(metrics, "failure") == 1
+
+
+async def test_an_unexpected_build_error_is_a_refusal_not_a_crash(pki, tmp_path: Path) -> None:
+    d = tmp_path / "s"
+    _write(pki, d)
+    store, metrics = ContextStore(), Metrics()
+    src = CertSource(cert_dir=d)
+    broken = {"on": False}
+
+    def build(material: Material):
+        if broken["on"]:
+            raise RuntimeError("boom")
+        return _build(material)
+
+    reloader = Reloader(store, src.read, build, metrics, describe=str(d))
+    live = reloader.load_now()
+    broken["on"] = True
+    _write(pki, d)
+    outcome = await reloader.reload("files")
+    assert outcome.result == "failed" and "unexpected error" in outcome.error.reason
+    assert store.generation is live
+    assert (await reloader.reload("periodic")).result == "refused_again"   # same bytes: not retried
+    broken["on"] = False
+    assert (await reloader.reload("sighup", force=True)).result == "swapped"

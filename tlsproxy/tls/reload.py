@@ -72,6 +72,12 @@ class _Prepared:
     bundles: tuple[Bundle, ...]
 
 
+@dataclass(frozen=True)
+class _Refused:
+    error: CertError
+    digest: str | None        # None: nothing could be read (so nothing to compare next time)
+
+
 class Reloader:
     """Owns the "which material is live" state for one :class:`ContextStore`."""
 
@@ -89,10 +95,19 @@ class Reloader:
         self._lock = trio.Lock()
 
     # ------------------------------------------------------------------ the steps
-    def _prepare(self, force: bool) -> _Prepared | Outcome:
-        """Steps 1-3. Runs in a worker thread (or directly at startup). Raises CertError."""
-        material = self._read()
-        digest = material.digest
+    def _unexpected(self, exc: Exception) -> CertError:
+        # Whatever went wrong (a bug, an OpenSSL surprise) is a refusal too, never a crash.
+        return CertError(self.describe or "certificate", f"unexpected error: {exc!r}")
+
+    def _prepare(self, force: bool) -> _Prepared | _Refused | Outcome:
+        """Steps 1-3. Runs in a worker thread (or directly at startup). Never raises."""
+        try:
+            material = self._read()
+            digest = material.digest
+        except CertError as exc:
+            return _Refused(exc, None)
+        except Exception as exc:  # noqa: BLE001
+            return _Refused(self._unexpected(exc), None)
         if not force and digest == self.live_digest:
             return Outcome("unchanged", self.store.generation)
         if not force and digest == self._refused_digest:
@@ -100,8 +115,9 @@ class Reloader:
         try:
             context, bundles = self._build(material)
         except CertError as exc:
-            exc.digest = digest  # type: ignore[attr-defined]  # remembered by _failed
-            raise
+            return _Refused(exc, digest)
+        except Exception as exc:  # noqa: BLE001
+            return _Refused(self._unexpected(exc), digest)
         return _Prepared(digest, context, tuple(bundles))
 
     def _swap(self, prepared: _Prepared) -> Outcome:
@@ -113,13 +129,13 @@ class Reloader:
             self.metrics.reloads.labels(self.role, "success").inc()
         return Outcome("swapped", gen)
 
-    def _failed(self, exc: CertError, trigger: str, force: bool) -> Outcome:
+    def _failed(self, refused: _Refused, trigger: str, force: bool) -> Outcome:
+        exc = refused.error
         text = str(exc)
-        digest = getattr(exc, "digest", None)
-        self._refused_digest = digest
+        self._refused_digest = refused.digest
         # New bytes that fail are always reported; a read error (no bytes to compare) only when it
         # differs from the last one, so a missing file is not logged on every periodic check.
-        if not force and digest is None and text == self._last_error:
+        if not force and refused.digest is None and text == self._last_error:
             log.debug("certificate still unusable", trigger=trigger, file=exc.path, reason=exc.reason)
             return Outcome("refused_again", self.store.generation, exc)
         self._last_error = text
@@ -134,36 +150,27 @@ class Reloader:
                       file=exc.path, reason=exc.reason)
         return Outcome("failed", self.store.generation, exc)
 
+    def _finish(self, result: _Prepared | _Refused | Outcome, trigger: str, force: bool) -> Outcome:
+        if isinstance(result, _Refused):
+            return self._failed(result, trigger, force)
+        if isinstance(result, _Prepared):
+            return self._swap(result)
+        return result
+
     # ------------------------------------------------------------------ entry points
     def load_now(self) -> Generation:
         """Startup: read, validate, build and swap synchronously. Raises CertError (recorded)."""
-        try:
-            prepared = self._prepare(force=True)
-        except CertError as exc:
-            self._failed(exc, "startup", force=True)
-            raise
-        except Exception as exc:  # an unexpected failure is a refusal too, never a crash
-            err = CertError(self.describe or "certificate", f"unexpected error: {exc!r}")
-            self._failed(err, "startup", force=True)
-            raise err from None
-        assert isinstance(prepared, _Prepared)
-        outcome = self._swap(prepared)
+        outcome = self._finish(self._prepare(force=True), "startup", force=True)
+        if outcome.error is not None:
+            raise outcome.error
         assert outcome.generation is not None
         return outcome.generation
 
     async def reload(self, trigger: str, *, force: bool = False) -> Outcome:
         """One attempt (see the module docstring). Never raises for bad material."""
         async with self._lock:
-            try:
-                prepared = await trio.to_thread.run_sync(self._prepare, force)
-            except CertError as exc:
-                return self._failed(exc, trigger, force)
-            except Exception as exc:  # noqa: BLE001 - keep serving whatever went wrong
-                err = CertError(self.describe or "certificate", f"unexpected error: {exc!r}")
-                return self._failed(err, trigger, force)
-            if isinstance(prepared, Outcome):
-                return prepared
-            return self._swap(prepared)
+            result = await trio.to_thread.run_sync(self._prepare, force)
+            return self._finish(result, trigger, force)
 
 
 async def serve_reloads(reloader: Reloader, paths: Sequence[Path], *, interval_s: float,
