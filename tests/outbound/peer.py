@@ -52,7 +52,8 @@ def _handler(peer: TLSPeer):
 
 
 @contextlib.contextmanager
-def tls_peer(tmp: Path, issued: generate.Issued, *, client_ca: bytes | None = None) -> Iterator[TLSPeer]:
+def tls_peer(tmp: Path, issued: generate.Issued, *, client_ca: bytes | None = None,
+             max_version: ssl.TLSVersion | None = None) -> Iterator[TLSPeer]:
     """Serve HTTPS on 127.0.0.1 with ``issued`` (no validity check: expired certificates too)."""
     tmp.mkdir(parents=True, exist_ok=True)
     chain = tmp / "peer.pem"
@@ -60,6 +61,8 @@ def tls_peer(tmp: Path, issued: generate.Issued, *, client_ca: bytes | None = No
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(str(chain))
     ctx.set_alpn_protocols(["http/1.1"])
+    if max_version is not None:
+        ctx.maximum_version = max_version
     if client_ca is not None:
         ctx.verify_mode = ssl.CERT_REQUIRED
         ctx.load_verify_locations(cadata=client_ca.decode())

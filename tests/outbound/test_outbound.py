@@ -262,6 +262,24 @@ def test_unreachable_peer_is_502(pki, tmp_path):
         assert b"refused" in body
 
 
+def test_plain_http_peer_is_a_502_saying_so(pki, app, tmp_path):
+    a_settings = outbound_only(tmp_path, outbound_ca=pki.ca_file,
+                               outbound=(f"127.0.0.1:0=https://127.0.0.1:{app.port}",))
+    with running_proxy(a_settings) as a:
+        status, body, _ = get(a.app.bound.extra["outbound/0"].port)
+        assert status == 502
+        assert b"does not speak TLS on this port" in body, body
+
+
+def test_tls12_only_peer_is_refused(pki, tmp_path):
+    import ssl
+
+    leaf = pki.issue("localhost", dns=("localhost",))
+    with tls_peer(tmp_path / "peer", leaf, max_version=ssl.TLSVersion.TLSv1_2) as peer:
+        _fails_with(tmp_path, peer.port, reason="the peer does not offer TLS 1.3", kind="tls",
+                    ca_file=pki.ca_file, server_name="localhost")
+
+
 def test_slow_peer_is_504(pki, app, tmp_path):
     with running_proxy(settings_for(pki, app.port, drain_delay_s=0.0)) as b:
         a_settings = outbound_only(tmp_path, outbound_ca=pki.ca_file, upstream_response_timeout_s=0.5,

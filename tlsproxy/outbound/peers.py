@@ -177,6 +177,25 @@ def describe_verify_failure(code: int, message: str, peer: str, name: str, trust
     return kind, reason
 
 
+_HANDSHAKE_REASONS = {
+    "WRONG_VERSION_NUMBER": "the peer does not speak TLS on this port (plain HTTP?)",
+    "RECORD_LAYER_FAILURE": "the peer does not speak TLS on this port (plain HTTP?)",
+    "PACKET_LENGTH_TOO_LONG": "the peer does not speak TLS on this port (plain HTTP?)",
+    "TLSV1_ALERT_PROTOCOL_VERSION": "the peer does not offer TLS 1.3",
+    "UNSUPPORTED_PROTOCOL": "the peer does not offer TLS 1.3",
+    "NO_APPLICATION_PROTOCOL": "the peer does not accept ALPN http/1.1",
+    "TLSV1_ALERT_NO_APPLICATION_PROTOCOL": "the peer does not accept ALPN http/1.1",
+}
+
+
+def _handshake_reason(exc: ssl.SSLError) -> str:
+    reason = exc.reason or ""
+    for needle, text in _HANDSHAKE_REASONS.items():
+        if needle in reason:
+            return f"{text} [{reason}]"
+    return reason or str(exc)
+
+
 async def connect_tcp(host: str, port: int, timeout_s: float) -> trio.SocketStream:
     """A TCP stream to ``host:port``, or UpstreamError naming what went wrong."""
     peer = f"{host}:{port}"
@@ -319,7 +338,7 @@ class PeerOpener:
         except ssl.SSLError as exc:
             stream.close_now()
             raise UpstreamError("tls", f"peer {self.peer}: TLS handshake failed: "
-                                f"{exc.reason or exc}") from None
+                                f"{_handshake_reason(exc)}") from None
         except (trio.BrokenResourceError, OSError) as exc:
             stream.close_now()
             raise UpstreamError("tls", f"peer {self.peer}: connection lost during the TLS handshake "
