@@ -45,7 +45,8 @@ class Conn:
     body: bytes = b""                            # body of the last request read
 
     def read_request(self, timeout: float = 10) -> h11.Request | None:
-        """Read one request head (and its body, if any, by Content-Length/chunked) with h11."""
+        """Read one complete request (head and body) with h11; None when the connection ended
+        (or the timeout passed) before the request was complete."""
         parser = h11.Connection(h11.SERVER)
         if self.received:
             parser.receive_data(bytes(self.received))
@@ -60,12 +61,12 @@ class Conn:
                 try:
                     data = self.sock.recv(65536)
                 except OSError:
-                    return req
+                    return None
                 if self.sink is not None:
                     self.sink += data
                 parser.receive_data(data)
                 if not data:
-                    return req
+                    return None
                 continue
             if isinstance(event, h11.Request):
                 req = event
@@ -76,8 +77,8 @@ class Conn:
                 self.body = bytes(body)
                 return req
             elif isinstance(event, h11.ConnectionClosed):
-                return req
-        return req
+                return None
+        return None
 
     def reset(self) -> None:
         """Close with RST (SO_LINGER 0) instead of FIN."""

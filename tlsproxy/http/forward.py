@@ -363,7 +363,7 @@ class Forwarder:
                     raise HTTPError(400, f"bad request body: {exc}", kind="body_malformed") from None
                 if event is _NEED_DATA:
                     if chunked is not None:
-                        problem = hdr.check_chunk_overhead(wire, received)
+                        problem = hdr.check_chunk_overhead(wire - len(_unparsed(client)), received)
                         if problem is None and chunked._bytes_in_chunk == 0 \
                                 and not chunked._bytes_to_discard and not chunked._reading_trailer:
                             problem = hdr.check_chunk_line(_unparsed(client))
@@ -395,6 +395,10 @@ class Forwarder:
                         sent_anything = True
                         out = bytearray()
                 elif type(event) is _EndOfMessage:
+                    if chunked is not None:   # the whole body may have come in one read
+                        problem = hdr.check_chunk_overhead(wire - len(_unparsed(client)), received)
+                        if problem is not None:
+                            raise problem
                     out += up.h11.send(h11.EndOfMessage())
                     break
             entry.bytes_in = received

@@ -1,0 +1,154 @@
+"""Size and count limits: heads that never end, too many fields, chunk-extension floods, pipelines.
+
+(431/414 for a head that arrives in one read with a small --max-head-bytes and 413 for bodies are in
+tests/inbound/test_errors.py.) Here: the default limits, heads dribbled in pieces (h11's incomplete
+event bound rather than ours), a megabyte of head that never ends, and 10,000 pipelined requests.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import h11
+import pytest
+
+from tests.hostile.helpers import (
+    keepalive_ok,
+    parse_responses,
+    read_all,
+    scripted_upstream,
+    status_of,
+    tls_socket,
+)
+from tests.support import make_pki, running_proxy, settings_for
+
+
+@pytest.fixture(scope="module")
+def proxy_and_app(tmp_path_factory):
+    pki = make_pki(tmp_path_factory.mktemp("pki"))
+    with scripted_upstream(keepalive_ok) as up, running_proxy(settings_for(pki, up.port)) as proxy:
+        yield pki, proxy, up
+
+
+def _send_pieces(pki, port, pieces, timeout: float = 10) -> tuple[bytes, str]:
+    with tls_socket(port, pki, timeout) as s:
+        for piece in pieces:
+            try:
+                s.sendall(piece)
+            except OSError:
+                break                      # the proxy answered and closed: read what it said
+        return read_all(s, timeout)
+
+
+def _headers(n: int) -> bytes:
+    return b"".join(b"X-F%d: v\r\n" % i for i in range(n))
+
+
+def test_too_many_header_fields_gets_431(proxy_and_app):
+    pki, proxy, up = proxy_and_app
+    before = len(up.raw)
+    data, how = _send_pieces(pki, proxy.port, [b"GET / HTTP/1.1\r\nHost: a\r\n" + _headers(100) + b"\r\n"])
+    assert status_of(data) == 431 and how == "eof", data[:200]
+    assert len(up.raw) == before
+    # 99 fields + Host is the most we take
+    data, _ = _send_pieces(pki, proxy.port, [b"GET /ok HTTP/1.1\r\nHost: a\r\nConnection: close\r\n"
+                                             + _headers(98) + b"\r\n"])
+    assert parse_responses(data) == [(200, b"/ok")]
+
+
+def test_request_line_dribbled_past_the_limit_gets_414(proxy_and_app):
+    pki, proxy, up = proxy_and_app
+    before = len(up.raw)
+    pieces = [b"GET /"] + [b"a" * 8192] * 8
+    data, how = _send_pieces(pki, proxy.port, pieces)
+    assert status_of(data) == 414 and how == "eof", data[:200]
+    assert len(up.raw) == before
+
+
+def test_header_line_dribbled_past_the_limit_gets_431(proxy_and_app):
+    pki, proxy, up = proxy_and_app
+    before = len(up.raw)
+    pieces = [b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: "] + [b"v" * 8192] * 8
+    data, how = _send_pieces(pki, proxy.port, pieces)
+    assert status_of(data) == 431 and how == "eof", data[:200]
+    assert len(up.raw) == before
+
+
+def test_a_megabyte_of_head_that_never_ends_is_cut_early(proxy_and_app):
+    """The proxy answers 431 once it holds more than --max-head-bytes; it never buffers the MB."""
+    pki, proxy, up = proxy_and_app
+    before = len(up.raw)
+    pieces = [b"GET / HTTP/1.1\r\nHost: a\r\n"] + [b"X-Filler: " + b"f" * 1000 + b"\r\n"] * 1000
+    t0 = time.monotonic()
+    data, how = _send_pieces(pki, proxy.port, pieces)
+    assert status_of(data) == 431, data[:200]
+    assert time.monotonic() - t0 < 5
+    assert len(up.raw) == before
+
+
+def test_huge_chunk_extension_gets_400(proxy_and_app):
+    """One chunk-size line carrying 100 KB of extension: refused, the body never completes upstream."""
+    pki, proxy, up = proxy_and_app
+    n = len(up.seen)
+    head = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+    pieces = [head, b"5;ext=" + b"e" * 100_000 + b"\r\nhello\r\n0\r\n\r\n"]
+    data, how = _send_pieces(pki, proxy.port, pieces)
+    assert status_of(data) == 400 and how == "eof", data[:200]
+    assert len(up.seen) == n                   # no complete request reached the app
+
+
+def test_chunk_extension_flood_gets_400(proxy_and_app):
+    """Many 1-byte chunks each with a 4 KB extension (under the line limit): the framing
+    overhead bound refuses it; without it 400 KB of wire bytes would carry 100 bytes of data."""
+    pki, proxy, up = proxy_and_app
+    n = len(up.seen)
+    head = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+    chunk = b"1;" + b"e" * 4000 + b"\r\nx\r\n"
+    data, how = _send_pieces(pki, proxy.port, [head] + [chunk * 10] * 10 + [b"0\r\n\r\n"])
+    assert status_of(data) == 400 and b"overhead" in data, data[:300]
+    assert len(up.seen) == n
+    # ordinary extensions are fine
+    ok = head.replace(b"Host: a\r\n", b"Host: a\r\nConnection: close\r\n") + \
+        b"5;name=value\r\nhello\r\n" * 20 + b"0\r\n\r\n"
+    data, _ = _send_pieces(pki, proxy.port, [ok])
+    assert parse_responses(data) == [(200, b"/")]
+    assert up.seen[-1][1] == b"hello" * 20
+
+
+def test_ten_thousand_pipelined_requests_are_answered_in_order(proxy_and_app):
+    pki, proxy, up = proxy_and_app
+    count = 10_000
+    n = len(up.seen)
+    requests = b"".join(b"GET /r%d HTTP/1.1\r\nHost: a\r\n\r\n" % i for i in range(count - 1))
+    requests += b"GET /r%d HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n" % (count - 1)
+    s = tls_socket(proxy.port, pki, timeout=120)
+    sender = threading.Thread(target=s.sendall, args=(requests,), daemon=True)
+    sender.start()
+    parser = h11.Connection(h11.CLIENT)
+    got = 0
+    t0 = time.monotonic()
+    try:
+        while got < count and time.monotonic() - t0 < 120:
+            if parser.our_state is h11.IDLE:
+                parser.send(h11.Request(method="GET", target="/", headers=[("Host", "a")]))
+                parser.send(h11.EndOfMessage())
+            event = parser.next_event()
+            if event is h11.NEED_DATA:
+                parser.receive_data(s.recv(65536))
+            elif isinstance(event, h11.Response):
+                assert event.status_code == 200
+            elif isinstance(event, h11.Data):
+                assert event.data == b"/r%d" % got, (got, event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                got += 1
+                if got < count:
+                    parser.start_next_cycle()
+            elif isinstance(event, h11.ConnectionClosed):
+                break
+        assert got == count, f"answered {got} of {count}"
+        assert s.recv(10) == b""              # then a clean close (the last asked for it)
+    finally:
+        sender.join(10)
+        s.close()
+    assert [r.target for r, _ in up.seen[n:]] == [b"/r%d" % i for i in range(count)]
