@@ -116,8 +116,9 @@ class Outbound:
             bound[f"outbound/{i}"] = await accepting.start(
                 serve_plain, route.name, r.listen, handler, handlers, s.max_connections)
             log.info("outbound route", listen=str(bound[f"outbound/{i}"]), peer=r.authority,
-                     server_name=r.name_checked, trust=self.tls_for(r.ca, r.cert_dir).trust,
-                     client_cert=str(r.cert_dir or s.outbound_cert_dir or "-"), pin=r.pin.describe())
+                     server_name=r.name_checked, trust=tls.trust,
+                     client_cert=str(r.cert_dir or s.outbound_cert_dir or "-"),
+                     pin="-" if r.pin.empty else r.pin.describe())
         if self.proxy_addr is not None:
             tls = self.tls_for(None, None)
             self._peer_pools = PeerPools(lambda host, port: self._opener(host, port, tls))
