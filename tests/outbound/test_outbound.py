@@ -189,6 +189,27 @@ def test_drain_closes_outbound_listeners(pki, tmp_path):
                 socket.create_connection(("127.0.0.1", port), timeout=5).close()
 
 
+def test_tls_route_relays_bytes_unchanged(pki, tmp_path):
+    leaf = pki.issue("localhost", dns=("localhost",))
+    with tls_peer(tmp_path / "peer", leaf) as peer:
+        a_settings = outbound_only(tmp_path, outbound_ca=pki.ca_file,
+                                   outbound=(f"127.0.0.1:0=tls://localhost:{peer.port}",))
+        with running_proxy(a_settings) as a:
+            port = a.app.bound.extra["outbound/0"].port
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.sendall(b"GET /raw HTTP/1.1\r\nHost: original.local\r\nConnection: close\r\n\r\n")
+                data = b""
+                while chunk := s.recv(65536):
+                    data += chunk
+            head, _, body = data.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200"), data
+            info = json.loads(body)
+            assert info["path"] == "/raw"
+            assert info["headers"]["Host"] == "original.local"     # not rewritten: bytes as sent
+            assert "X-Forwarded-For" not in info["headers"]
+            assert info["alpn"] is None and info["tls"] == "TLSv1.3"
+
+
 # ---------------------------------------------------------------------------- failures, named
 
 def _fails_with(tmp_path, peer_port: int, *, reason: str, kind: str, **route_kw):
@@ -343,7 +364,7 @@ def test_bad_outbound_settings_are_one_line_errors(tmp_path):
 
     cases = [
         (["--outbound", "15001"], "expected LISTEN=URL"),
-        (["--outbound", "15001=http://peer:80"], "scheme must be https://"),
+        (["--outbound", "15001=http://peer:80"], "scheme must be https:// or tls://"),
         (["--outbound", "15001=https://peer:8443", "--outbound-ca", str(tmp_path / "nope.pem")],
          "CA bundle is missing"),
         (["--outbound-proxy", "15080", "--outbound-allow", "*"], "open proxy"),

@@ -19,6 +19,7 @@ from tlsproxy.outbound.peers import describe_verify_failure
     (":15001=https://peer.ns.svc:443/", HostPort("127.0.0.1", 15001), "peer.ns.svc", 443, "peer.ns.svc"),
     ("0.0.0.0:15001=https://10.0.0.1:8443", HostPort("0.0.0.0", 15001), "10.0.0.1", 8443, "10.0.0.1:8443"),
     ("[::1]:15001=https://[fd00::1]:8443", HostPort("::1", 15001), "fd00::1", 8443, "[fd00::1]:8443"),
+    ("15003=tls://db.ns.svc:5432", HostPort("127.0.0.1", 15003), "db.ns.svc", 5432, "db.ns.svc:5432"),
 ])
 def test_outbound_flag(raw, listen, host, port, authority):
     r = routes.parse_outbound_flag(raw)
@@ -30,7 +31,8 @@ def test_outbound_flag(raw, listen, host, port, authority):
     ("15001", "expected LISTEN=URL"),
     ("=https://p:1", "expected LISTEN=URL"),
     ("15001=", "expected LISTEN=URL"),
-    ("15001=http://p:80", "scheme must be https://"),
+    ("15001=http://p:80", "scheme must be https:// or tls://"),
+    ("15001=tls://p", "needs a port"),
     ("15001=https://p:1/path", "only scheme://host:port"),
     ("nope=https://p:1", "not HOST:PORT"),
     ("15001=https://:1", "has no host"),

@@ -37,7 +37,7 @@ from ..errors import CertError, UpstreamError
 from ..http.pool import Pool
 from ..log import get_logger
 from ..metrics import Metrics
-from ..tls.contexts import ClientTLSOptions, client_context
+from ..tls.contexts import ALPN_HTTP1, ClientTLSOptions, client_context
 from ..tls.identity import AllowRules, Identity
 from ..tls.listener import stdlib_socket
 from ..tls.reload import Reloader
@@ -74,9 +74,11 @@ class ClientTLS:
     The build-validate-swap and its rules (on failure the old context is kept, a failure is logged
     once) are ``tls/reload.py``'s; this class says how to read the files and build the context."""
 
-    def __init__(self, ca: Path | None, cert_dir: Path | None, metrics: Metrics | None = None) -> None:
+    def __init__(self, ca: Path | None, cert_dir: Path | None, metrics: Metrics | None = None, *,
+                 alpn: tuple[str, ...] = ALPN_HTTP1) -> None:
         self.ca = ca
         self.cert_dir = cert_dir
+        self.alpn = alpn
         self.store = ContextStore()
         self.reloader = Reloader(self.store, self._read, self._build, metrics, role="outbound",
                                  describe=self.describe())
@@ -141,7 +143,7 @@ class ClientTLS:
         if trust is not None:
             where = str(self.ca) if self.ca is not None else str(self.cert_dir / _bundle.CA_FILE)
             _bundle.parse_pem_certs(trust, where, "CA bundle")
-        ctx = client_context(ClientTLSOptions(ca_pem=trust, client_bundle=client))
+        ctx = client_context(ClientTLSOptions(ca_pem=trust, client_bundle=client, alpn=self.alpn))
         return ctx, [client] if client is not None else []
 
     def _on_swap(self, old: Generation | None, new: Generation) -> None:

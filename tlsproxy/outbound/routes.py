@@ -42,6 +42,7 @@ class OutboundRoute:
     ca: Path | None = None                     # None: --outbound-ca / cert_dir's ca.crt / system store
     cert_dir: Path | None = None               # None: --outbound-cert-dir (or no client certificate)
     pin: AllowRules = AllowRules()             # peer identity (URI / DNS SAN) required; empty: any
+    scheme: str = "https"                      # https: HTTP through the engine; tls: bytes relayed as-is
 
     @property
     def authority(self) -> str:
@@ -55,6 +56,11 @@ class OutboundRoute:
     @property
     def label(self) -> str:
         return f"outbound:{self.authority}"
+
+    @property
+    def alpn(self) -> tuple[str, ...]:
+        """ALPN offered: http/1.1 for HTTP routes, nothing for a byte relay (the protocol is unknown)."""
+        return ("http/1.1",) if self.scheme == "https" else ()
 
 
 def authority(host: str, port: int) -> str:
@@ -72,12 +78,13 @@ def local_listen(raw: Any, what: str) -> HostPort:
     return addr if addr.host else HostPort(LOOPBACK, addr.port)
 
 
-def _peer_url(raw: Any, what: str) -> tuple[str, int]:
+def _peer_url(raw: Any, what: str) -> tuple[str, str, int]:
+    """``https://HOST[:PORT]`` (HTTP, Host rewritten) or ``tls://HOST:PORT`` (TLS around a byte relay)."""
     try:
-        url = parse_url(raw, ("https",))
+        url = parse_url(raw, ("https", "tls"))
     except ValueError as exc:
         raise ConfigError(f"{what}: {exc}") from None
-    return url.host, url.port
+    return url.scheme, url.host, url.port
 
 
 def parse_outbound_flag(raw: str) -> OutboundRoute:
@@ -88,8 +95,8 @@ def parse_outbound_flag(raw: str) -> OutboundRoute:
         raise ConfigError(f"--outbound {raw!r}: expected LISTEN=URL, e.g. "
                           "127.0.0.1:15001=https://peer.ns.svc:8443")
     listen = local_listen(listen_text.strip(), f"--outbound {raw!r}")
-    host, port = _peer_url(url_text.strip(), f"--outbound {raw!r}")
-    return OutboundRoute(listen=listen, host=host, port=port)
+    scheme, host, port = _peer_url(url_text.strip(), f"--outbound {raw!r}")
+    return OutboundRoute(listen=listen, host=host, port=port, scheme=scheme)
 
 
 def parse_route_mapping(items: Mapping[str, Any] | Iterable[tuple[str, Any]], index: int) -> OutboundRoute:
@@ -103,7 +110,7 @@ def parse_route_mapping(items: Mapping[str, Any] | Iterable[tuple[str, Any]], in
         if not data.get(key):
             raise ConfigError(f"{what}: {key} is required")
     listen = local_listen(data["listen"], f"{what}: listen")
-    host, port = _peer_url(data["url"], f"{what}: url")
+    scheme, host, port = _peer_url(data["url"], f"{what}: url")
     server_name = _one(data, "server_name", what)
     if server_name is not None and not _valid_name(server_name):
         raise ConfigError(f"{what}: server_name {server_name!r} is not a DNS name or IP address")
@@ -114,7 +121,7 @@ def parse_route_mapping(items: Mapping[str, Any] | Iterable[tuple[str, Any]], in
     except ConfigError as exc:
         raise ConfigError(f"{what}: {exc}") from None
     return OutboundRoute(listen=listen, host=host, port=port, server_name=server_name, ca=ca,
-                         cert_dir=cert_dir, pin=pin)
+                         cert_dir=cert_dir, pin=pin, scheme=scheme)
 
 
 def _one(data: Mapping[str, Any], key: str, what: str) -> str | None:

@@ -62,13 +62,13 @@ class Outbound:
         self.allow = _routes.parse_allow(s.outbound_allow)
         self.proxy_addr = _routes.local_listen(str(s.outbound_proxy), "--outbound-proxy") \
             if s.outbound_proxy is not None else None
-        self._tls: dict[tuple[Path | None, Path | None], ClientTLS] = {}
+        self._tls: dict[tuple[Path | None, Path | None, tuple[str, ...]], ClientTLS] = {}
         self._pools: list[Pool] = []
         self._peer_pools: PeerPools | None = None
         self.started = False
         # Load every TLS source now: bad material stops the proxy at startup (CertError, exit 2).
         for r in self.routes:
-            self.tls_for(r.ca, r.cert_dir)
+            self.tls_for(r.ca, r.cert_dir, r.alpn)
         if self.proxy_addr is not None:
             self.tls_for(None, None)
 
@@ -76,12 +76,13 @@ class Outbound:
     def enabled(self) -> bool:
         return bool(self.routes) or self.proxy_addr is not None
 
-    def tls_for(self, ca: Path | None, cert_dir: Path | None) -> ClientTLS:
+    def tls_for(self, ca: Path | None, cert_dir: Path | None,
+                alpn: tuple[str, ...] = ("http/1.1",)) -> ClientTLS:
         """A route's own ``ca``/``cert_dir`` win; unset ones fall back to the global flags."""
-        key = (ca or self.settings.outbound_ca, cert_dir or self.settings.outbound_cert_dir)
+        key = (ca or self.settings.outbound_ca, cert_dir or self.settings.outbound_cert_dir, alpn)
         tls = self._tls.get(key)
         if tls is None:
-            tls = self._tls[key] = ClientTLS(*key, metrics=self.metrics)
+            tls = self._tls[key] = ClientTLS(key[0], key[1], self.metrics, alpn=alpn)
             tls.load()
         return tls
 
@@ -106,16 +107,21 @@ class Outbound:
                     tls.reloader, tls.watch_paths, interval_s=s.reload_check_interval_s,
                     task_status=task_status))
         for i, r in enumerate(self.routes):
-            tls = self.tls_for(r.ca, r.cert_dir)
-            pool = Pool(self._opener(r.host, r.port, tls, r.server_name, r.pin))
-            self._pools.append(pool)
-            _flush_on_reload(tls, pool.close_idle)
-            route = Route(name=r.label, pool=pool, limits=self.limits, host_override=r.authority.encode(),
-                          access_log=s.access_log, upstream_label=f"https://{r.authority}")
-            handler = PlainHandler(route.name, Forwarder(route, self.metrics, self.drain), self.metrics)
+            tls = self.tls_for(r.ca, r.cert_dir, r.alpn)
+            opener = self._opener(r.host, r.port, tls, r.server_name, r.pin)
+            if r.scheme == "tls":
+                handler: Callable = TLSRelayHandler(r.label, opener, self.metrics, self.limits, s.access_log)
+            else:
+                pool = Pool(opener)
+                self._pools.append(pool)
+                _flush_on_reload(tls, pool.close_idle)
+                route = Route(name=r.label, pool=pool, limits=self.limits,
+                              host_override=r.authority.encode(), access_log=s.access_log,
+                              upstream_label=f"https://{r.authority}")
+                handler = PlainHandler(route.name, Forwarder(route, self.metrics, self.drain), self.metrics)
             bound[f"outbound/{i}"] = await accepting.start(
-                serve_plain, route.name, r.listen, handler, handlers, s.max_connections)
-            log.info("outbound route", listen=str(bound[f"outbound/{i}"]), peer=r.authority,
+                serve_plain, r.label, r.listen, handler, handlers, s.max_connections)
+            log.info("outbound route", listen=str(bound[f"outbound/{i}"]), peer=f"{r.scheme}://{r.authority}",
                      server_name=r.name_checked, trust=tls.trust,
                      client_cert=str(r.cert_dir or s.outbound_cert_dir or "-"),
                      pin="-" if r.pin.empty else r.pin.describe())
@@ -182,6 +188,52 @@ class PlainHandler:
             await self.forwarder.serve(trio.SocketStream(sock), _facts(peer))
         finally:
             self._active.dec()
+
+
+class TLSRelayHandler:
+    """A ``tls://`` route: each accepted connection gets its own verified TLS connection to the peer,
+    and bytes are relayed both ways unchanged (no HTTP parsing; for databases, gRPC, anything)."""
+
+    def __init__(self, name: str, opener: PeerOpener, metrics: Metrics, limits: Limits,
+                 access_log: bool) -> None:
+        self.name = name
+        self.opener = opener
+        self.limits = limits
+        self.access_log = access_log
+        self._accepted = metrics.connections.labels(name, "tcp")
+        self._active = metrics.connections_active.labels(name, "tcp")
+        self._in = metrics.bytes_received.labels(name, "tcp")
+        self._out = metrics.bytes_sent.labels(name, "tcp")
+
+    async def __call__(self, sock: trio.socket.SocketType, peer) -> None:
+        self._accepted.inc()
+        self._active.inc()
+        t0 = time.perf_counter()
+        client = trio.SocketStream(sock)
+        facts = _facts(peer)
+        try:
+            try:
+                upstream = await self.opener()
+            except UpstreamError as exc:   # logged and counted by the opener; the client sees a close
+                self._log(facts.client, t0, 0, 0, f"peer failed: {exc.reason}")
+                return
+            try:
+                result = await relay(client, upstream, idle_timeout_s=None,
+                                     close_timeout_s=self.limits.upgrade_close_timeout_s)
+            finally:
+                upstream.close_now()
+            self._in.inc(result.a_to_b)
+            self._out.inc(result.b_to_a)
+            self._log(facts.client, t0, result.a_to_b, result.b_to_a, result.ended_by)
+        finally:
+            self._active.dec()
+            await trio.aclose_forcefully(client)
+
+    def _log(self, client: str, t0: float, bytes_in: int, bytes_out: int, note: str) -> None:
+        if self.access_log:
+            access.info("connection", listener=self.name, client=client, bytes_in=bytes_in,
+                        bytes_out=bytes_out, duration_ms=round((time.perf_counter() - t0) * 1000, 3),
+                        note=note)
 
 
 # ---------------------------------------------------------------------------- the forward proxy
