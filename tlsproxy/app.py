@@ -34,13 +34,14 @@ from .errors import CertError, ConfigError
 from .http.forward import Drain, Forwarder, Limits, Route
 from .http.pool import Pool
 from .inbound import mtls
+from .inbound import tcp as tcp_mode
 from .inbound import upstream as upstream_mod
 from .inbound.plain import PlainHandler, PlainListenerConfig, serve_plain
 from .inbound.server import ConnectionHandler, TLSListenerConfig, forwarder_serve, serve_tls
 from .log import get_logger
 from .metrics import Metrics
 from .outbound.server import Outbound
-from .tls.contexts import ServerTLSOptions, server_context
+from .tls.contexts import ALPN_HTTP1, ServerTLSOptions, server_context
 from .tls.reload import Reloader, serve_reloads
 from .tls.store import ContextStore, Generation
 
@@ -107,8 +108,10 @@ class App:
         """Context options; with mTLS on, the client CA comes from ``bundle`` (read with it)."""
         s = self.settings
         client_ca = mtls.client_ca_pem(self.mtls, bundle) if bundle is not None else None
+        # ALPN: HTTP mode always offers http/1.1 (never h2); tcp mode offers --alpn (default none).
+        alpn = s.alpn if s.protocol == "tcp" else ALPN_HTTP1
         return ServerTLSOptions(min_version=s.tls_min_version, session_tickets=s.tls_session_tickets,
-                                client_ca_pem=client_ca)
+                                client_ca_pem=client_ca, alpn=alpn)
 
     def build_generation(self, material: Material | None = None) -> tuple[object, list[Bundle]]:
         """Validate the material (certificate(s), key(s), client CA) and build a *new* context.
@@ -118,6 +121,8 @@ class App:
         CertError; changes nothing."""
         bundles = list((material if material is not None else self.source.read()).bundles())
         ctx = server_context(bundles, self.tls_options(bundles[0]))
+        if self.settings.protocol == "tcp" and self.settings.proxy_protocol != "off":
+            ctx.sni_callback = tcp_mode.remember_sni    # part of building: the SNI goes in the header
         return ctx, bundles
 
     def load_certificates(self) -> Generation:
@@ -250,8 +255,12 @@ class App:
         forwarder = Forwarder(route, self.metrics, self.drain)
         tls_cfg = TLSListenerConfig(name="inbound", addr=s.listen, handshake_timeout_s=s.handshake_timeout_s,
                                     max_connections=s.max_connections, reuse_port=s.workers > 1)
-        handler = ConnectionHandler(tls_cfg, self.store, self.metrics, forwarder_serve(forwarder),
-                                    peer_policy=mtls.make_policy(self.mtls))
+        if s.protocol == "tcp":     # the same listener; the handshaken stream goes to a byte relay
+            serve = tcp_mode.make_serve(tcp_mode.TCPConfig.from_settings(s), self.metrics)
+        else:
+            serve = forwarder_serve(forwarder)
+        handler = ConnectionHandler(tls_cfg, self.store, self.metrics, serve,
+                                    peer_policy=mtls.make_policy(self.mtls), protocol=s.protocol)
         plain = self._plain_listener(pool)
         self._log_summary()
         async with trio.open_nursery() as root:
@@ -336,6 +345,7 @@ class App:
     def _log_summary(self) -> None:
         s = self.settings
         log.info("starting", listen=str(s.listen), upstream=str(s.upstream), admin=str(s.admin),
+                 protocol=s.protocol, alpn=",".join(s.alpn) if s.protocol == "tcp" else "http/1.1",
                  certificates=self.source.describe(), tls_min_version=s.tls_min_version,
                  access_log=s.access_log, max_connections=s.max_connections,
                  http_listen=str(s.http_listen) if s.http_listen else "off",

@@ -220,6 +220,17 @@ def parse_upstream(raw: Any) -> Upstream:
     return parse_url(raw, ("http", "tcp"))
 
 
+def parse_alpn(raw: Any) -> tuple[str, ...]:
+    """``h2,http/1.1`` → ("h2", "http/1.1"): printable ASCII protocol IDs of 1-255 bytes (RFC 7301)."""
+    out = parse_csv(raw)
+    for proto in out:
+        if not 1 <= len(proto) <= 255 or not all(33 <= ord(c) <= 126 for c in proto):
+            raise ValueError(f"{proto!r} is not an ALPN protocol ID (e.g. h2, http/1.1)")
+    if len(set(out)) != len(out):
+        raise ValueError(f"{raw!r} names a protocol twice")
+    return out
+
+
 def parse_path(raw: Any) -> Path:
     text = str(raw).strip()
     if not text:
@@ -288,6 +299,9 @@ UPSTREAM_RESPONSE_TIMEOUT_S = 60.0           # nginx proxy_read_timeout 60 s
 DRAIN_TIMEOUT_S = 20.0                       # under Kubernetes' default 30 s grace period
 RELOAD_CHECK_INTERVAL_S = 60.0               # kubelet's own sync period; events normally arrive in < 1 s
 MAX_CONNECTIONS = 10_000                     # beyond it, accept() waits; the kernel backlog holds the rest
+TCP_IDLE_TIMEOUT_S = 3600.0                  # tcp mode: no byte either way this long (Envoy tcp_proxy 1 h;
+                                             # gRPC/xDS streams idle for minutes between pushes)
+TCP_CLOSE_TIMEOUT_S = 5.0                    # after one side ended, the other may finish (ghostunnel 1 s)
 
 
 @dataclass(frozen=True)
@@ -393,6 +407,22 @@ class Settings:
                              metavar="PORT", group="listeners")
     protocol: str = opt("http", choice("http", "tcp"), "http (HTTP/1.1 proxy) or tcp (byte relay after "
                         "the handshake)", metavar="PROTO", group="listeners")
+    alpn: tuple[str, ...] = opt((), parse_alpn, "tcp mode: ALPN protocols offered to clients, in order "
+                                "of preference (e.g. h2,http/1.1); default none. HTTP mode always offers "
+                                "http/1.1", metavar="LIST", group="tcp mode")
+    proxy_protocol: str = opt("off", choice("off", "v2"), "tcp mode: send a PROXY protocol v2 header (client "
+                              "address, TLS version, SNI, client identity) to the upstream first",
+                              metavar="off|v2", group="tcp mode")
+    tcp_idle_timeout_s: float | None = opt(TCP_IDLE_TIMEOUT_S, parse_optional_duration, "tcp mode: close a "
+                                           "relay after this long without a byte either way (0: never)",
+                                           flag="tcp-idle-timeout", metavar="DURATION", group="tcp mode")
+    tcp_close_timeout_s: float = opt(TCP_CLOSE_TIMEOUT_S, parse_duration, "tcp mode: once one side ended "
+                                     "its stream, time the other direction gets to finish before both "
+                                     "are closed", flag="tcp-close-timeout", metavar="DURATION",
+                                     group="tcp mode")
+    tcp_max_lifetime_s: float | None = opt(None, parse_optional_duration, "tcp mode: close a relay this "
+                                           "long after it started, busy or not; default never",
+                                           flag="tcp-max-lifetime", metavar="DURATION", group="tcp mode")
     outbound: tuple[str, ...] = opt((), parse_str, "plain local listener that originates TLS to a peer: "
                                     "LISTEN=https://HOST:PORT", metavar="LISTEN=URL", repeat=True,
                                     group="outbound")
@@ -562,3 +592,11 @@ def check_settings(s: Settings) -> None:
         raise ConfigError(f"--redirect-port: {s.redirect_port} is not a port (1 to 65535)")
     if s.http_listen is not None and s.http_mode == "forward" and s.protocol != "http":
         raise ConfigError("--http-mode forward proxies HTTP requests: it needs --protocol http")
+    if s.protocol == "tcp" and s.upstream.scheme != "tcp":
+        raise ConfigError(f"--protocol tcp relays bytes: give --upstream tcp://HOST:PORT (not {s.upstream})")
+    if s.protocol == "http" and s.upstream.scheme == "tcp":
+        raise ConfigError(f"--upstream {s.upstream} is a byte relay: it needs --protocol tcp")
+    if s.protocol == "http" and s.alpn:
+        raise ConfigError("--alpn is for --protocol tcp: HTTP mode always offers http/1.1")
+    if s.protocol == "http" and s.proxy_protocol != "off":
+        raise ConfigError("--proxy-protocol is for --protocol tcp (HTTP mode sends X-Forwarded-For)")

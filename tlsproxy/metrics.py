@@ -10,6 +10,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Request latencies of a localhost sidecar are sub-millisecond to tens of seconds.
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# A relayed connection lives from one request (a probe) to days (an xDS stream).
+_RELAY_BUCKETS = (0.01, 0.1, 1, 10, 60, 300, 1800, 3600, 4 * 3600, 24 * 3600)
 
 
 class Metrics:
@@ -33,6 +35,12 @@ class Metrics:
                                       registry=r)
         self.bytes_sent = Counter("tlsproxy_sent_bytes", "Bytes sent to clients (HTTP bodies, or "
                                   "relayed bytes)", ["listener", "protocol"], registry=r)
+        self.relay_duration = Histogram("tlsproxy_relay_duration_seconds",
+                                        "Life of a relayed connection (tcp mode, outbound tls:// routes), "
+                                        "from upstream connect to close", ["listener", "protocol"],
+                                        buckets=_RELAY_BUCKETS, registry=r)
+        self.relays_ended = Counter("tlsproxy_relays_ended", "Relayed connections by how they ended",
+                                    ["listener", "ended"], registry=r)
         self.upstream_errors = Counter("tlsproxy_upstream_errors", "Failures talking to the upstream",
                                        ["listener", "kind"], registry=r)
         self.client_errors = Counter("tlsproxy_client_errors", "Requests refused by the proxy itself",
