@@ -25,7 +25,8 @@ class HandshakeFailed(Exception):
 
 _REASONS = (
     ("UNSUPPORTED_PROTOCOL", "protocol_version"),
-    ("WRONG_VERSION_NUMBER", "protocol_version"),
+    ("VERSION_TOO_LOW", "protocol_version"),            # an SSLv3 ClientHello
+    ("WRONG_VERSION_NUMBER", "not_tls"),                # the first record header is not TLS at all
     ("TLSV1_ALERT_PROTOCOL_VERSION", "protocol_version"),
     ("HTTP_REQUEST", "not_tls"),
     ("HTTPS_PROXY_REQUEST", "not_tls"),
@@ -33,6 +34,8 @@ _REASONS = (
     ("CERTIFICATE_VERIFY_FAILED", "bad_client_certificate"),
     ("NO_SHARED_CIPHER", "no_shared_cipher"),
     ("NO_SUITABLE_SIGNATURE_ALGORITHM", "no_shared_cipher"),
+    ("NO_SUITABLE_KEY_SHARE", "no_shared_cipher"),      # no key-exchange group in common
+    ("UNEXPECTED_EOF", "eof"),
     ("NO_APPLICATION_PROTOCOL", "no_application_protocol"),
     ("TLSV1_ALERT_UNKNOWN_CA", "client_rejected_certificate"),
     ("SSLV3_ALERT_BAD_CERTIFICATE", "client_rejected_certificate"),
@@ -40,6 +43,17 @@ _REASONS = (
     ("PACKET_LENGTH_TOO_LONG", "not_tls"),
     ("RECORD_LAYER_FAILURE", "not_tls"),
 )
+
+
+# OpenSSL closes without an alert when the first bytes are not a TLS record at all. RFC 8446 §5:
+# a record of an unknown type MUST be answered with a fatal unexpected_message alert; we send it.
+_SILENT = ("HTTP_REQUEST", "HTTPS_PROXY_REQUEST", "WRONG_VERSION_NUMBER")
+UNEXPECTED_MESSAGE_ALERT = b"\x15\x03\x03\x00\x02\x02\x0a"   # alert record: fatal(2), unexpected_message(10)
+# RFC 8446 §D.5: a ClientHello.legacy_version of 0x0300 or less MUST get protocol_version; OpenSSL
+# answers an SSLv3 hello with handshake_failure, so we look at the first bytes ourselves.
+PROTOCOL_VERSION_ALERT = b"\x15\x03\x03\x00\x02\x02\x46"     # fatal(2), protocol_version(70)
+LINGER_S = 0.5            # after refusing non-TLS bytes: read and drop for this long so the kernel
+LINGER_BYTES = 64 * 1024  # closes with FIN, not RST (an RST can destroy the alert before it is read)
 
 
 def classify(exc: BaseException) -> str:
@@ -72,14 +86,65 @@ async def handshake(sock: trio.socket.SocketType, store: ContextStore, timeout_s
         raise HandshakeFailed("not_ready", str(exc)) from None
     try:
         with trio.fail_after(timeout_s):
+            if await _is_sslv3_hello(stream.fileno()):
+                await _refuse(stream.fileno(), PROTOCOL_VERSION_ALERT)
+                stream.close_now()
+                raise HandshakeFailed("protocol_version", "SSLv3 ClientHello")
             await stream.do_handshake()
     except trio.TooSlowError:
         stream.close_now()
         raise HandshakeFailed("timeout", f"no handshake within {timeout_s:g}s") from None
     except (ssl.SSLError, trio.BrokenResourceError, OSError) as exc:
+        detail = str(getattr(exc, "reason", None) or exc)
+        if isinstance(exc, ssl.SSLError) and any(k in detail for k in _SILENT):
+            await _refuse(stream.fileno(), UNEXPECTED_MESSAGE_ALERT)
         stream.close_now()
-        raise HandshakeFailed(classify(exc), str(getattr(exc, "reason", None) or exc)) from None
+        raise HandshakeFailed(classify(exc), detail) from None
     except BaseException:
         stream.close_now()
         raise
     return stream
+
+
+async def _is_sslv3_hello(fd: int) -> bool:
+    """Peek (once the first bytes arrived) at the record and handshake headers: a ClientHello whose
+    legacy_version is 0x0300 or below. Never consumes bytes; a hello split into tiny segments is
+    left to OpenSSL."""
+    await trio.lowlevel.wait_readable(fd)
+    try:
+        raw = socket.socket(fileno=fd)
+    except OSError:
+        return False
+    try:
+        head = raw.recv(11, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except OSError:
+        return False
+    finally:
+        raw.detach()
+    return len(head) == 11 and head[0] == 0x16 and head[5] == 0x01 and (head[9], head[10]) <= (3, 0)
+
+
+async def _refuse(fd: int, alert: bytes) -> None:
+    """Send an alert OpenSSL did not send, then a short lingering close."""
+    try:
+        raw = socket.socket(fileno=fd)
+    except OSError:
+        return
+    try:
+        raw.send(alert, socket.MSG_DONTWAIT)
+        raw.shutdown(socket.SHUT_WR)
+        with trio.move_on_after(LINGER_S):
+            dropped = 0
+            while dropped < LINGER_BYTES:
+                await trio.lowlevel.wait_readable(fd)
+                try:
+                    got = raw.recv(65536, socket.MSG_DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                if not got:
+                    break
+                dropped += len(got)
+    except OSError:
+        pass
+    finally:
+        raw.detach()
