@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--path", default="/small")
     ap.add_argument("--connections", type=int, default=50)
+    ap.add_argument("--close", action="store_true", help="Connection: close (a full handshake per request)")
     ap.add_argument("--no-profile", action="store_true", help="only measure the rate")
     ap.add_argument("--keep-raw", help="write py-spy's collapsed stacks to this file")
     args = ap.parse_args(argv)
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         pid = b.p.running["tp"].pid
         cpu0 = procs.cpu_seconds(pid)
         r = load.wrk(b.url(pt.tp, args.path), connections=args.connections, duration_s=args.seconds,
-                     env=b.env)
+                     env=b.env, close=args.close)
         cpu = procs.cpu_seconds(pid) - cpu0
         print(f"wrk -c{args.connections} {args.path}: {r.rps:.0f} req/s, p50 {r.p50_ms} ms, "
               f"p99 {r.p99_ms} ms, {r.mib_s:.1f} MiB/s, errors {r.errors}; tlsproxy CPU "

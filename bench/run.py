@@ -246,14 +246,29 @@ class Bench:
             self.notes.append(f"{key} {server}: wrk reported {errors} errors/non-2xx in one run")
 
     def _idle_rss(self, server: str) -> float:
+        """KiB of RSS per idle handshaken connection, on a *fresh* proxy process each time (a process
+        that already held connections reuses the memory it freed, and would show ~0)."""
         n = self.plan.idle_connections
+        port = procs.free_port()
         if server == "tlsproxy":
-            pid, port = self.p.running["tp"].pid, self.ports.tp
+            self._tlsproxy("idle_tp", port, procs.free_port(), procs.CPU_PROXY, "--tls-session-tickets", "0")
+            pid, name = self.p.running["idle_tp"].pid, "idle_tp"
         else:
-            workers = procs.children(self.p.running["proxy"].pid)
+            self._nginx("idle_ng", nginx.proxy_conf(self.work, port=port, resume_port=procs.free_port(),
+                                                    upstream_port=self.ports.upstream, cert=self.cert,
+                                                    key=self.key, name="idle_ng"), procs.CPU_PROXY, [port])
+            name = "idle_ng"
+            workers = procs.children(self.p.running[name].pid)
             if len(workers) != 1:
                 raise RuntimeError(f"expected one nginx worker, found {workers}")
-            pid, port = workers[0], self.ports.ng
+            pid = workers[0]
+        try:
+            load.curl_download_mib_s(self.url(port), self.ca, self.env)     # warm: first request done
+            return self._hold_idle(pid, port, n, server)
+        finally:
+            self.p.stop(name)
+
+    def _hold_idle(self, pid: int, port: int, n: int, server: str) -> float:
         time.sleep(0.5)
         before = procs.rss_kib(pid)
         argv = [sys.executable, "-m", "bench.idle", str(port), str(n), str(self.ca)]
