@@ -233,6 +233,27 @@ def test_wrong_ca_is_a_502_naming_unknown_ca(pki, tmp_path):
                     ca_file=pki.ca_file, server_name="localhost")
 
 
+def test_trust_order_explicit_ca_wins_then_cert_dir_then_system(pki, tmp_path):
+    leaf = pki.issue("localhost", dns=("localhost",))
+    other = generate.make_ca("unrelated CA")
+    other_file = tmp_path / "other-ca.pem"
+    other_file.write_bytes(other.cert_pem)
+    cdir = client_dir(pki, tmp_path)                 # its ca.crt is the right CA
+    with tls_peer(tmp_path / "peer", leaf) as peer:
+        url = f"127.0.0.1:0=https://localhost:{peer.port}"
+        cases = [
+            ({"outbound_cert_dir": cdir}, 200, b""),
+            ({"outbound_cert_dir": cdir, "outbound_ca": other_file}, 502,
+             f"not signed by the CA bundle {other_file}".encode()),
+            ({}, 502, b"not signed by the system trust store"),
+        ]
+        for changes, status, text in cases:
+            with running_proxy(outbound_only(tmp_path, outbound=(url,), **changes)) as a:
+                got, body, _ = get(a.app.bound.extra["outbound/0"].port)
+                assert got == status, (changes, body)
+                assert text in body, body
+
+
 def test_name_mismatch_is_a_502_naming_it(pki, tmp_path):
     leaf = pki.issue("localhost", dns=("localhost",))
     with tls_peer(tmp_path / "peer", leaf) as peer:
