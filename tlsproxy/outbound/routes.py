@@ -22,12 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import HostPort, parse_hostport, parse_url
+from ..config import HostPort, parse_alpn, parse_hostport, parse_url
 from ..errors import ConfigError, HTTPError
 from ..tls.identity import AllowRules
 
 LOOPBACK = "127.0.0.1"
-ROUTE_KEYS = ("listen", "url", "ca", "cert_dir", "server_name", "allow_uri", "allow_dns")
+ROUTE_KEYS = ("listen", "url", "ca", "cert_dir", "server_name", "allow_uri", "allow_dns", "alpn")
 _LABEL_RE = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
 
 
@@ -43,6 +43,7 @@ class OutboundRoute:
     cert_dir: Path | None = None               # None: --outbound-cert-dir (or no client certificate)
     pin: AllowRules = AllowRules()             # peer identity (URI / DNS SAN) required; empty: any
     scheme: str = "https"                      # https: HTTP through the engine; tls: bytes relayed as-is
+    tls_alpn: tuple[str, ...] = ()             # tls:// routes: ALPN offered to the peer (YAML ``alpn``)
 
     @property
     def authority(self) -> str:
@@ -60,7 +61,7 @@ class OutboundRoute:
     @property
     def alpn(self) -> tuple[str, ...]:
         """ALPN offered: http/1.1 for HTTP routes, nothing for a byte relay (the protocol is unknown)."""
-        return ("http/1.1",) if self.scheme == "https" else ()
+        return ("http/1.1",) if self.scheme == "https" else self.tls_alpn
 
 
 def authority(host: str, port: int) -> str:
@@ -120,8 +121,15 @@ def parse_route_mapping(items: Mapping[str, Any] | Iterable[tuple[str, Any]], in
         pin = AllowRules.parse(uri=_many(data, "allow_uri", what), dns=_many(data, "allow_dns", what))
     except ConfigError as exc:
         raise ConfigError(f"{what}: {exc}") from None
+    alpn = _many(data, "alpn", what)
+    if alpn and scheme != "tls":
+        raise ConfigError(f"{what}: alpn is for tls:// routes (https:// routes always offer http/1.1)")
+    try:
+        alpn = parse_alpn(",".join(alpn))
+    except ValueError as exc:
+        raise ConfigError(f"{what}: alpn: {exc}") from None
     return OutboundRoute(listen=listen, host=host, port=port, server_name=server_name, ca=ca,
-                         cert_dir=cert_dir, pin=pin, scheme=scheme)
+                         cert_dir=cert_dir, pin=pin, scheme=scheme, tls_alpn=alpn)
 
 
 def _one(data: Mapping[str, Any], key: str, what: str) -> str | None:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import trio
 
-from .. import net
+from .. import net, tcprelay
 from ..config import HostPort, Settings
 from ..errors import HTTPError, UpstreamError
 from ..http import headers as hdr
@@ -110,7 +110,8 @@ class Outbound:
             tls = self.tls_for(r.ca, r.cert_dir, r.alpn)
             opener = self._opener(r.host, r.port, tls, r.server_name, r.pin)
             if r.scheme == "tls":
-                handler: Callable = TLSRelayHandler(r.label, opener, self.metrics, self.limits, s.access_log)
+                handler: Callable = TLSRelayHandler(r.label, opener, self.metrics, _relay_limits(s),
+                                                    s.access_log)
             else:
                 pool = Pool(opener)
                 self._pools.append(pool)
@@ -194,12 +195,13 @@ class TLSRelayHandler:
     """A ``tls://`` route: each accepted connection gets its own verified TLS connection to the peer,
     and bytes are relayed both ways unchanged (no HTTP parsing; for databases, gRPC, anything)."""
 
-    def __init__(self, name: str, opener: PeerOpener, metrics: Metrics, limits: Limits,
+    def __init__(self, name: str, opener: PeerOpener, metrics: Metrics, limits: tcprelay.RelayLimits,
                  access_log: bool) -> None:
         self.name = name
         self.opener = opener
         self.limits = limits
         self.access_log = access_log
+        self.metrics = metrics
         self._accepted = metrics.connections.labels(name, "tcp")
         self._active = metrics.connections_active.labels(name, "tcp")
         self._in = metrics.bytes_received.labels(name, "tcp")
@@ -208,32 +210,33 @@ class TLSRelayHandler:
     async def __call__(self, sock: trio.socket.SocketType, peer) -> None:
         self._accepted.inc()
         self._active.inc()
-        t0 = time.perf_counter()
+        t0 = time.monotonic()
         client = trio.SocketStream(sock)
-        facts = _facts(peer)
+        fields = {"listener": self.name, "client": _facts(peer).client, "peer": self.opener.peer}
         try:
             try:
                 upstream = await self.opener()
             except UpstreamError as exc:   # logged and counted by the opener; the client sees a close
-                self._log(facts.client, t0, 0, 0, f"peer failed: {exc.reason}")
+                tcprelay.log_refused(fields, "upstream_failed", exc.reason, t0, self.metrics, self.name,
+                                     self.access_log)
                 return
             try:
-                result = await relay(client, upstream, idle_timeout_s=None,
-                                     close_timeout_s=self.limits.upgrade_close_timeout_s)
+                # bytes counted as they flow: to the peer = received from our client, and back
+                counted = tcprelay.CountingStream(upstream, self._in, self._out)
+                await tcprelay.run(client, counted, listener=self.name, protocol="tcp", metrics=self.metrics,
+                                   limits=self.limits, log_fields=fields, access_log=self.access_log)
             finally:
                 upstream.close_now()
-            self._in.inc(result.a_to_b)
-            self._out.inc(result.b_to_a)
-            self._log(facts.client, t0, result.a_to_b, result.b_to_a, result.ended_by)
         finally:
             self._active.dec()
             await trio.aclose_forcefully(client)
 
-    def _log(self, client: str, t0: float, bytes_in: int, bytes_out: int, note: str) -> None:
-        if self.access_log:
-            access.info("connection", listener=self.name, client=client, bytes_in=bytes_in,
-                        bytes_out=bytes_out, duration_ms=round((time.perf_counter() - t0) * 1000, 3),
-                        note=note)
+
+def _relay_limits(s: Settings) -> tcprelay.RelayLimits:
+    """tls:// routes relay under the tcp-mode timeouts (--tcp-idle-timeout, --tcp-close-timeout,
+    --tcp-max-lifetime)."""
+    return tcprelay.RelayLimits(idle_timeout_s=s.tcp_idle_timeout_s, close_timeout_s=s.tcp_close_timeout_s,
+                                max_lifetime_s=s.tcp_max_lifetime_s)
 
 
 # ---------------------------------------------------------------------------- the forward proxy
