@@ -108,27 +108,35 @@ class PlainHandler:
                 b"connection: close"]
         await self._send(stream, b"\r\n".join(head) + b"\r\n\r\n" + (b"" if req.method == b"HEAD" else body))
         self._log(client, req.method, req.target, 301, t0, location=location.decode("ascii", "replace"))
+        await self._linger(stream)
 
     async def _answer(self, stream: trio.SocketStream, client: str, method: bytes, target: bytes,
                       err: HTTPError, t0: float) -> None:
         self.metrics.client_errors.labels(self.cfg.name, str(err.status)).inc()
         await self._send(stream, hdr.error_response(err.status, err.reason))
         self._log(client, method, target, err.status, t0, note=err.kind)
+        await self._linger(stream)
 
     async def _send(self, stream: trio.SocketStream, data: bytes) -> None:
         try:
             with trio.move_on_after(self.cfg.head_timeout_s):
                 await stream.send_all(data)
                 await stream.send_eof()
-                # Linger: closing with unread request bytes would reset the connection and could
-                # destroy the answer before the client reads it.
-                with trio.move_on_after(LINGER_S):
-                    drained = 0
-                    while drained < LINGER_BYTES:
-                        chunk = await stream.receive_some(16384)
-                        if not chunk:
-                            break
-                        drained += len(chunk)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+
+    @staticmethod
+    async def _linger(stream: trio.SocketStream) -> None:
+        """Closing with unread request bytes would reset the connection and could destroy the
+        answer before the client reads it: read and drop a little first."""
+        try:
+            with trio.move_on_after(LINGER_S):
+                drained = 0
+                while drained < LINGER_BYTES:
+                    chunk = await stream.receive_some(16384)
+                    if not chunk:
+                        break
+                    drained += len(chunk)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
 
