@@ -205,6 +205,8 @@ def _dn_header_safe(dn: str) -> str:
                 out.append("\\5C")
             elif nxt == '"':
                 out.append("\\22")
+            elif nxt == " ":
+                out.append("\\20")   # an escaped leading/trailing space survives header trimming
             elif " " <= nxt <= "~":
                 out.append("\\" + nxt)
             else:
