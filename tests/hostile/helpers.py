@@ -231,3 +231,114 @@ def parse_responses(data: bytes) -> list[tuple[int, bytes]]:
                 return out
         else:
             return out
+
+
+# ---------------------------------------------------------------------------- the proxy as a process
+
+class ProxyProcess:
+    """``tlsproxy serve`` as a child process (JSON logs on stderr, collected by a thread), for what a
+    thread cannot show: its own RSS, its own descriptors, its own ``ulimit -n``."""
+
+    def __init__(self, args: list[str], nofile: int | None = None) -> None:
+        import json
+        import resource
+        import subprocess
+
+        from tests.support import TLSPROXY
+
+        def limit() -> None:
+            if nofile is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
+        self.events: list[dict] = []
+        self._json = json
+        self.proc = subprocess.Popen([TLSPROXY, "serve", "--log-format", "json", *args],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     preexec_fn=limit)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.port = self.admin_port = 0
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not (self.port and self.admin_port):
+            for e in list(self.events):
+                if e.get("event") == "listening" and e.get("listener") == "inbound":
+                    self.port = int(e["bound"].rsplit(":", 1)[1])
+                if e.get("event") == "admin listening":
+                    self.admin_port = int(e["bound"].rsplit(":", 1)[1])
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        if not (self.port and self.admin_port):
+            self.stop()
+            raise RuntimeError(f"tlsproxy did not start: {self.events[-5:]}")
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            try:
+                self.events.append(self._json.loads(line))
+            except ValueError:
+                self.events.append({"event": "raw", "line": line.decode(errors="replace")})
+
+    def count(self, event: str) -> int:
+        return sum(1 for e in list(self.events) if e.get("event") == event)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def rss_kib(self) -> int:
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        return 0
+
+    def fds(self) -> int:
+        import os
+
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def metric(self, name: str, **labels: str) -> float:
+        """One sample from the admin /metrics (0 when absent)."""
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                    return s.value
+        return 0.0
+
+    def stop(self) -> int | None:
+        import signal
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._reader.join(5)
+        return self.proc.returncode
+
+
+def proxy_args(pki: PKI, upstream_port: int, *extra: str) -> list[str]:
+    return ["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--upstream",
+            f"http://127.0.0.1:{upstream_port}", "--cert-dir", str(pki.cert_dir), "--drain-delay", "0",
+            "--access-log", "off", *extra]
+
+
+@contextlib.contextmanager
+def proxy_process(pki: PKI, upstream_port: int, *extra: str, nofile: int | None = None
+                  ) -> Iterator[ProxyProcess]:
+    proc = ProxyProcess(proxy_args(pki, upstream_port, *extra), nofile=nofile)
+    try:
+        yield proc
+    finally:
+        proc.stop()

@@ -5,6 +5,7 @@ instead of a response and a slow first byte are in tests/inbound/test_errors.py.
 from __future__ import annotations
 
 import socket
+import subprocess
 import time
 
 from tests.hostile.helpers import (
@@ -12,6 +13,7 @@ from tests.hostile.helpers import (
     keepalive_ok,
     ok_response,
     parse_responses,
+    proxy_process,
     read_all,
     scripted_upstream,
     status_of,
@@ -291,3 +293,34 @@ def test_slow_reader_is_cut_and_frees_its_slot(pki):
         # never read: the proxy must give up within body_timeout (plus slack) and close
         assert wait_for(lambda: active._value.get() == 0, 8), "slow reader held its connection"
         s.close()
+
+
+def test_descriptor_exhaustion_is_logged_backed_off_and_recovers(pki):
+    """``ulimit -n 64``: 100 clients that connect and say nothing exhaust the proxy's descriptors.
+    accept() fails with EMFILE: logged, counted, retried with a capped backoff (not a busy loop,
+    not a crash); once the clients go, the proxy serves again."""
+    with scripted_upstream(keepalive_ok) as up, \
+            proxy_process(pki, up.port, "--handshake-timeout", "60s", nofile=64) as proc:
+        socks = [socket.create_connection(("127.0.0.1", proc.port), timeout=10) for _ in range(100)]
+        try:
+            assert wait_for(lambda: proc.count("accept failed; backing off") >= 3, 10)
+            assert proc.fds() <= 64
+            errors = [e for e in proc.events if e.get("event") == "accept failed; backing off"]
+            assert errors[0]["level"] == "error" and errors[0]["error"] == "Too many open files"
+            time.sleep(2)
+            # capped exponential backoff: a handful of attempts in ~3 s, not thousands
+            assert proc.count("accept failed; backing off") < 30
+            assert proc.proc.poll() is None
+        finally:
+            for s in socks:
+                s.close()
+        t0 = time.monotonic()
+        ok = False
+        while time.monotonic() - t0 < 10 and not ok:
+            r = subprocess.run(["curl", "-sS", "--max-time", "3", "--cacert", str(pki.ca_file),
+                                f"https://localhost:{proc.port}/after"], capture_output=True, timeout=10)
+            ok = r.stdout == b"/after"
+        assert ok, r
+        assert time.monotonic() - t0 < 5          # within one max backoff (1 s) plus slack
+        assert proc.metric("tlsproxy_accept_errors_total", listener="inbound", error="EMFILE") >= 3
+        assert wait_for(lambda: proc.fds() < 30, 10)

@@ -2,11 +2,13 @@
 
 (431/414 for a head that arrives in one read with a small --max-head-bytes and 413 for bodies are in
 tests/inbound/test_errors.py.) Here: the default limits, heads dribbled in pieces (h11's incomplete
-event bound rather than ours), a megabyte of head that never ends, and 10,000 pipelined requests.
+event bound rather than ours), a megabyte of head that never ends, 10,000 pipelined requests,
+thousands of silent connections and --max-connections (the proxy as a process: its own RSS and fds).
 """
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 
@@ -16,12 +18,13 @@ import pytest
 from tests.hostile.helpers import (
     keepalive_ok,
     parse_responses,
+    proxy_process,
     read_all,
     scripted_upstream,
     status_of,
     tls_socket,
 )
-from tests.support import make_pki, running_proxy, settings_for
+from tests.support import make_pki, running_proxy, settings_for, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +155,61 @@ def test_ten_thousand_pipelined_requests_are_answered_in_order(proxy_and_app):
         sender.join(10)
         s.close()
     assert [r.target for r, _ in up.seen[n:]] == [b"/r%d" % i for i in range(count)]
+
+
+def _active(proc) -> float:
+    return proc.metric("tlsproxy_connections_active", listener="inbound")
+
+
+def test_thousands_of_silent_connections_cost_bounded_memory_and_are_freed(pki):
+    """2,000 TCP connections that never send a byte, twice. Each costs the proxy a few KiB
+    (measured ~15 KiB), the handshake timeout frees them all, descriptors return to the baseline,
+    and the second wave does not grow the process (nothing leaked)."""
+    with scripted_upstream(keepalive_ok) as up, \
+            proxy_process(pki, up.port, "--handshake-timeout", "2s") as proc:
+        fds0 = proc.fds()
+        rss = [proc.rss_kib()]
+        for _wave in range(2):
+            socks = [socket.create_connection(("127.0.0.1", proc.port), timeout=10) for _ in range(2000)]
+            try:
+                assert wait_for(lambda: _active(proc) == 2000, 15, 0.2)
+                rss.append(proc.rss_kib())
+                assert (rss[-1] - rss[0]) / 2000 < 40, rss          # KiB per connection
+                t0 = time.monotonic()
+                assert wait_for(lambda: _active(proc) == 0, 10, 0.2)
+                assert time.monotonic() - t0 < 4
+                for s in socks[:50]:                               # they see the close
+                    s.settimeout(5)
+                    assert s.recv(10) == b""
+            finally:
+                for s in socks:
+                    s.close()
+        assert rss[2] < rss[1] * 1.1 + 2048, rss                   # second wave reuses memory
+        assert wait_for(lambda: proc.fds() <= fds0 + 2, 5), (proc.fds(), fds0)
+        assert proc.metric("tlsproxy_handshake_failures_total", listener="inbound", reason="timeout") == 4000
+        with tls_socket(proc.port, pki) as s:
+            s.sendall(b"GET /alive HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            assert read_all(s)[0].endswith(b"/alive")
+
+
+def test_max_connections_reached_new_connections_wait_then_are_served(pki):
+    """--max-connections 50 and 200 silent clients: never more than 50 handled at once; the rest
+    wait in the kernel backlog (no refusal, no crash) and are served as slots free up."""
+    with scripted_upstream(keepalive_ok) as up, \
+            proxy_process(pki, up.port, "--handshake-timeout", "1s", "--max-connections", "50") as proc:
+        socks = [socket.create_connection(("127.0.0.1", proc.port), timeout=10) for _ in range(200)]
+        try:
+            peak = 0.0
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 2.5:
+                peak = max(peak, _active(proc))
+                time.sleep(0.1)
+            assert peak == 50
+            # a real client queued behind them is served once the silent ones time out (4 waves of 1 s)
+            with tls_socket(proc.port, pki, timeout=15) as s:
+                s.sendall(b"GET /queued HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+                assert read_all(s, 15)[0].endswith(b"/queued")
+        finally:
+            for s in socks:
+                s.close()
+        assert proc.proc.poll() is None
