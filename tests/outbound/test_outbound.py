@@ -226,11 +226,25 @@ def _fails_with(tmp_path, peer_port: int, *, reason: str, kind: str, **route_kw)
 
 
 def test_wrong_ca_is_a_502_naming_unknown_ca(pki, tmp_path):
-    other = generate.make_ca("someone else's CA")
-    leaf = generate.issue(other, "localhost", dns=("localhost",))
-    with tls_peer(tmp_path / "peer", leaf) as peer:
-        _fails_with(tmp_path, peer.port, reason="certificate rejected: unknown CA", kind="unknown_ca",
-                    ca_file=pki.ca_file, server_name="localhost")
+    import logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("tlsproxy")
+    logger.addHandler(handler)
+    try:
+        other = generate.make_ca("someone else's CA")
+        leaf = generate.issue(other, "localhost", dns=("localhost",))
+        with tls_peer(tmp_path / "peer", leaf) as peer:
+            _fails_with(tmp_path, peer.port, reason="certificate rejected: unknown CA", kind="unknown_ca",
+                        ca_file=pki.ca_file, server_name="localhost")
+    finally:
+        logger.removeHandler(handler)
+    # and the log lines carry the same reason
+    reasons = {r.getMessage(): r.fields.get("reason", "") for r in records if hasattr(r, "fields")}
+    assert "certificate rejected: unknown CA" in reasons["peer connection failed"]
+    assert "certificate rejected: unknown CA" in reasons["upstream error"]
 
 
 def test_trust_order_explicit_ca_wins_then_cert_dir_then_system(pki, tmp_path):
