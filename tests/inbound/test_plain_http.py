@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from tests.admin.scrape import scrape, value
+from tests.admin.scrape import get_json, scrape, value
 from tests.admin.test_readiness import captured_logs
 from tests.support import curl, running_proxy, settings_for, wait_for
 from tlsproxy.config import HostPort
@@ -102,6 +102,7 @@ def test_forward_mode_proxies_plain_http_and_says_so(pki, app):
     settings = settings_for(pki, app.port, http_listen=LOCAL0, http_mode="forward")
     with captured_logs() as records, running_proxy(settings) as proxy:
         port = proxy.app.bound.extra["http"].port
+        assert get_json(proxy.admin_port, "/readyz") == (200, {"ready": True})     # both listeners bound
         r = curl("-H", "Host: svc.example", f"http://127.0.0.1:{port}/plain?x=1")
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["path"] == "/plain?x=1"
