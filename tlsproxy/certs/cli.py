@@ -17,7 +17,8 @@ from .. import cli as _cli
 from ..errors import CertError, ConfigError
 from . import bootstrap as bs
 from . import inspect as insp
-from .bundle import load_dir, load_files, parse_pem_certs, read_file
+from .bundle import load_files, parse_pem_certs, read_file
+from .source import CertSource
 
 EXIT_OK = 0
 EXIT_REFUSED = 1
@@ -153,8 +154,11 @@ def _run_check(ns: argparse.Namespace) -> int:
         # place in certs/ allowed to reach up into tls/.)
         from ..tls.contexts import ServerTLSOptions, server_context
 
-        bundle = load_dir(ns.dir, now=now) if ns.dir is not None else load_files(ns.cert, ns.key, ns.ca,
-                                                                                  now=now)
+        if ns.dir is not None:   # exactly what a reload reads, including a tls2.* pair
+            bundles = CertSource(cert_dir=ns.dir).load_all(now)
+        else:
+            bundles = (load_files(ns.cert, ns.key, ns.ca, now=now),)
+        bundle = bundles[0]
         client_ca = None
         if ns.client_ca is not None:
             client_ca = read_file(ns.client_ca, "client CA bundle")
@@ -163,7 +167,7 @@ def _run_check(ns: argparse.Namespace) -> int:
             if bundle.ca_pem is None:
                 raise CertError(ns.dir or ns.cert, "--require-client-cert needs a ca.crt (or --ca)")
             client_ca = bundle.ca_pem
-        server_context([bundle], ServerTLSOptions(client_ca_pem=client_ca))
+        server_context(list(bundles), ServerTLSOptions(client_ca_pem=client_ca))
     except CertError as exc:
         if ns.json:
             sys.stdout.write(json.dumps({"ok": False, "path": exc.path, "reason": exc.reason}) + "\n")
