@@ -254,7 +254,8 @@ def _build(annotations: Mapping[str, str], spec: Mapping[str, Any],
         },
         # Startup gates the app: for a native sidecar the kubelet starts the next container only after
         # this probe succeeds, so the app never receives traffic the proxy cannot yet serve.
-        "startupProbe": _probe("/readyz", admin_port, period_s=1, failures=120),
+        # The app starts only once this passes (native sidecar), so it must not wait for the app.
+        "startupProbe": _probe("/readyz?exclude=upstream", admin_port, period_s=1, failures=120),
         "livenessProbe": _probe("/healthz", admin_port, period_s=10, failures=3),
         "readinessProbe": _probe("/readyz", admin_port, period_s=5, failures=2),
         "terminationMessagePolicy": "FallbackToLogsOnError",
