@@ -70,7 +70,8 @@ def test_native_sidecar_by_default():
     assert {"name": "https", "containerPort": 9443, "protocol": "TCP"} in c["ports"]
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": 9901, "scheme": "HTTP"}
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    assert c["startupProbe"]["httpGet"] == {"path": "/readyz?exclude=upstream", "port": 9901, "scheme": "HTTP"}
+    assert c["startupProbe"]["httpGet"] == {"path": "/readyz?exclude=upstream", "port": 9901,
+                                            "scheme": "HTTP"}
     sc = c["securityContext"]
     assert sc["runAsNonRoot"] and sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"]
     assert sc["capabilities"] == {"drop": ["ALL"]}
