@@ -5,6 +5,8 @@ tlsproxy → Contour)."""
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 import pytest
 
@@ -23,7 +25,8 @@ from tests.tcp.helpers import (
 )
 
 
-def test_grpc_unary_and_streams_through_inbound_tcp_mode_with_mtls(pki):
+def test_grpc_unary_and_streams_through_inbound_tcp_mode_with_mtls(pki, caplog):
+    caplog.set_level(logging.INFO, logger="tlsproxy")
     envoy = client_cert(pki)
     with grpc_server() as contour:
         settings = tcp_settings(pki, contour.port, alpn=("h2",), client_ca=pki.ca_file, allow_uri=(ENVOY_ID,))
@@ -41,6 +44,12 @@ def test_grpc_unary_and_streams_through_inbound_tcp_mode_with_mtls(pki):
         # after the drain the relay is recorded: one connection, how it ended, its duration
         assert metric(proxy, "tlsproxy_relay_duration_seconds_count", listener="inbound", protocol="tcp") == 1
         assert metric(proxy, "tlsproxy_connections_total", listener="inbound", protocol="tcp") == 1
+        # one log line for the connection: client, identity, ALPN h2, bytes each way, duration, end
+        (line,) = [r.fields for r in caplog.records if r.getMessage() == "connection"]
+        assert line["listener"] == "inbound" and line["client"].startswith("127.0.0.1:")
+        assert ENVOY_ID in line["identity"] and line["alpn"] == "h2" and line["tls_version"] == "TLSv1.3"
+        assert line["bytes_in"] > 1 << 20 and line["bytes_out"] > 1 << 20
+        assert line["ended"] == "client_closed" and line["duration_ms"] > 0
 
 
 def test_grpc_without_h2_offered_fails_alpn(pki):

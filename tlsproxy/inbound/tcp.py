@@ -118,7 +118,6 @@ def make_serve(cfg: TCPConfig, metrics: Metrics) -> Callable[[TLSStream, ConnFac
         if facts.deny is not None:
             # mtls.make_policy already logged the warning with the rules; the connection is closed
             # by ConnectionHandler (close_notify), before anything is dialled.
-            metrics.client_errors.labels(cfg.listener, "identity").inc()
             tcprelay.log_refused(fields, "refused", facts.deny.reason, t0, metrics, cfg.listener,
                                  cfg.access_log)
             return
