@@ -191,12 +191,14 @@ def test_workers_flag_rejects_zero(tmp_path):
     assert r.stderr.startswith("tlsproxy: error: --workers:") and "Traceback" not in r.stderr
 
 
-def test_worker_settings_admin_and_plain_listener_on_worker_0_only():
-    s = Settings(workers=3, admin=HostPort("", 9901), http_listen=HostPort("", 8080))
+def test_worker_settings_admin_plain_and_outbound_listeners_on_worker_0_only():
+    s = Settings(workers=3, admin=HostPort("", 9901), http_listen=HostPort("", 8080),
+                 outbound=("127.0.0.1:7001=https://peer:443",), outbound_proxy=HostPort("127.0.0.1", 3128))
     listen = HostPort("127.0.0.1", 4443)
     w0, w2 = worker_settings(s, 0, listen), worker_settings(s, 2, listen)
-    assert (w0.listen, w0.admin, w0.http_listen, w0.workers) == (listen, s.admin, s.http_listen, 3)
+    assert w0 == s.replace(listen=listen)
     assert (w2.listen, w2.admin, w2.http_listen, w2.workers) == (listen, HostPort("127.0.0.1", 0), None, 3)
+    assert (w2.outbound, w2.outbound_proxy, w2.outbound_routes) == ((), None, ())
 
 
 def test_reserved_port_is_held_but_never_accepts():
