@@ -121,8 +121,8 @@ class App:
         CertError; changes nothing."""
         bundles = list((material if material is not None else self.source.read()).bundles())
         ctx = server_context(bundles, self.tls_options(bundles[0]))
-        if self.settings.protocol == "tcp" and self.settings.proxy_protocol != "off":
-            ctx.sni_callback = tcp_mode.remember_sni    # part of building: the SNI goes in the header
+        if self.settings.protocol == "tcp":
+            tcp_mode.adapt_context(ctx, self.settings)   # part of building, before any handshake
         return ctx, bundles
 
     def load_certificates(self) -> Generation:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import socket
 import time
 
+import pytest
 import trio
 
 from tests.support import ProxyThread
@@ -99,9 +101,11 @@ async def wait_metric(proxy, name, timeout: float = 5, **labels) -> float:
     return h.metric(proxy, name, **labels)
 
 
-async def test_client_half_close_upstream_reply_still_arrives(pki):
-    """The client ends its sending side after the request; the upstream answers only after it saw
-    EOF (like a one-shot protocol); the answer still reaches the client."""
+@pytest.mark.parametrize("how", ["close_notify", "tcp_fin"])
+async def test_client_half_close_upstream_reply_still_arrives(pki, how):
+    """The client ends its sending side after the request — the TLS way (close_notify) or with a bare
+    TCP FIN under the TLS session; the upstream answers only after it saw EOF (like a one-shot
+    protocol); the answer still reaches the client."""
     seen = []
 
     async def answer_after_eof(stream: trio.SocketStream) -> None:
@@ -119,7 +123,12 @@ async def test_client_half_close_upstream_reply_still_arrives(pki):
         try:
             stream = await h.tls_open(proxy.port, h.client_ctx(pki))
             await stream.send_all(b"question")
-            h.send_close_notify(stream)
+            if how == "close_notify":
+                h.send_close_notify(stream)
+            else:
+                raw = socket.socket(fileno=stream.fileno())
+                raw.shutdown(socket.SHUT_WR)
+                raw.detach()
             assert await h.read_all(stream) == b"reply to question"
             stream.close_now()
             assert seen == [b"question"]

@@ -27,6 +27,7 @@ still open ``--drain-timeout`` after SIGTERM is cancelled, closed and logged wit
 
 from __future__ import annotations
 
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -65,6 +66,19 @@ class TCPConfig:
                                                close_timeout_s=s.tcp_close_timeout_s,
                                                max_lifetime_s=s.tcp_max_lifetime_s),
                    proxy_protocol=s.proxy_protocol, access_log=s.access_log)
+
+
+def adapt_context(ctx: ssl.SSLContext, s: Settings) -> None:
+    """What tcp mode adds to a freshly built server context (called before it serves anything).
+
+    * ``OP_IGNORE_UNEXPECTED_EOF``: a client that half-closes with a bare TCP FIN (no
+      ``close_notify``) is relayed as an EOF anyway (the stream reads ``b""``); without this option
+      OpenSSL 3 marks the session failed at that EOF, so the upstream's reply could not be sent back.
+      It weakens nothing here: the EOF is passed on either way.
+    * the SNI callback, when the PROXY header needs the server name."""
+    ctx.options |= getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
+    if s.proxy_protocol != "off":
+        ctx.sni_callback = remember_sni
 
 
 def remember_sni(ssl_sock, server_name: str | None, _ctx) -> None:
