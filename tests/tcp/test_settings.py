@@ -62,3 +62,19 @@ def test_yaml_tls_route_with_alpn():
     with pytest.raises(ConfigError, match="alpn: 'h2,h2' names a protocol twice"):
         parse_routes((), [parse_mapping({"listen": "1", "url": "tls://p:1", "alpn": ["h2", "h2"]})])
 
+
+
+def test_injection_annotations_ask_for_tcp_mode_with_h2():
+    from tests.webhook.test_injector import ON, injected, make_pod, proxy
+    from tlsproxy.cli import parse_serve_settings
+    from tlsproxy.webhook.injector import Denied, decide
+
+    out, _ = injected(make_pod({**ON, "tlsproxy.io/protocol": "tcp", "tlsproxy.io/alpn": "h2",
+                                "tlsproxy.io/upstream-port": "8001"}, ports=(8001,)))
+    s = parse_serve_settings(proxy(out)["args"][1:], env={})
+    assert s.protocol == "tcp" and s.alpn == ("h2",) and str(s.upstream) == "tcp://127.0.0.1:8001"
+    for bad, message in (({"tlsproxy.io/alpn": "h2"}, "needs tlsproxy.io/protocol: tcp"),
+                         ({"tlsproxy.io/protocol": "tcp", "tlsproxy.io/alpn": "h2,h2"},
+                          "names a protocol twice")):
+        d = decide(make_pod({**ON, **bad}), namespace_default=False)
+        assert isinstance(d, Denied) and message in d.reason, d

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import __version__
-from ..config import parse_hostport, parse_url
+from ..config import parse_alpn, parse_hostport, parse_url
 
 PREFIX = "tlsproxy.io/"
 A_INJECT = PREFIX + "inject"
@@ -39,6 +39,7 @@ A_PORT = PREFIX + "port"
 A_ADMIN_PORT = PREFIX + "admin-port"
 A_SECRET = PREFIX + "secret"
 A_PROTOCOL = PREFIX + "protocol"
+A_ALPN = PREFIX + "alpn"
 A_HTTP_PORT = PREFIX + "http-port"
 A_HTTP_MODE = PREFIX + "http-mode"
 A_CLIENT_CA = PREFIX + "client-ca"
@@ -54,7 +55,7 @@ A_RESOURCES = {
 }
 KNOWN_ANNOTATIONS = frozenset({
     A_INJECT, A_STATUS, A_NATIVE, A_UPSTREAM_PORT, A_PORT, A_ADMIN_PORT, A_SECRET, A_PROTOCOL,
-    A_HTTP_PORT, A_HTTP_MODE, A_CLIENT_CA, A_REQUIRE_CLIENT_CERT, A_OUTBOUND, A_LOG_LEVEL,
+    A_HTTP_PORT, A_HTTP_MODE, A_CLIENT_CA, A_REQUIRE_CLIENT_CERT, A_OUTBOUND, A_LOG_LEVEL, A_ALPN,
     *A_ALLOW.values(), *A_RESOURCES.values(),
 })
 
@@ -182,6 +183,15 @@ def _build(annotations: Mapping[str, str], spec: Mapping[str, Any],
             "--admin", f":{admin_port}", "--cert-dir", TLS_MOUNT, "--log-format", "json"]
     if protocol != "http":
         args += ["--protocol", protocol]
+    if A_ALPN in annotations:
+        if protocol != "tcp":
+            raise _Invalid(f"annotation {A_ALPN} needs {A_PROTOCOL}: tcp (HTTP mode always offers http/1.1)")
+        try:
+            alpn = parse_alpn(annotations[A_ALPN])
+        except ValueError as exc:
+            raise _Invalid(f"annotation {A_ALPN}: {exc}") from None
+        if alpn:
+            args += ["--alpn", ",".join(alpn)]
     if A_LOG_LEVEL in annotations:
         args += ["--log-level", _choice(annotations, A_LOG_LEVEL, ("debug", "info", "warning", "error"),
                                         "info")]
