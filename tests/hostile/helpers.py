@@ -132,8 +132,8 @@ class ScriptedUpstream:
         conn.read_request = recording   # type: ignore[method-assign]
         try:
             self.behaviour(conn)
-        except OSError:
-            pass
+        except (OSError, h11.ProtocolError):
+            pass            # the proxy closed or sent something h11 refuses: end this connection
         finally:
             with contextlib.suppress(OSError):
                 conn.sock.close()
