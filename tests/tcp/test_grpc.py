@@ -79,9 +79,10 @@ def test_grpc_client_outside_identity_rules_is_refused(pki):
             assert metric(proxy, "tlsproxy_relays_ended_total", listener="inbound", ended="refused") >= 1
 
 
-def test_grpc_through_outbound_tls_route_and_inbound_tcp_mode(pki, tmp_path):
+def test_grpc_through_outbound_tls_route_and_inbound_tcp_mode(pki, tmp_path, caplog):
     """Envoy (plain h2c to a local port) → tlsproxy A (outbound tls:// route, client certificate,
     pinned peer identity, ALPN h2) → tlsproxy B (inbound tcp mode, mTLS) → Contour (h2c)."""
+    caplog.set_level(logging.INFO, logger="tlsproxy")
     envoy = client_cert(pki)
     cdir = pki.write_pair(tmp_path / "envoy-tls", envoy)
     contour_id = "spiffe://cluster.local/ns/projectcontour/sa/contour"
@@ -102,3 +103,13 @@ def test_grpc_through_outbound_tls_route_and_inbound_tcp_mode(pki, tmp_path):
                 assert len(contour.peers) == 3
                 assert metric(b, "tlsproxy_handshakes_total", listener="inbound", version="TLSv1.3",
                               resumed="no") == 1
+                sent = metric(a, "tlsproxy_received_bytes_total", listener=a.app.outbound.routes[0].label,
+                              protocol="tcp")
+                assert sent > 1 << 20
+    lines = [r.fields for r in caplog.records if r.getMessage() == "connection"]
+    inbound = [f for f in lines if f["listener"] == "inbound"]
+    outbound = [f for f in lines if f["listener"].startswith("outbound:")]
+    assert len(inbound) == 1 and len(outbound) == 1, lines
+    # B negotiated h2 with A's route and saw Envoy's certificate
+    assert inbound[0]["alpn"] == "h2" and ENVOY_ID in inbound[0]["identity"]
+    assert outbound[0]["bytes_in"] == inbound[0]["bytes_in"] > 1 << 20
