@@ -39,16 +39,23 @@ class RelayLimits:
 
 
 class CountingStream(trio.abc.HalfCloseableStream):
-    """Wraps the upstream side of a relay: counts bytes each way and feeds two counters as they flow.
+    """Wraps one side of a relay: counts bytes each way and feeds two counters as they flow.
 
-    ``sent`` is what went *to* the upstream (from the client), ``received`` what came back."""
+    On the upstream side, ``sent`` is what went *to* the upstream (from the client) and ``received``
+    what came back. ``bulk=True`` is for a TLS stream: ``relay.py`` asks for at most 256 KiB per
+    receive, and a ``TLSStream`` given a ``max_bytes`` returns one 16 KiB record per call, while
+    without one it drains every readable record up to the same 256 KiB. Measured here (128 MiB
+    through tcp mode, client and upstream in the same process): ~85-130 MiB/s with the hint,
+    ~160-300 MiB/s without."""
 
-    def __init__(self, inner: trio.abc.Stream, to_upstream=None, from_upstream=None) -> None:
+    def __init__(self, inner: trio.abc.Stream, to_upstream=None, from_upstream=None, *,
+                 bulk: bool = False) -> None:
         self.inner = inner
         self.sent = 0
         self.received = 0
         self._to = to_upstream
         self._from = from_upstream
+        self._bulk = bulk
 
     async def send_all(self, data) -> None:
         await self.inner.send_all(data)
@@ -57,7 +64,7 @@ class CountingStream(trio.abc.HalfCloseableStream):
             self._to.inc(len(data))
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        data = await self.inner.receive_some(max_bytes)
+        data = await self.inner.receive_some(None if self._bulk else max_bytes)
         if data:
             self.received += len(data)
             if self._from is not None:
@@ -90,7 +97,8 @@ def _ended(raw: str) -> str:
 async def run(client: trio.abc.Stream, upstream: CountingStream, *, listener: str, protocol: str,
               metrics, limits: RelayLimits, log_fields: dict, access_log: bool = True) -> str:
     """Relay ``client`` ⇄ ``upstream`` under ``limits``; record metrics and the log line. Returns how
-    it ended. Closes neither stream (whoever opened a stream closes it)."""
+    it ended. Closes neither stream (whoever opened a stream closes it). ``client`` may itself be a
+    (counter-less) :class:`CountingStream` with ``bulk=True`` when it is a TLS stream."""
     t0 = time.monotonic()
     ended, detail = "drain", ""
     try:

@@ -156,7 +156,8 @@ def make_serve(cfg: TCPConfig, metrics: Metrics) -> Callable[[TLSStream, ConnFac
                                          cfg.listener, cfg.access_log)
                     return
             counted = tcprelay.CountingStream(upstream, to_upstream, from_upstream)
-            await tcprelay.run(stream, counted, listener=cfg.listener, protocol=PROTOCOL, metrics=metrics,
+            client = tcprelay.CountingStream(stream, bulk=True)      # TLS: whole bursts per receive
+            await tcprelay.run(client, counted, listener=cfg.listener, protocol=PROTOCOL, metrics=metrics,
                                limits=cfg.limits, log_fields=fields, access_log=cfg.access_log)
         finally:
             await trio.aclose_forcefully(upstream)

@@ -222,7 +222,7 @@ class TLSRelayHandler:
                 return
             try:
                 # bytes counted as they flow: to the peer = received from our client, and back
-                counted = tcprelay.CountingStream(upstream, self._in, self._out)
+                counted = tcprelay.CountingStream(upstream, self._in, self._out, bulk=True)
                 await tcprelay.run(client, counted, listener=self.name, protocol="tcp", metrics=self.metrics,
                                    limits=self.limits, log_fields=fields, access_log=self.access_log)
             finally:
