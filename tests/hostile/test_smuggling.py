@@ -171,3 +171,27 @@ def test_refusals_are_counted_and_the_proxy_stays_up(proxy_and_app):
     assert counted >= 1
     data, _ = _exchange(pki, proxy, b"GET /alive HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
     assert parse_responses(data) == [(200, b"/alive")]
+
+
+def test_absolute_form_target_wins_over_a_disagreeing_host(proxy_and_app):
+    """RFC 9112 §3.2.2: with an absolute-form target the origin uses the target's authority and
+    ignores Host. The app gets origin-form and a Host that agrees with it (it used to get the
+    absolute URI and the other Host: a routing / cache-key confusion)."""
+    pki, proxy, up = proxy_and_app
+    data, _ = _exchange(pki, proxy, b"GET http://Other.example:8080/x?y HTTP/1.1\r\nHost: a\r\n"
+                                    b"Connection: close\r\n\r\n")
+    assert parse_responses(data) == [(200, b"/x?y")], data
+    req, _ = up.seen[-1]
+    headers = dict(req.headers)
+    assert req.target == b"/x?y"
+    assert headers[b"host"] == b"Other.example:8080" and headers[b"x-forwarded-host"] == b"Other.example:8080"
+    assert [n for n, _ in req.headers].count(b"host") == 1
+
+
+@pytest.mark.parametrize("target", [b"http://user@a/", b"http:///x", b"https://a b/"])
+def test_absolute_form_with_a_bad_authority_is_refused(proxy_and_app, target):
+    pki, proxy, up = proxy_and_app
+    before = len(up.raw)
+    data, how = _exchange(pki, proxy, b"GET %s HTTP/1.1\r\nHost: a\r\n\r\n" % target)
+    assert status_of(data) == 400 and how == "eof", data
+    assert len(up.raw) == before

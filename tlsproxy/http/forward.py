@@ -251,6 +251,8 @@ class Forwarder:
             if route.resolve is not None:
                 dest = route.resolve(req.method, req.target)
                 pool, target, host_override = dest.pool, dest.target, dest.host_override
+            else:
+                target, items = hdr.to_origin_form(target, items)
             out_items, request_id, upgrade = hdr.rewrite_request(items, facts.forward,
                                                                  host_override=host_override)
             log_entry.request_id = request_id

@@ -172,6 +172,26 @@ def check_request(method: bytes, target: bytes, http_version: bytes, headers: It
         raise HTTPError(400, "bad request: request target must be an absolute path", kind="target")
 
 
+def to_origin_form(target: bytes, items: list[Triple]) -> tuple[bytes, list[Triple]]:
+    """An absolute-form target (``GET http://a.example/x``) for an origin: RFC 9112 §3.2.2 says the
+    authority in the target wins over Host. Return the origin-form target and the headers with Host
+    set to that authority, so the app never sees a Host that disagrees with the URI (a classic
+    routing and cache-key confusion). Other targets come back unchanged."""
+    lower = target[:8].lower()
+    if not (lower.startswith(b"http://") or lower.startswith(b"https://")):
+        return target, items
+    rest = target.split(b"://", 1)[1]
+    cut = min((i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0), default=len(rest))
+    authority, path = rest[:cut], rest[cut:]
+    if not authority or not _HOST_RE.match(authority):
+        raise HTTPError(400, "bad request: invalid authority in the request target", kind="target")
+    if not path.startswith(b"/"):
+        path = b"/" + path
+    out = [item for item in items if item[1] != b"host"]
+    out.insert(0, (b"Host", b"host", authority))
+    return path, out
+
+
 def map_h11_error(status_hint: int, message: str, buffered: bytes | bytearray) -> HTTPError:
     """Turn h11's RemoteProtocolError into our answer: 431 for a large head (414 when the request
     line alone is too long), 400 for the rest (h11's 501 for odd Transfer-Encodings is a 400 here:
