@@ -164,6 +164,15 @@ def test_testssl_report_is_no_worse_than_nginx_on_any_line(targets):
     pki, tmp, ports = targets
     ours = _testssl(pki, ports["tlsproxy"], tmp / "tlsproxy-testssl.json")
     theirs = _testssl(pki, ports["nginx"], tmp / "nginx-testssl.json")
+    for name, port in (("tlsproxy", ports["tlsproxy"]), ("nginx", ports["nginx"])):
+        report = ours if name == "tlsproxy" else theirs
+        if any(text.startswith("WARN: check failed") for _rank, text in report.values()):
+            # testssl's own openssl timed out (a loaded machine): scan once more before judging
+            again = _testssl(pki, port, tmp / f"{name}-testssl-2.json")
+            if name == "tlsproxy":
+                ours = again
+            else:
+                theirs = again
     assert len(ours) > 40 and len(theirs) > 40
     worse = {i: (ours[i][1], theirs.get(i, (0, "absent"))[1]) for i in ours
              if i not in SETUP and ours[i][0] > theirs.get(i, (0, ""))[0]}
