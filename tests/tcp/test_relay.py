@@ -333,3 +333,55 @@ async def test_proxy_protocol_v2_header_reaches_the_upstream(pki, tmp_path):
         finally:
             await stop(proxy)
         nursery.cancel_scope.cancel()
+
+
+async def test_alpn_follows_the_configured_preference_and_active_gauge(pki):
+    async with trio.open_nursery() as nursery:
+        port = await start_upstream(nursery, echo)
+        proxy = await running(h.tcp_settings(pki, port, drain_timeout_s=2.0, alpn=("h2", "http/1.1")))
+        try:
+            active = {"listener": "inbound", "protocol": "tcp"}
+            chosen = []
+            for offered in (("http/1.1", "h2"), ("http/1.1",), ("foo",), ()):
+                stream = await h.tls_open(proxy.port, h.client_ctx(pki, alpn=offered))
+                chosen.append(stream.selected_alpn_protocol())
+                await stream.send_all(b"x")
+                with trio.fail_after(5):
+                    assert await stream.receive_some() == b"x"
+                assert h.metric(proxy, "tlsproxy_connections_active", **active) == 1    # one open relay
+                stream.close_now()
+                assert await until(lambda: h.metric(proxy, "tlsproxy_connections_active", **active) == 0)
+            # the server's order wins; no overlap (or no ALPN) still connects, with nothing selected
+            assert chosen == ["h2", "http/1.1", None, None]
+        finally:
+            await stop(proxy)
+        nursery.cancel_scope.cancel()
+
+
+async def test_certificate_rotation_keeps_open_relays_and_serves_the_new_one(pki):
+    async with trio.open_nursery() as nursery:
+        port = await start_upstream(nursery, echo)
+        proxy = await running(h.tcp_settings(pki, port, drain_timeout_s=2.0))
+        try:
+            old = await h.tls_open(proxy.port, h.client_ctx(pki))
+            old_der = old.getpeercert(True)
+            new_leaf = pki.issue("localhost", dns=("localhost",))
+            pki.write_pair(pki.cert_dir, new_leaf)          # what a Secret update ends with
+
+            async def serves_new() -> bool:
+                s = await h.tls_open(proxy.port, h.client_ctx(pki))
+                try:
+                    return s.getpeercert(True) != old_der
+                finally:
+                    s.close_now()
+
+            with trio.fail_after(15):
+                while not await serves_new():  # noqa: ASYNC110 - the reload happens in the proxy thread
+                    await trio.sleep(0.1)
+            await old.send_all(b"still relayed")             # the open relay kept its session
+            with trio.fail_after(5):
+                assert await old.receive_some() == b"still relayed"
+            old.close_now()
+        finally:
+            await stop(proxy)
+        nursery.cancel_scope.cancel()
