@@ -7,6 +7,7 @@ fields h11 already parsed.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from collections.abc import Iterable
@@ -237,8 +238,13 @@ def wants_upgrade(headers: Iterable[tuple[bytes, bytes]], tokens: set[bytes]) ->
     return None
 
 
+_RID_PREFIX = os.urandom(8).hex()     # per process: ids stay unique across workers and restarts
+_rid_counter = itertools.count(int.from_bytes(os.urandom(4), "big"))
+
+
 def new_request_id() -> bytes:
-    return os.urandom(16).hex().encode()
+    """32 hex characters: a random per-process prefix and a counter (no getrandom per request)."""
+    return f"{_RID_PREFIX}{next(_rid_counter) & 0xFFFFFFFFFFFFFFFF:016x}".encode()
 
 
 def _port_of(host: bytes) -> bytes | None:
