@@ -13,7 +13,10 @@ import pytest
 
 from tlsproxy.webhook.review import PATHS, ReviewError, handle, respond
 
-SAMPLES = Path("/work/shared/k8s-samples")
+# shared/ lies beside the checkout (CI lays a copy there too); /work/shared on a developer machine
+_CANDIDATES = (Path(__file__).resolve().parents[2].parent / "shared" / "k8s-samples",
+               Path("/work/shared/k8s-samples"))
+SAMPLES = next((p for p in _CANDIDATES if p.is_dir()), _CANDIDATES[0])
 SAMPLE_FILES = sorted(SAMPLES.glob("*.json")) if SAMPLES.is_dir() else []
 
 
@@ -30,7 +33,7 @@ def patched_pod(review: dict, response: dict) -> dict:
     return pod
 
 
-@pytest.mark.skipif(not SAMPLE_FILES, reason="no AdmissionReview samples in /work/shared/k8s-samples")
+@pytest.mark.skipif(not SAMPLE_FILES, reason="no AdmissionReview samples in ../shared/k8s-samples")
 @pytest.mark.parametrize("path", SAMPLE_FILES, ids=lambda p: p.name)
 def test_every_sample_namespace_default(path):
     review = json.loads(path.read_text())
