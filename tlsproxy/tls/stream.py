@@ -124,7 +124,7 @@ class TLSStream(trio.abc.Stream):
             ssl_recv = self._ssl.recv
             while True:
                 try:
-                    data = ssl_recv(min(size, 16384) if max_bytes is None else size)
+                    data = ssl_recv(min(size, 16384))
                     break
                 except ssl.SSLWantReadError:
                     blocked = True
@@ -138,15 +138,16 @@ class TLSStream(trio.abc.Stream):
                 except (ssl.SSLError, OSError) as exc:
                     self._broken = True
                     raise trio.BrokenResourceError(f"receive: {exc}") from exc
-            if max_bytes is None and (len(data) >= 16384 or self._ssl.pending()):
-                # A full record: more is likely readable (bulk); drain it, up to RECEIVE_SIZE, in one
-                # call. A short record ends a burst: another SSL_read would only fail with WANT_READ
-                # (a syscall and an exception per receive, measured in docs/performance.md).
+            if len(data) >= 16384 or self._ssl.pending():
+                # A full record: more is likely readable (bulk); drain it, up to ``max_bytes`` (or
+                # RECEIVE_SIZE), in one call. A short record ends a burst: another SSL_read would
+                # only fail with WANT_READ (a syscall and an exception per receive, measured in
+                # docs/performance.md).
                 chunks = None
                 total = len(data)
-                while total < RECEIVE_SIZE:
+                while total < size:
                     try:
-                        more = ssl_recv(16384)
+                        more = ssl_recv(min(16384, size - total))
                     except (ssl.SSLWantReadError, ssl.SSLWantWriteError, ssl.SSLZeroReturnError):
                         break
                     except (ssl.SSLError, OSError):
