@@ -191,10 +191,11 @@ class Forwarder:
         started = bool(_unparsed(client))
         head_deadline = trio.current_time() + limits.head_timeout_s
         checked = False
+        scanned = 0       # bytes of the (growing) head buffer already searched: each read is scanned once
         while True:
             if not checked:
                 buf = _unparsed(client)
-                end = hdr.find_head_end(buf)
+                end = hdr.find_head_end(buf, max(0, scanned - 2))
                 if end >= 0:
                     checked = True
                     problem = hdr.check_head_size(buf, end, limits.max_head_bytes) or \
@@ -207,9 +208,11 @@ class Forwarder:
                 raise hdr.map_h11_error(exc.error_status_hint, str(exc), _unparsed(client)) from None
             if event is _NEED_DATA:
                 if started:
-                    bare_cr = hdr.check_bare_cr(_unparsed(client))
+                    buf = _unparsed(client)
+                    bare_cr = hdr.check_bare_cr(buf, max(0, scanned - 1))
                     if bare_cr is not None:
                         raise bare_cr
+                    scanned = len(buf)
                     with trio.CancelScope(deadline=head_deadline):
                         data = await _receive(stream)
                         if not data:

@@ -70,11 +70,13 @@ def error_response(status: int, body: str, *, close: bool = True,
 
 # ---------------------------------------------------------------------------- raw head checks
 
-def find_head_end(buf: bytes | bytearray) -> int:
+def find_head_end(buf: bytes | bytearray, start: int = 0) -> int:
     """Index just past the blank line ending a head, or -1 if incomplete. Accepts bare-LF endings
-    (so that they can be *refused* instead of waited for)."""
-    i = buf.find(b"\n\r\n")
-    j = buf.find(b"\n\n")
+    (so that they can be *refused* instead of waited for). ``start``: where a previous search of
+    the same growing buffer stopped, minus 2 (a head dribbled in tiny TLS records must not cost a
+    scan of the whole buffer per record)."""
+    i = buf.find(b"\n\r\n", start)
+    j = buf.find(b"\n\n", start)
     ends = [k for k in (i + 3 if i >= 0 else -1, j + 2 if j >= 0 else -1) if k >= 0]
     return min(ends) if ends else -1
 
@@ -96,10 +98,11 @@ def check_raw_head(head: bytes | bytearray) -> HTTPError | None:
     return None
 
 
-def check_bare_cr(buf: bytes | bytearray) -> HTTPError | None:
+def check_bare_cr(buf: bytes | bytearray, start: int = 0) -> HTTPError | None:
     """A CR not followed by LF (RFC 9112 §2.2: invalid). Checked on a head still incomplete, so a
-    client ending lines with bare CRs is refused at once instead of waiting for the head timeout."""
-    if _BARE_CR_RE.search(buf):
+    client ending lines with bare CRs is refused at once instead of waiting for the head timeout.
+    ``start``: where the previous check of the same growing buffer stopped, minus 1."""
+    if _BARE_CR_RE.search(buf, start):
         return HTTPError(400, "bad request: bare CR (RFC 9112 section 2.2)", kind="bare_cr")
     return None
 
