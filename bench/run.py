@@ -360,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     work = Path(tempfile.mkdtemp(prefix="tlsproxy-bench-"))
+    print(f"bench: work directory {work}", file=sys.stderr, flush=True)
     bench = Bench(plan, work)
     started = dt.datetime.now(dt.UTC)
     load_before = procs.loadavg()

@@ -7,6 +7,7 @@ handshake row needs it, and that the run stopped every process it started."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,13 +22,13 @@ ROOT = Path(__file__).resolve().parent.parent
 TOOLS = ("nginx", "wrk", "h2load", "taskset", "openssl", "curl")
 
 
-def _ours() -> set[int]:
-    """PIDs of processes whose command line mentions the benchmark's work directories."""
+def _mentioning(text: str) -> set[int]:
+    """PIDs of processes whose command line mentions ``text`` (the run's own work directory)."""
     out = set()
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             try:
-                if b"tlsproxy-bench-" in (d / "cmdline").read_bytes():
+                if text.encode() in (d / "cmdline").read_bytes():
                     out.add(int(d.name))
             except OSError:
                 pass
@@ -37,7 +38,6 @@ def _ours() -> set[int]:
 @pytest.mark.skipif(any(shutil.which(t) is None for t in TOOLS) or (os.cpu_count() or 1) < 2,
                     reason="needs nginx, wrk, h2load (make deps) and 2 CPUs")
 def test_smoke_run_prints_the_whole_table(tmp_path):
-    before = _ours()
     t0 = time.monotonic()
     r = subprocess.run([sys.executable, "-m", "bench.run", "--smoke", "--no-record"], cwd=ROOT,
                        capture_output=True, text=True, timeout=90)
@@ -56,8 +56,10 @@ def test_smoke_run_prints_the_whole_table(tmp_path):
             assert "—" not in cells[:4], row
     assert "resumption-off port: `s_client -reconnect`" in r.stdout
     assert "instance counted" in r.stdout and " 0 resumed handshakes" in r.stdout
+    work = re.search(r"bench: work directory (\S+)", r.stderr).group(1)
+    assert not Path(work).exists()                       # removed without --keep
     time.sleep(0.5)
-    assert _ours() - before == set(), "the benchmark left processes running"
+    assert _mentioning(work) == set(), "the benchmark left processes running"
 
 
 def test_parse_wrk_output():
