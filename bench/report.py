@@ -55,6 +55,14 @@ class Results:
     def add(self, key: str, server: str, value: float) -> None:
         self.samples.setdefault((key, server), []).append(value)
 
+    def spread(self, key: str, server: str) -> str:
+        """``min–max`` of the runs ("—" without samples, the value alone for one run)."""
+        values = self.samples.get((key, server))
+        if not values:
+            return "—"
+        lo, hi = min(values), max(values)
+        return _fmt(lo) if lo == hi else f"{_fmt(lo)}–{_fmt(hi)}"
+
     def median(self, key: str, server: str) -> float | None:
         values = self.samples.get((key, server))
         return statistics.median(values) if values else None
@@ -75,17 +83,21 @@ def rows(results: Results) -> list[list[str]]:
     for f in FIGURES:
         t, n = results.median(f.key, "tlsproxy"), results.median(f.key, "nginx")
         if f.key in results.missing and t is None:
-            out.append([f.label, f.unit, results.missing[f.key], "", "", f.floor[0] if f.floor else "", ""])
+            out.append([f.label, f.unit, results.missing[f.key], "", "", f.floor[0] if f.floor else "", "",
+                        ""])
             continue
         ratio = _fmt(t / n) if t is not None and n else "—"
         holds = ""
         if f.floor is not None and t is not None and n is not None:
             holds = "yes" if f.floor[1](t, n) else "**no**"
-        out.append([f.label, f.unit, _fmt(t), _fmt(n), ratio, f.floor[0] if f.floor else "", holds])
+        spread = f"{results.spread(f.key, 'tlsproxy')} / {results.spread(f.key, 'nginx')}"
+        out.append([f.label, f.unit, _fmt(t), _fmt(n), ratio, f.floor[0] if f.floor else "", holds,
+                    spread if spread != "— / —" else ""])
     return out
 
 
-HEADER = ["figure", "unit", "tlsproxy", "nginx", "tlsproxy/nginx", "floor", "holds"]
+HEADER = ["figure", "unit", "tlsproxy", "nginx", "tlsproxy/nginx", "floor", "holds",
+          "range of runs (tlsproxy / nginx)"]
 
 
 def markdown_table(results: Results) -> str:

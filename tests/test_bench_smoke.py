@@ -103,7 +103,7 @@ def test_report_ratios_floors_and_missing_rows():
     res.missing["outbound"] = "n/a (outbound not built)"
     rows = {r[0]: r for r in report.rows(res)}
     ka = rows["(a) keep-alive small requests, wrk -c50"]
-    assert ka[2:7] == ["200", "1,000", "0.20", "≥ 0.2", "yes"]
+    assert ka[2:8] == ["200", "1,000", "0.20", "≥ 0.2", "yes", "100–300 / 1,000"]
     assert rows["(d) RSS per idle handshaken connection"][6] == "**no**"
     assert "n/a (outbound not built)" in rows["(e) outbound origination, wrk -c50 (app → proxy → TLS peer)"]
     md = report.entry(res, title="Run X", facts=["machine: m"], notes=["loaded"])
