@@ -367,6 +367,7 @@ class Forwarder:
             wire = len(_unparsed(client))
             max_body = limits.max_body_bytes
             chunked = _chunked_reader(client)
+            new_lf = True     # a chunk-size line can only go bad when a read brought an LF
             while True:
                 try:
                     event = client.next_event()
@@ -375,7 +376,7 @@ class Forwarder:
                 if event is _NEED_DATA:
                     if chunked is not None:
                         problem = hdr.check_chunk_overhead(wire - len(_unparsed(client)), received)
-                        if problem is None and chunked._bytes_in_chunk == 0 \
+                        if problem is None and new_lf and chunked._bytes_in_chunk == 0 \
                                 and not chunked._bytes_to_discard and not chunked._reading_trailer:
                             problem = hdr.check_chunk_line(_unparsed(client))
                         if problem is not None:
@@ -392,6 +393,7 @@ class Forwarder:
                         if not data:
                             raise _Close("client closed during request body")
                         wire += len(data)
+                        new_lf = b"\n" in data
                         client.receive_data(data)
                         continue
                     raise _Close("request body stalled")
