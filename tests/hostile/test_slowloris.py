@@ -6,7 +6,6 @@ byte-by-byte variants, the exact timing and the slow handshake.)"""
 from __future__ import annotations
 
 import socket
-import threading
 import time
 
 from tests.hostile.helpers import keepalive_ok, read_all, scripted_upstream, status_of, tls_socket
@@ -15,30 +14,40 @@ from tests.support import running_proxy, settings_for, wait_for
 HEAD = b"GET /slow HTTP/1.1\r\nHost: localhost\r\nX-Padding: " + b"p" * 200 + b"\r\n\r\n"
 
 
-def _dribble(sock, data: bytes, interval: float, stop: threading.Event) -> None:
-    for i in range(len(data)):
-        if stop.is_set():
-            return
+def _dribble(sock, data: bytes, interval: float, timeout: float = 10) -> tuple[bytes, str]:
+    """Send ``data`` one byte per ``interval`` while reading what comes back, on one thread (an
+    SSLSocket must not be read and written from two threads at once). Returns (received, how)."""
+    got = bytearray()
+    i = 0
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if i < len(data):
+            try:
+                sock.sendall(data[i:i + 1])
+                i += 1
+            except OSError:
+                i = len(data)                     # the proxy closed: keep reading its answer
+        sock.settimeout(interval)
         try:
-            sock.sendall(data[i:i + 1])
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            continue
         except OSError:
-            return
-        time.sleep(interval)
+            return bytes(got), "reset"
+        if not chunk:
+            return bytes(got), "eof"
+        got += chunk
+    return bytes(got), "timeout"
 
 
 def test_head_dribbled_byte_by_byte_gets_408_at_the_head_timeout(pki):
     with scripted_upstream(keepalive_ok) as up, \
             running_proxy(settings_for(pki, up.port, head_timeout_s=1.0)) as proxy:
         s = tls_socket(proxy.port, pki)
-        stop = threading.Event()
         t0 = time.monotonic()
-        t = threading.Thread(target=_dribble, args=(s, HEAD, 0.05, stop), daemon=True)
-        t.start()     # 1 byte / 50 ms: the whole head would take ~12 s
         try:
-            data, how = read_all(s, 10)
+            data, how = _dribble(s, HEAD, 0.05)   # 1 byte / 50 ms: the whole head would take ~12 s
         finally:
-            stop.set()
-            t.join(5)
             s.close()
         elapsed = time.monotonic() - t0
         assert status_of(data) == 408 and how in ("eof", "reset"), (data, how)
@@ -53,15 +62,10 @@ def test_second_request_dribbled_on_keepalive_gets_408(pki):
         s.sendall(b"GET /first HTTP/1.1\r\nHost: localhost\r\n\r\n")
         first = s.recv(65536)
         assert first.startswith(b"HTTP/1.1 200") and first.endswith(b"/first")
-        stop = threading.Event()
         t0 = time.monotonic()
-        t = threading.Thread(target=_dribble, args=(s, HEAD, 0.05, stop), daemon=True)
-        t.start()
         try:
-            data, how = read_all(s, 10)
+            data, how = _dribble(s, HEAD, 0.05)
         finally:
-            stop.set()
-            t.join(5)
             s.close()
         assert status_of(data) == 408, data
         assert 0.9 < time.monotonic() - t0 < 2.5
@@ -151,15 +155,10 @@ def test_client_hello_dribbled_byte_by_byte_is_cut_at_the_handshake_timeout(pki)
     with scripted_upstream(keepalive_ok) as up, \
             running_proxy(settings_for(pki, up.port, handshake_timeout_s=1.0)) as proxy:
         s = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
-        stop = threading.Event()
         t0 = time.monotonic()
-        t = threading.Thread(target=_dribble, args=(s, hello, 0.05, stop), daemon=True)
-        t.start()
         try:
-            data, how = read_all(s, 10)
+            data, how = _dribble(s, hello, 0.05)
         finally:
-            stop.set()
-            t.join(5)
             s.close()
         assert data == b"" and how in ("eof", "reset")
         assert 0.9 < time.monotonic() - t0 < 2.5
