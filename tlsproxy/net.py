@@ -8,6 +8,7 @@ the listeners (cancel the accept nursery) while handlers finish under their own 
 from __future__ import annotations
 
 import errno
+import ipaddress
 import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import trio
 
 from .config import HostPort
+from .errors import UpstreamError
 from .log import get_logger
 
 log = get_logger("net")
@@ -154,3 +156,42 @@ def peer_host_port(peer: Any) -> tuple[str, int]:
             host = host[7:]
         return host, peer[1]
     return str(peer), 0
+
+
+# ---------------------------------------------------------------------------- dialling
+
+async def connect_tcp(host: str, port: int, timeout_s: float) -> trio.SocketStream:
+    """A TCP stream to ``host:port`` within ``timeout_s``, or :class:`UpstreamError` naming what went
+    wrong (kind ``connect_timeout``, ``resolve`` or ``connect``). IP literals — the usual localhost
+    app — skip name resolution and happy eyeballs. Inbound (the app) and outbound (peers) both dial
+    through here."""
+    peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        with trio.fail_after(timeout_s):
+            return await _dial(host, port)
+    except trio.TooSlowError:
+        raise UpstreamError("connect_timeout", f"connect to {peer} timed out after {timeout_s:g}s") from None
+    except OSError as exc:
+        if isinstance(exc, socket.gaierror):
+            raise UpstreamError("resolve", f"cannot resolve {host}") from None
+        # trio.open_tcp_stream reports "all attempts failed" with the per-address errors as the cause
+        causes = getattr(exc.__cause__, "exceptions", None) or (exc.__cause__ or exc,)
+        codes = {c.errno for c in causes if isinstance(c, OSError) and c.errno}
+        if codes == {errno.ECONNREFUSED}:
+            raise UpstreamError("connect", f"connection to {peer} refused") from None
+        names = ", ".join(sorted(errno.errorcode.get(c, str(c)) for c in codes))
+        raise UpstreamError("connect", f"cannot connect to {peer}: {names or exc.strerror or exc}") from None
+
+
+async def _dial(host: str, port: int) -> trio.SocketStream:
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return await trio.open_tcp_stream(host, port)
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        await sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)

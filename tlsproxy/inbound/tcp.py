@@ -40,9 +40,9 @@ from ..errors import UpstreamError
 from ..http.forward import ConnFacts
 from ..log import get_logger
 from ..metrics import Metrics
+from ..net import connect_tcp
 from ..tls import identity as ident
 from ..tls.stream import TLSStream
-from .upstream import connect_tcp
 
 log = get_logger("inbound.tcp")
 

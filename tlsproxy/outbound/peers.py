@@ -21,9 +21,7 @@ or unresolvable peer says so, and a slow connect or handshake is ``connect_timeo
 
 from __future__ import annotations
 
-import errno
 import hashlib
-import socket
 import ssl
 from collections import OrderedDict
 from collections.abc import Callable
@@ -37,6 +35,7 @@ from ..errors import CertError, UpstreamError
 from ..http.pool import Pool
 from ..log import get_logger
 from ..metrics import Metrics
+from ..net import connect_tcp
 from ..tls.contexts import ALPN_HTTP1, ClientTLSOptions, client_context
 from ..tls.identity import AllowRules, Identity
 from ..tls.listener import stdlib_socket
@@ -196,26 +195,6 @@ def _handshake_reason(exc: ssl.SSLError) -> str:
         if needle in reason:
             return f"{text} [{reason}]"
     return reason or str(exc)
-
-
-async def connect_tcp(host: str, port: int, timeout_s: float) -> trio.SocketStream:
-    """A TCP stream to ``host:port``, or UpstreamError naming what went wrong."""
-    peer = f"{host}:{port}"
-    try:
-        with trio.fail_after(timeout_s):
-            return await trio.open_tcp_stream(host, port)
-    except trio.TooSlowError:
-        raise UpstreamError("connect_timeout", f"connect to {peer} timed out after {timeout_s:g}s") from None
-    except OSError as exc:
-        if isinstance(exc, socket.gaierror):
-            raise UpstreamError("resolve", f"cannot resolve {host}") from None
-        # trio reports "all attempts failed" with the per-address errors as the cause
-        causes = getattr(exc.__cause__, "exceptions", None) or (exc,)
-        codes = {c.errno for c in causes if isinstance(c, OSError) and c.errno}
-        if codes == {errno.ECONNREFUSED}:
-            raise UpstreamError("connect", f"connection to {peer} refused") from None
-        names = ", ".join(sorted(errno.errorcode.get(c, str(c)) for c in codes))
-        raise UpstreamError("connect", f"cannot connect to {peer}: {names or exc}") from None
 
 
 # ---------------------------------------------------------------------------- refusals after the handshake

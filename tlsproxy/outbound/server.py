@@ -34,11 +34,12 @@ from ..http.forward import ConnFacts, Destination, Drain, Forwarder, Limits, Rou
 from ..http.pool import Pool
 from ..log import get_logger
 from ..metrics import Metrics
+from ..net import connect_tcp
 from ..relay import relay
 from ..tls.identity import AllowRules
 from ..tls.reload import serve_reloads
 from . import routes as _routes
-from .peers import ClientTLS, PeerOpener, PeerPools, connect_tcp
+from .peers import ClientTLS, PeerOpener, PeerPools
 
 log = get_logger("outbound")
 access = get_logger("access")
