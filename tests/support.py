@@ -308,6 +308,23 @@ def curl(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
                           timeout=timeout + 5)
 
 
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports on 127.0.0.1, all held while picking so none is handed out twice.
+    Start whatever binds port 0 later only after the processes using these have bound them."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
+
+
 def wait_for(pred, timeout: float = 10, interval: float = 0.05) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import free_port as _free_port
 from tlsproxy.certs.generate import issue, make_ca
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,12 +101,6 @@ class _App(BaseHTTPRequestHandler):
 
     def log_message(self, *args) -> None:
         pass
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

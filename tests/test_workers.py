@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import TLSPROXY, app_server, client_context, make_pki, wait_for
+from tests.support import free_port as _free_port
 from tlsproxy.config import HostPort, Settings
 from tlsproxy.workers import reserve_port, worker_settings
 
@@ -74,12 +75,6 @@ def setup(tmp_path):
     pki = make_pki(tmp_path)
     with app_server() as app:
         yield tmp_path, pki, app
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start(tmp_path, pki, app, workers: int = 2, *extra: str) -> tuple[Proc, int]:

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.support import free_port
+
 TLSPROXY = Path(sys.executable).parent / "tlsproxy"
 
 
@@ -66,14 +68,6 @@ def handshake(server_ctx, client_ctx, server_hostname: str, timeout: float = 10.
         t.join(timeout)
         listener.close()
     return result
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _Echo:

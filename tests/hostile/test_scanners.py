@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.hostile.helpers import free_port, keepalive_ok, proxy_process, scripted_upstream
-from tests.support import PKI, ROOT
+from tests.hostile.helpers import keepalive_ok, proxy_process, scripted_upstream
+from tests.support import PKI, ROOT, free_port
 
 NGINX_CONF = """
 daemon off;

@@ -7,12 +7,7 @@ import threading
 import time
 
 from tests.support import curl, raw_exchange, running_proxy, settings_for, tls_connect
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.support import free_port as _free_port
 
 
 def _status(data: bytes) -> int:

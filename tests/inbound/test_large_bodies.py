@@ -9,6 +9,7 @@ import time
 import pytest
 
 from tests.support import TLSPROXY, curl, wait_for
+from tests.support import free_port as _free_port
 
 GiB = 1 << 30
 
@@ -19,13 +20,6 @@ def _rss_kib(pid: int, field: str = "VmRSS") -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     raise AssertionError(field)
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

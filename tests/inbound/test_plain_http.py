@@ -10,6 +10,7 @@ import pytest
 from tests.admin.scrape import get_json, scrape, value
 from tests.admin.test_readiness import captured_logs
 from tests.support import curl, running_proxy, settings_for, wait_for
+from tests.support import free_port as _free_port
 from tlsproxy.config import HostPort
 from tlsproxy.errors import HTTPError
 from tlsproxy.http.redirect import redirect_location
@@ -52,12 +53,6 @@ def test_redirect_refusals(host, target, status):
     with pytest.raises(HTTPError) as err:
         redirect_location(host, target, 443)
     assert err.value.status == status
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_curl_follows_the_redirect_onto_https(pki, app):

@@ -7,16 +7,9 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 
-from tests.support import TLSPROXY, wait_for
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.support import TLSPROXY, free_ports, wait_for
 
 
 @contextlib.contextmanager
@@ -55,8 +48,10 @@ def test_walkthrough_with_real_processes(tmp_path):
                         "spiffe://cluster.local/ns/shop/sa/app-a", "--out", "pki"],
                        cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    b_port, b_admin, a_port, a_admin, out_port = (free_port() for _ in range(5))
-    b_args = ["demo", "--listen", f"127.0.0.1:{b_port}", "--admin", f"127.0.0.1:{b_admin}",
+    # Every port chosen up front: a process binding port 0 later could be handed one of these.
+    b_port, b_admin, a_port, a_admin, out_port, b_app = free_ports(6)
+    b_args = ["demo", "--app-port", str(b_app), "--listen", f"127.0.0.1:{b_port}",
+              "--admin", f"127.0.0.1:{b_admin}",
               "--cert-dir", "pki", "--client-ca", "pki/ca.crt", "--drain-delay", "0"]
     a_args = ["serve", "--listen", f"127.0.0.1:{a_port}", "--admin", f"127.0.0.1:{a_admin}",
               "--state-dir", "./a-state", "--drain-delay", "0",
@@ -84,7 +79,7 @@ def test_outbound_with_workers_runs_on_worker_zero_only(pki, tmp_path):
 
     leaf = pki.issue("localhost", dns=("localhost",))
     with tls_peer(tmp_path / "peer", leaf) as peer:
-        out_port, admin = free_port(), free_port()
+        out_port, admin = free_ports(2)
         args = ["serve", "--workers", "2", "--listen", "127.0.0.1:0", "--admin", f"127.0.0.1:{admin}",
                 "--state-dir", str(tmp_path / "state"), "--drain-delay", "0",
                 "--outbound", f"127.0.0.1:{out_port}=https://localhost:{peer.port}",

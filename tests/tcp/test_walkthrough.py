@@ -9,8 +9,8 @@ import re
 import subprocess
 import sys
 
-from tests.outbound.test_walkthrough import free_port, process
-from tests.support import ROOT, TLSPROXY, wait_for
+from tests.outbound.test_walkthrough import process
+from tests.support import ROOT, TLSPROXY, free_port, wait_for
 
 DOC = (ROOT / "docs" / "tcp.md").read_text()
 
