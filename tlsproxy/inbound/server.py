@@ -71,9 +71,9 @@ class ConnectionHandler:
             try:
                 stream = await handshake(sock, self.store, self.cfg.handshake_timeout_s)
             except HandshakeFailed as exc:
-                self.metrics.handshake_failures.labels(self.cfg.name, exc.reason).inc()
                 log.info("handshake failed", listener=self.cfg.name, client=f"{ip}:{port}",
                          reason=exc.reason, detail=exc.detail)
+                self.metrics.handshake_failures.labels(self.cfg.name, exc.reason).inc()
                 return
             version = stream.version() or "-"
             key = (version, "yes" if stream.session_reused() else "no")

@@ -139,15 +139,17 @@ class Reloader:
             log.debug("certificate still unusable", trigger=trigger, file=exc.path, reason=exc.reason)
             return Outcome("refused_again", self.store.generation, exc)
         self._last_error = text
-        self.store.record_failure(text)
-        if self.metrics is not None:
-            self.metrics.reloads.labels(self.role, "failure").inc()
+        # Log before publishing the failure (store, metric): whoever sees it published — /certs,
+        # a scrape, a test in another thread — also finds the log line already written.
         if self.store.ready:
             log.error("certificate reload failed; keeping the current certificate", trigger=trigger,
                       file=exc.path, reason=exc.reason)
         else:
             log.error("certificate not usable; no certificate is served yet", trigger=trigger,
                       file=exc.path, reason=exc.reason)
+        self.store.record_failure(text)
+        if self.metrics is not None:
+            self.metrics.reloads.labels(self.role, "failure").inc()
         return Outcome("failed", self.store.generation, exc)
 
     def _finish(self, result: _Prepared | _Refused | Outcome, trigger: str, force: bool) -> Outcome:
