@@ -10,14 +10,13 @@ import queue
 import signal
 import socket
 import ssl
-import subprocess
-import threading
 import time
 
 import httpx
 
+from bench.rotation import Proxy as _SubprocessProxy
 from tests.admin.scrape import get
-from tests.support import TLSPROXY, wait_for
+from tests.support import wait_for
 
 DRAIN_DELAY_S = 1.5
 DRAIN_TIMEOUT_S = 15
@@ -25,38 +24,8 @@ IN_FLIGHT = 8
 SLOW_S = 3          # outlives the drain delay: still running when the listeners close
 
 
-class Proxy:
-    """``tlsproxy serve`` as a subprocess; its JSON log lines are collected from stderr."""
-
-    def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen([TLSPROXY, "serve", "--log-format", "json", *args],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        self.lines: queue.Queue[dict] = queue.Queue()
-        self.events: list[dict] = []
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            try:
-                self.lines.put(json.loads(line))
-            except ValueError:
-                self.lines.put({"event": "unparsed", "line": line})
-
-    def wait_event(self, pred, timeout: float = 15) -> dict:
-        for ev in self.events:
-            if pred(ev):
-                return ev
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                ev = self.lines.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            self.events.append(ev)
-            if pred(ev):
-                return ev
-        raise AssertionError(f"no such log line; saw {self.events}")
+class Proxy(_SubprocessProxy):
+    """bench/rotation.py's ``tlsproxy serve`` subprocess, plus what the drain tests need."""
 
     def drain_log(self) -> None:
         while True:
