@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import http.server
 import json
+import logging
 import socket
 import ssl
 import subprocess
@@ -158,10 +159,11 @@ class _EchoHandler(http.server.BaseHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def app_server() -> Iterator[AppServer]:
-    app = AppServer(0)
+def app_server(port: int = 0) -> Iterator[AppServer]:
+    """The echo app on 127.0.0.1 (``port`` to have it come back on the same one)."""
+    app = AppServer(port)
     handler = type("Handler", (_EchoHandler,), {"app": app})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
     server.daemon_threads = True
     app.port = server.server_address[1]
     app.server = server
@@ -172,6 +174,23 @@ def app_server() -> Iterator[AppServer]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@contextlib.contextmanager
+def captured_logs(logger: str = "tlsproxy", level: int = logging.INFO) -> Iterator[list[logging.LogRecord]]:
+    """Every record ``logger`` (and its children) emits while the block runs, from any thread."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(level)
+    handler.emit = records.append
+    log = logging.getLogger(logger)
+    old_level = log.level
+    log.addHandler(handler)
+    log.setLevel(level)
+    try:
+        yield records
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old_level)
 
 
 # ---------------------------------------------------------------------------- the proxy in a thread

@@ -2,51 +2,23 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import http.server
 import logging
 import socket
 import ssl
-import threading
 import time
 
 import httpx
 
 from tests.admin.scrape import get, get_json, scrape, value
-from tests.support import AppServer, _EchoHandler, curl, running_proxy, settings_for, wait_for
-
-
-@contextlib.contextmanager
-def upstream_on(port: int):
-    """The echo app on a given port (so it can go away and come back on the same one)."""
-    app = AppServer(port)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), type("H", (_EchoHandler,), {"app": app}))
-    server.daemon_threads = True
-    app.port = server.server_address[1]
-    t = threading.Thread(target=server.serve_forever, daemon=True)
-    t.start()
-    try:
-        yield app
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-@contextlib.contextmanager
-def captured_logs():
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logger = logging.getLogger("tlsproxy")
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        yield records
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
+from tests.support import (
+    app_server,
+    captured_logs,
+    curl,
+    running_proxy,
+    settings_for,
+    wait_for,
+)
 
 
 def _ready(port: int) -> int:
@@ -61,7 +33,7 @@ def test_healthz_and_ready(pki, app):
 
 
 def test_readiness_follows_the_upstream_away_and_back(pki):
-    with upstream_on(0) as first:
+    with app_server(0) as first:
         port = first.port
         proxy_cm = running_proxy(settings_for(pki, port))
         proxy = proxy_cm.__enter__()
@@ -81,7 +53,7 @@ def test_readiness_follows_the_upstream_away_and_back(pki):
         assert value(scrape(proxy.admin_port), "tlsproxy_upstream_errors_total", listener="inbound",
                      kind="connect") == 1
         # the app comes back on the same port: ready again, without restarting the proxy
-        with upstream_on(port):
+        with app_server(port):
             assert wait_for(lambda: _ready(proxy.admin_port) == 200, timeout=10)
             r = curl("--cacert", str(pki.ca_file), f"{proxy.url}/")
             assert r.returncode == 0, r.stderr

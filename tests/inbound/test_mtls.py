@@ -6,7 +6,6 @@ Plus the pure verdict (identity → rules → headers) table-driven, and the set
 from __future__ import annotations
 
 import base64
-import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -21,7 +20,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from tests.support import PKI, curl, running_proxy, settings_for, wait_for
+from tests.support import PKI, captured_logs, curl, running_proxy, settings_for, wait_for
 from tlsproxy.app import App
 from tlsproxy.certs import generate
 from tlsproxy.config import build_settings
@@ -66,26 +65,6 @@ def s_client(port: int, pki: PKI, client: tuple[str, str] | None = None) -> str:
     return (out.stdout + out.stderr).decode("utf-8", "replace")
 
 
-@contextlib.contextmanager
-def captured(logger: str):
-    records: list[logging.LogRecord] = []
-
-    class _List(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(record)
-
-    handler = _List(logging.DEBUG)
-    log = logging.getLogger(logger)
-    old_level = log.level
-    log.addHandler(handler)
-    log.setLevel(logging.DEBUG)
-    try:
-        yield records
-    finally:
-        log.removeHandler(handler)
-        log.setLevel(old_level)
-
-
 # ---------------------------------------------------------------------------- end to end
 
 def test_allowed_client_reaches_app_with_xfcc(pki, app, tmp_path):
@@ -115,7 +94,7 @@ def test_client_outside_rules_gets_403_and_a_log_line(pki, app, tmp_path):
     paths = write_client(tmp_path / "c", "batch", stranger)
     settings = settings_for(pki, app.port, client_ca=pki.ca_file, allow_uri=("spiffe://cluster.local/ns/shop/*",),
                             allow_cn=("front",), allow_ou=("shop",), allow_dns=("front.shop.svc",))
-    with captured("tlsproxy.inbound.mtls") as records, running_proxy(settings) as proxy:
+    with captured_logs("tlsproxy.inbound.mtls", logging.DEBUG) as records, running_proxy(settings) as proxy:
         before = len(app.seen)
         r = curl_with(pki, proxy, paths, "-w", "\n%{http_code}")
         assert r.returncode == 0, r.stderr

@@ -8,8 +8,7 @@ import socket
 import pytest
 
 from tests.admin.scrape import get_json, scrape, value
-from tests.admin.test_readiness import captured_logs
-from tests.support import curl, running_proxy, settings_for, wait_for
+from tests.support import captured_logs, curl, running_proxy, settings_for, wait_for
 from tests.support import free_port as _free_port
 from tlsproxy.config import HostPort
 from tlsproxy.errors import HTTPError
