@@ -195,3 +195,130 @@ async def _dial(host: str, port: int) -> trio.SocketStream:
         sock.close()
         raise
     return trio.SocketStream(sock)
+
+
+class PlainStream(trio.abc.HalfCloseableStream):
+    """A trio stream over a connected non-blocking stdlib TCP socket: the upstream leg's hot path.
+
+    ``trio.SocketStream`` costs about 60 Python calls per send or receive (conflict detectors as
+    generator context managers, the socket wrapper's non-blocking helper, a scheduler pass each);
+    here the system call is tried first and the task parks on ``wait_readable``/``wait_writable``
+    only when it would block, as :class:`~tlsproxy.tls.stream.TLSStream` does for TLS. A call that
+    did not block yields to the scheduler every ``YIELD_EVERY`` calls only: enough for fairness
+    (a bulk transfer cannot starve other tasks), without a scheduler pass per request (measured in
+    docs/performance.md). Every call still raises ``trio.Cancelled`` at its start if cancelled.
+    """
+
+    YIELD_EVERY = 8
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.socket = sock
+        self._fd = sock.fileno()
+        self._closed = False
+        self._receiving = False
+        self._sending = False
+        self._ops = 0
+
+    def fileno(self) -> int:
+        return self._fd
+
+    async def _after(self, blocked: bool) -> None:
+        if blocked:
+            return
+        self._ops += 1
+        if self._ops >= self.YIELD_EVERY:
+            self._ops = 0
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._closed:
+            raise trio.ClosedResourceError("stream is closed")
+        if self._receiving:
+            raise trio.BusyResourceError("another task is receiving on this stream")
+        self._receiving = True
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            recv = self.socket.recv
+            size = max_bytes or 65536
+            blocked = False
+            while True:
+                try:
+                    data = recv(size)
+                    break
+                except (BlockingIOError, InterruptedError):
+                    blocked = True
+                    await _park(trio.lowlevel.wait_readable, self._fd)
+                except OSError as exc:
+                    raise trio.BrokenResourceError(f"receive: {exc}") from exc
+            await self._after(blocked)
+            return data
+        finally:
+            self._receiving = False
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("stream is closed")
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this stream")
+        self._sending = True
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            send = self.socket.send
+            blocked = False
+            with memoryview(data) as view:
+                while view:
+                    try:
+                        sent = send(view)
+                    except (BlockingIOError, InterruptedError):
+                        blocked = True
+                        await _park(trio.lowlevel.wait_writable, self._fd)
+                        continue
+                    except OSError as exc:
+                        raise trio.BrokenResourceError(f"send: {exc}") from exc
+                    view = view[sent:]
+            await self._after(blocked)
+        finally:
+            self._sending = False
+
+    async def wait_send_all_might_not_block(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("stream is closed")
+        await trio.lowlevel.wait_writable(self._fd)
+
+    async def send_eof(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("stream is closed")
+        await trio.lowlevel.checkpoint()
+        try:
+            self.socket.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            if exc.errno != errno.ENOTCONN:
+                raise trio.BrokenResourceError(f"shutdown: {exc}") from exc
+
+    def close_now(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            trio.lowlevel.notify_closing(self._fd)
+        except (ValueError, OSError):
+            pass
+        self.socket.close()
+
+    async def aclose(self) -> None:
+        self.close_now()
+        await trio.lowlevel.checkpoint()
+
+
+async def _park(wait, fd: int) -> None:
+    try:
+        await wait(fd)
+    except trio.ClosedResourceError:
+        raise trio.ClosedResourceError("stream was closed while waiting") from None
+
+
+def plain_stream(stream: trio.SocketStream) -> PlainStream:
+    """Take a connected ``trio.SocketStream``'s descriptor into a :class:`PlainStream`."""
+    sock = stream.socket
+    return PlainStream(socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach()))

@@ -6,15 +6,15 @@ import trio
 
 from ..config import Upstream
 from ..errors import UpstreamError
-from ..net import connect_tcp
+from ..net import PlainStream, connect_tcp, plain_stream
 
 
 def tcp_opener(upstream: Upstream, connect_timeout_s: float):
     """An opener for :class:`~tlsproxy.http.pool.Pool`: a new TCP stream to ``upstream``."""
     host, port = upstream.host, upstream.port
 
-    async def open_stream() -> trio.SocketStream:
-        return await connect_tcp(host, port, connect_timeout_s)
+    async def open_stream() -> PlainStream:
+        return plain_stream(await connect_tcp(host, port, connect_timeout_s))
 
     return open_stream
 

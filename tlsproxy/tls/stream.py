@@ -18,7 +18,9 @@ Rules that keep it correct:
 * ``SSL_write`` is retried with the *same* buffer after ``WANT_WRITE`` (CPython sets
   ``SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER`` but not partial writes). A send that is cancelled half-way
   leaves OpenSSL expecting that retry, so the stream is marked broken.
-* Every operation is a trio checkpoint, as trio's own sockets are.
+* Every operation checks for cancellation at its start. One that had to wait has been through the
+  scheduler; one that did not yields every ``YIELD_EVERY`` calls, not every time (a scheduler pass
+  per send was a measurable share of a keep-alive request; fairness needs only a bound).
 * ``aclose`` sends ``close_notify`` (best effort, never blocking) and closes the descriptor.
 """
 
@@ -30,6 +32,7 @@ import ssl
 
 import trio
 
+YIELD_EVERY = 8              # calls that did not block between two scheduler passes
 RECEIVE_SIZE = 256 * 1024   # OpenSSL hands back at most one 16 KiB record per SSL_read; we loop up to this
 
 _wait_readable = trio.lowlevel.wait_readable
@@ -53,6 +56,7 @@ class TLSStream(trio.abc.Stream):
         self._broken = False
         self._receiving = False
         self._sending = False
+        self._unyielded = 0
 
     # ------------------------------------------------------------------ facts about the connection
     @property
@@ -104,6 +108,15 @@ class TLSStream(trio.abc.Stream):
                 self._broken = True
                 raise trio.BrokenResourceError(f"handshake: {exc}") from exc
         if not blocked:
+            await _cancel_shielded_checkpoint()
+
+    async def _maybe_yield(self) -> None:
+        # A call that did not block yields to the scheduler only every YIELD_EVERY calls: a bulk
+        # transfer cannot starve other tasks, and a keep-alive request does not pay a scheduler
+        # pass per send (docs/performance.md).
+        self._unyielded += 1
+        if self._unyielded >= YIELD_EVERY:
+            self._unyielded = 0
             await _cancel_shielded_checkpoint()
 
     async def _park(self, wait) -> None:
@@ -161,7 +174,7 @@ class TLSStream(trio.abc.Stream):
                 if chunks is not None:
                     data = b"".join(chunks)
             if not blocked:
-                await _cancel_shielded_checkpoint()
+                await self._maybe_yield()
             return data
         finally:
             self._receiving = False
@@ -206,7 +219,7 @@ class TLSStream(trio.abc.Stream):
                     raise trio.BrokenResourceError(f"send: {exc}") from exc
                 view = view[sent:]
             if not blocked:
-                await _cancel_shielded_checkpoint()
+                await self._maybe_yield()
         finally:
             self._sending = False
 
