@@ -266,6 +266,7 @@ class App:
         async with trio.open_nursery() as root:
             self.bound.admin = await root.start(serve_admin, s.admin, self.admin_routes)
             root.start_soon(self._expiry_watch)
+            root.start_soon(self.drain.watchdog.run)
             await root.start(lambda task_status: serve_reloads(
                 self.reloader, self.source.watch_paths, interval_s=s.reload_check_interval_s,
                 task_status=task_status))

@@ -5,7 +5,8 @@ Theory of operation
 A client connection is served by :meth:`Forwarder.serve` in a loop:
 
 1. wait for a request head (``idle_timeout_s`` before its first byte, then ``head_timeout_s`` for
-   the whole head → 408); check what h11 lets through (bare LF, obs-fold, CL+TE, versions, Host);
+   the whole head → 408; every wait's deadline is a :class:`~.deadlines.Watch` on the connection);
+   check what h11 lets through (bare LF, obs-fold, CL+TE, versions, Host);
 2. rewrite the head (pure, ``headers.py``) and take a pooled upstream connection;
 3. stream the request body with backpressure: every upstream write is awaited before the next
    client read, and writes are coalesced until we are about to wait on the client; ``Expect:
@@ -38,6 +39,7 @@ from ..log import get_logger
 from ..metrics import Metrics
 from ..relay import relay
 from . import headers as hdr
+from .deadlines import Watch, Watchdog
 from .pool import Pool, UpstreamConn
 
 log = get_logger("http")
@@ -45,10 +47,18 @@ access = get_logger("access")
 
 FLUSH_BYTES = 256 * 1024          # coalesce body writes up to this before sending
 UPSTREAM_READ_BYTES = 256 * 1024  # large upstream reads: fewer trips through Python per byte
-# Deadlines are plain CancelScopes (not move_on_after/fail_after): on the per-request path the
-# generator-based context managers cost measurably more than the scope itself.
+# Deadlines: one Watch per client connection (deadlines.py), not a cancel scope per wait.
 EXPECT_ANSWER = b"HTTP/1.1 100 Continue\r\n\r\n"
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+
+# What a client connection is waiting for (Watch.phase): an expired deadline is answered by phase.
+IDLE = "idle"                      # between requests (or before the first): quiet close
+HEAD = "head"                      # the rest of a request head: 408
+BODY_IN = "request_body"           # the client's next request body bytes: close
+UPSTREAM_SEND = "upstream_send"    # the upstream taking our request: 504
+UPSTREAM_WAIT = "upstream_response"  # the upstream's response head: 504
+UPSTREAM_BODY = "upstream_body"    # the upstream's next response body bytes: close
+CLIENT_SEND = "client_send"        # the client taking what we send: close
 
 _NEED_DATA = h11.NEED_DATA
 _PAUSED = h11.PAUSED
@@ -104,28 +114,19 @@ class ConnFacts:
 
 
 class Drain:
-    """Tells connection handlers that a drain started; wakes the ones idling between requests."""
+    """Tells connection handlers that a drain started, and wakes the ones idling between requests.
+    Owns the :class:`~.deadlines.Watchdog` that enforces every client connection's deadlines (its
+    ``run`` task belongs in the application's root nursery)."""
 
     def __init__(self) -> None:
         self.draining = False
-        self._idle_scopes: set[trio.CancelScope] = set()
+        self.watchdog = Watchdog()
 
     def start(self) -> None:
         self.draining = True
-        for scope in list(self._idle_scopes):
-            scope.cancel()
-
-    def idle_scope(self, timeout_s: float) -> trio.CancelScope:
-        scope = trio.CancelScope(deadline=trio.current_time() + timeout_s)
-        if self.draining:
-            scope.cancel()
-        return scope
-
-    def track(self, scope: trio.CancelScope) -> None:
-        self._idle_scopes.add(scope)
-
-    def untrack(self, scope: trio.CancelScope) -> None:
-        self._idle_scopes.discard(scope)
+        for w in list(self.watchdog.watches):
+            if w.phase == IDLE:
+                Watchdog.fire(w)
 
 
 class _Close(Exception):
@@ -165,31 +166,46 @@ class Forwarder:
     async def serve(self, stream: trio.abc.Stream, facts: ConnFacts) -> None:
         limits = self.route.limits
         client = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_head_bytes)
+        watchdog = self.drain.watchdog
+        watch = watchdog.watch()
         first = True
         try:
-            while True:
-                try:
-                    request = await self._read_head(stream, client, first)
-                except _Close:
-                    return
-                except HTTPError as err:
-                    await self._refuse(stream, facts, err, None)
-                    return
-                first = False
-                keep = await self._handle(stream, client, request, facts)
-                if not keep:
-                    return
-                if client.our_state is h11.DONE and client.their_state is h11.DONE:
-                    client.start_next_cycle()
-                else:
-                    return
+            with watch.scope:
+                while True:
+                    try:
+                        request = await self._read_head(stream, client, first, watch)
+                    except _Close:
+                        return
+                    except HTTPError as err:
+                        await self._refuse(stream, facts, err, None)
+                        return
+                    except trio.Cancelled:
+                        if watch.expired == HEAD:
+                            await self._refuse(stream, facts, HTTPError(
+                                408, "request head not received in time", kind="head_timeout"), None,
+                                shield=True)
+                            return
+                        if watch.expired is not None:
+                            return      # idle (or woken by a drain): close quietly
+                        raise
+                    first = False
+                    keep = await self._handle(stream, client, request, facts, watch)
+                    if not keep:
+                        return
+                    if client.our_state is h11.DONE and client.their_state is h11.DONE:
+                        client.start_next_cycle()
+                    else:
+                        return
         finally:
+            watchdog.forget(watch)
             await _close(stream)
 
-    async def _read_head(self, stream: trio.abc.Stream, client: h11.Connection, first: bool) -> h11.Request:
+    async def _read_head(self, stream: trio.abc.Stream, client: h11.Connection, first: bool,
+                         watch: Watch) -> h11.Request:
         limits = self.route.limits
         started = bool(_unparsed(client))
-        head_deadline = trio.current_time() + limits.head_timeout_s
+        if started:      # pipelined bytes: the head's deadline runs from now
+            watch.arm(HEAD, limits.head_timeout_s)
         checked = False
         scanned = 0       # bytes of the (growing) head buffer already searched: each read is scanned once
         while True:
@@ -213,29 +229,22 @@ class Forwarder:
                     if bare_cr is not None:
                         raise bare_cr
                     scanned = len(buf)
-                    with trio.CancelScope(deadline=head_deadline):
-                        data = await _receive(stream)
-                        if not data:
-                            raise _Close("eof in head")
-                        client.receive_data(data)
-                        continue
-                    raise HTTPError(408, "request head not received in time", kind="head_timeout")
+                    data = await _receive(stream)     # under the HEAD deadline (408)
+                    if not data:
+                        raise _Close("eof in head")
+                    client.receive_data(data)
+                    continue
                 # Idle before the first byte: the keep-alive idle timeout (the handshake deadline
                 # already bounded the first request's wait), cut short by a drain.
-                scope = self.drain.idle_scope(limits.head_timeout_s if first else limits.idle_timeout_s)
-                self.drain.track(scope)
-                try:
-                    with scope:
-                        data = await _receive(stream)
-                finally:
-                    self.drain.untrack(scope)
-                if scope.cancelled_caught:
+                if self.drain.draining:
                     raise _Close("idle")
+                watch.arm(IDLE, limits.head_timeout_s if first else limits.idle_timeout_s)
+                data = await _receive(stream)
                 if not data:
                     raise _Close("eof")
                 client.receive_data(data)
                 started = True
-                head_deadline = trio.current_time() + limits.head_timeout_s
+                watch.arm(HEAD, limits.head_timeout_s)
                 continue
             if type(event) is h11.Request:
                 return event
@@ -243,11 +252,12 @@ class Forwarder:
 
     # ------------------------------------------------------------------ one request
     async def _handle(self, stream: trio.abc.Stream, client: h11.Connection, req: h11.Request,
-                      facts: ConnFacts) -> bool:
+                      facts: ConnFacts, watch: Watch) -> bool:
         """Proxy one request. Returns True to keep the client connection for another request."""
         route = self.route
         t0 = time.perf_counter()
         log_entry = _AccessEntry(req.method, req.target, facts)
+        watch.disarm()        # the upstream dial has its own deadline
         try:
             hdr.check_request(req.method, req.target, req.http_version, req.headers)
             if facts.deny is not None:
@@ -272,13 +282,23 @@ class Forwarder:
                                     kind="body_too_large")
             upstream_req = h11.Request(method=req.method, target=target, headers=Headers(out_items),
                                        http_version=b"1.1", _parsed=True)
-            keep = await self._exchange(stream, client, req, upstream_req, upgrade, log_entry, pool)
+            keep = await self._exchange(stream, client, req, upstream_req, upgrade, log_entry, pool, watch)
         except HTTPError as err:
             await self._refuse(stream, facts, err, log_entry)
             keep = False
         except _Close as why:
             log_entry.status = log_entry.status or 499
             log_entry.note = why.why
+            keep = False
+        except trio.Cancelled:
+            expired = self._expired(watch)
+            if expired is None:
+                raise           # not our deadline: the drain's cut, or the process stopping
+            if isinstance(expired, HTTPError) and client.our_state is h11.SEND_RESPONSE:
+                await self._refuse(stream, facts, expired, log_entry, shield=True)
+            else:               # the response has started: all we can do is close
+                log_entry.status = log_entry.status or 499
+                log_entry.note = expired.why if isinstance(expired, _Close) else expired.kind
             keep = False
         duration = time.perf_counter() - t0
         self._m_duration.observe(duration)
@@ -288,9 +308,30 @@ class Forwarder:
             log_entry.emit(route.name, duration)
         return keep and not self.drain.draining
 
+    def _expired(self, watch: Watch) -> HTTPError | _Close | None:
+        """What an expired deadline inside a request means (None: the cancellation is not ours)."""
+        phase = watch.expired
+        if phase is None:
+            return None
+        if phase == UPSTREAM_WAIT:
+            self._upstream_error("timeout")
+            return HTTPError(504, "upstream did not answer in time", kind="upstream_timeout")
+        if phase == UPSTREAM_SEND:
+            self._upstream_error("timeout")
+            return HTTPError(504, "upstream failed: upstream stopped reading the request",
+                             kind="upstream_timeout")
+        if phase == UPSTREAM_BODY:
+            self._upstream_error("body_timeout")
+            return _Close("upstream response body stalled")
+        if phase == BODY_IN:
+            return _Close("request body stalled")
+        if phase == CLIENT_SEND:
+            return _Close("client stopped reading the response")
+        return _Close(f"{phase or 'wait'} timed out")
+
     async def _exchange(self, stream: trio.abc.Stream, client: h11.Connection, req: h11.Request,
                         upstream_req: h11.Request, upgrade: bytes | None, entry: _AccessEntry,
-                        pool: Pool) -> bool:
+                        pool: Pool, watch: Watch) -> bool:
         limits = self.route.limits
         # h11 is in SEND_BODY after every request head (even a bodiless GET), so ask the framing.
         cl = hdr.header_value(req.headers._full_items, b"content-length")
@@ -301,12 +342,9 @@ class Forwarder:
         try:
             while True:
                 try:
-                    await self._send_request(stream, client, up, upstream_req, entry)
-                    with trio.CancelScope(deadline=trio.current_time()
-                                          + limits.upstream_response_timeout_s) as waited:
-                        response = await self._read_response_head(stream, client, up, upgrade is not None)
-                    if waited.cancelled_caught:
-                        raise trio.TooSlowError
+                    await self._send_request(stream, client, up, upstream_req, entry, watch)
+                    watch.arm(UPSTREAM_WAIT, limits.upstream_response_timeout_s)
+                    response = await self._read_response_head(stream, client, up, upgrade is not None, watch)
                     break
                 except UpstreamError as exc:
                     if retryable and up.reused and exc.sent_nothing:
@@ -315,10 +353,6 @@ class Forwarder:
                         retryable = False
                         continue
                     raise
-        except trio.TooSlowError:
-            pool.discard(up)
-            self._upstream_error("timeout")
-            raise HTTPError(504, "upstream did not answer in time", kind="upstream_timeout") from None
         except UpstreamError as exc:
             pool.discard(up)
             self._upstream_error(exc.kind)
@@ -329,9 +363,9 @@ class Forwarder:
             raise
         entry.status = response.status_code
         if response.status_code == 101:
-            return await self._switch(stream, client, up, response, entry, pool)
+            return await self._switch(stream, client, up, response, entry, pool, watch)
         try:
-            await self._stream_response(stream, client, up, response, entry)
+            await self._stream_response(stream, client, up, response, entry, watch)
         except BaseException:
             pool.discard(up)
             raise
@@ -358,7 +392,7 @@ class Forwarder:
         self.metrics.upstream_errors.labels(self.route.name, kind).inc()
 
     async def _send_request(self, stream: trio.abc.Stream, client: h11.Connection, up: UpstreamConn,
-                            upstream_req: h11.Request, entry: _AccessEntry) -> None:
+                            upstream_req: h11.Request, entry: _AccessEntry, watch: Watch) -> None:
         limits = self.route.limits
         out = bytearray(up.h11.send(upstream_req))
         sent_anything = False
@@ -382,21 +416,20 @@ class Forwarder:
                         if problem is not None:
                             raise problem
                     if out:
-                        await _upstream_send(up, out, sent_anything)
+                        await _upstream_send(up, out, sent_anything, watch)
                         sent_anything = True
                         out = bytearray()
                     if client.they_are_waiting_for_100_continue:
-                        await _client_send(stream, EXPECT_ANSWER, self.route.limits.body_timeout_s)
+                        await _client_send(stream, EXPECT_ANSWER, watch, limits.body_timeout_s)
                         client.send(h11.InformationalResponse(status_code=100, headers=[]))
-                    with trio.move_on_after(limits.body_timeout_s):
-                        data = await _receive(stream)
-                        if not data:
-                            raise _Close("client closed during request body")
-                        wire += len(data)
-                        new_lf = b"\n" in data
-                        client.receive_data(data)
-                        continue
-                    raise _Close("request body stalled")
+                    watch.arm(BODY_IN, limits.body_timeout_s)
+                    data = await _receive(stream)
+                    if not data:
+                        raise _Close("client closed during request body")
+                    wire += len(data)
+                    new_lf = b"\n" in data
+                    client.receive_data(data)
+                    continue
                 if type(event) is _Data:
                     received += len(event.data)
                     if max_body is not None and received > max_body:
@@ -404,7 +437,7 @@ class Forwarder:
                                         kind="body_too_large")
                     out += up.h11.send(event)
                     if len(out) >= FLUSH_BYTES:
-                        await _upstream_send(up, out, sent_anything)
+                        await _upstream_send(up, out, sent_anything, watch)
                         sent_anything = True
                         out = bytearray()
                 elif type(event) is _EndOfMessage:
@@ -418,10 +451,10 @@ class Forwarder:
             self._m_in.inc(received)
         else:
             out += up.h11.send(h11.EndOfMessage())
-        await _upstream_send(up, out, sent_anything)
+        await _upstream_send(up, out, sent_anything, watch)
 
     async def _read_response_head(self, stream: trio.abc.Stream, client: h11.Connection, up: UpstreamConn,
-                                  upgrading: bool) -> h11.Response | h11.InformationalResponse:
+                                  upgrading: bool, watch: Watch) -> h11.Response | h11.InformationalResponse:
         got = 0
         while True:
             try:
@@ -441,11 +474,14 @@ class Forwarder:
                     if not upgrading:
                         raise UpstreamError("protocol", "101 without an upgrade request")
                     return event
-                if event.status_code != 100:   # 100 is ours to send; 103 etc. pass through
-                    head = client.send(h11.InformationalResponse(
-                        status_code=event.status_code,
-                        headers=Headers(hdr.rewrite_response(event.headers._full_items)), _parsed=True))
-                    await _client_send(stream, head, self.route.limits.body_timeout_s)
+                if event.status_code == 100:   # 100 is ours to send; 103 etc. pass through
+                    continue
+                head = client.send(h11.InformationalResponse(
+                    status_code=event.status_code,
+                    headers=Headers(hdr.rewrite_response(event.headers._full_items)), _parsed=True))
+                deadline = watch.deadline    # the response head's deadline runs on while we relay a 1xx
+                await _client_send(stream, head, watch, self.route.limits.body_timeout_s)
+                watch.phase, watch.deadline = UPSTREAM_WAIT, deadline
                 continue
             if etype is h11.ConnectionClosed:
                 raise UpstreamError("closed", "upstream closed the connection before answering",
@@ -453,7 +489,7 @@ class Forwarder:
             raise UpstreamError("protocol", f"unexpected {etype.__name__}")
 
     async def _stream_response(self, stream: trio.abc.Stream, client: h11.Connection, up: UpstreamConn,
-                               response: h11.Response, entry: _AccessEntry) -> None:
+                               response: h11.Response, entry: _AccessEntry, watch: Watch) -> None:
         limits = self.route.limits
         items = hdr.rewrite_response(response.headers._full_items)
         if self.drain.draining or client.their_state is h11.SEND_BODY:
@@ -476,26 +512,24 @@ class Forwarder:
                 raise _Close(f"upstream broke the response body: {exc}") from None
             if event is _NEED_DATA:
                 if out:
-                    await _client_send(stream, out, self.route.limits.body_timeout_s)
+                    await _client_send(stream, out, watch, limits.body_timeout_s)
                     out = bytearray()
                     flushed = True
-                with trio.CancelScope(deadline=trio.current_time() + limits.body_timeout_s):
-                    try:
-                        data = await up.stream.receive_some(UPSTREAM_READ_BYTES)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                        self._upstream_error("reset")
-                        raise _Close("upstream reset during the response body") from None
-                    upc.receive_data(data)
-                    continue
-                self._upstream_error("body_timeout")
-                raise _Close("upstream response body stalled")
+                watch.arm(UPSTREAM_BODY, limits.body_timeout_s)
+                try:
+                    data = await up.stream.receive_some(UPSTREAM_READ_BYTES)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    self._upstream_error("reset")
+                    raise _Close("upstream reset during the response body") from None
+                upc.receive_data(data)
+                continue
             etype = type(event)
             if etype is _Data:
                 sent += len(event.data)
                 for part in client.send_with_data_passthrough(event):   # no join: one copy
                     out += part
                 if len(out) >= FLUSH_BYTES:
-                    await _client_send(stream, out, self.route.limits.body_timeout_s)
+                    await _client_send(stream, out, watch, limits.body_timeout_s)
                     out = bytearray()
                     flushed = True
             elif etype is _EndOfMessage:
@@ -505,24 +539,28 @@ class Forwarder:
                 self._upstream_error("protocol")
                 raise _Close("upstream closed during the response body")
         if out:
-            await _client_send(stream, out, self.route.limits.body_timeout_s)
+            await _client_send(stream, out, watch, limits.body_timeout_s)
         entry.bytes_out = sent
         self._m_out.inc(sent)
 
     async def _switch(self, stream: trio.abc.Stream, client: h11.Connection, up: UpstreamConn,
-                      response: h11.InformationalResponse, entry: _AccessEntry, pool: Pool) -> bool:
+                      response: h11.InformationalResponse, entry: _AccessEntry, pool: Pool,
+                      watch: Watch) -> bool:
         """The app accepted an upgrade: answer 101, then relay bytes both ways until both end."""
         try:
             items = hdr.rewrite_response(response.headers._full_items, upgrade=True)
             head = client.send(h11.InformationalResponse(status_code=101, headers=Headers(items),
                                                          reason=response.reason, _parsed=True))
-            await _client_send(stream, head, self.route.limits.body_timeout_s)
+            timeout_s = self.route.limits.body_timeout_s
+            await _client_send(stream, head, watch, timeout_s)
             client_rest = client.trailing_data[0]
             upstream_rest = up.h11.trailing_data[0]
             if upstream_rest:
-                await _client_send(stream, upstream_rest, self.route.limits.body_timeout_s)
+                await _client_send(stream, upstream_rest, watch, timeout_s)
             if client_rest:
+                watch.arm(UPSTREAM_SEND, UPSTREAM_WRITE_TIMEOUT_S)
                 await up.stream.send_all(client_rest)
+            watch.disarm("upgraded")      # the relay has its own timeouts
             result = await relay(stream, up.stream, idle_timeout_s=None,
                                  close_timeout_s=self.route.limits.upgrade_close_timeout_s)
             entry.bytes_in = result.a_to_b + len(client_rest)
@@ -533,7 +571,9 @@ class Forwarder:
         return False
 
     async def _refuse(self, stream: trio.abc.Stream, facts: ConnFacts, err: HTTPError,
-                      entry: _AccessEntry | None) -> None:
+                      entry: _AccessEntry | None, *, shield: bool = False) -> None:
+        """Answer ``err`` and close. ``shield``: the connection's scope is already cancelled (an
+        expired deadline), so the answer goes out under a shielded scope of its own."""
         self.metrics.client_errors.labels(self.route.name, str(err.status)).inc()
         if entry is not None:
             entry.status = err.status
@@ -546,7 +586,7 @@ class Forwarder:
             log.warning("upstream error", listener=self.route.name, client=facts.client, status=err.status,
                         reason=err.reason, upstream=self.route.upstream_label)
         try:
-            with trio.move_on_after(5):
+            with trio.CancelScope(deadline=trio.current_time() + 5, shield=shield):
                 await stream.send_all(hdr.error_response(err.status, err.reason))
                 linger = getattr(stream, "linger_close", None)
                 if linger is not None:
@@ -564,27 +604,24 @@ async def _receive(stream: trio.abc.Stream) -> bytes:
         raise _Close(f"client connection broke: {exc}") from None
 
 
-async def _client_send(stream: trio.abc.Stream, data: bytes | bytearray, timeout_s: float) -> None:
+async def _client_send(stream: trio.abc.Stream, data: bytes | bytearray, watch: Watch,
+                       timeout_s: float) -> None:
     """Send to the client; one that stops reading for ``timeout_s`` (a slow-read attack, or a
     client gone without a FIN) is cut, so it cannot hold its connection and an upstream forever."""
+    watch.arm(CLIENT_SEND, timeout_s)
     try:
-        with trio.CancelScope(deadline=trio.current_time() + timeout_s) as scope:
-            await stream.send_all(data)
+        await stream.send_all(data)
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         raise _Close(f"client went away: {exc}") from None
-    if scope.cancelled_caught:
-        raise _Close("client stopped reading the response")
 
 
 UPSTREAM_WRITE_TIMEOUT_S = 30.0   # an upstream that stops reading our request for this long is dead
 
 
-async def _upstream_send(up: UpstreamConn, data: bytes | bytearray, sent_before: bool) -> None:
+async def _upstream_send(up: UpstreamConn, data: bytes | bytearray, sent_before: bool, watch: Watch) -> None:
+    watch.arm(UPSTREAM_SEND, UPSTREAM_WRITE_TIMEOUT_S)
     try:
-        with trio.CancelScope(deadline=trio.current_time() + UPSTREAM_WRITE_TIMEOUT_S) as scope:
-            await up.stream.send_all(data)
-        if scope.cancelled_caught:
-            raise UpstreamError("timeout", "upstream stopped reading the request")
+        await up.stream.send_all(data)
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
         raise UpstreamError("reset", f"connection lost while sending: {_short(exc)}",
                             sent_nothing=not sent_before) from None

@@ -1,0 +1,87 @@
+"""Per-connection deadlines, enforced by one watchdog task instead of a cancel scope per wait.
+
+Theory of operation
+-------------------
+A proxied request waits in up to six places (idle before the head, the rest of the head, the
+request body, the upstream taking the request, the upstream's answer, the client taking the
+response), each under its own timeout. A ``trio.CancelScope`` per wait cost about 35 Python calls
+(two generator context managers inside trio, a deadline heap push) — a sixth of a keep-alive
+request's CPU (docs/performance.md). Here each client connection owns one :class:`Watch`, made
+once: its scope wraps the whole connection, and arming a wait is two attribute stores and a clock
+read. One :class:`Watchdog` task per process wakes every ``TICK_S`` and cancels the scope of
+every watch whose deadline passed, recording *which* wait expired (``Watch.expired``); the engine
+turns that into the same answer a per-wait scope gave (408, 504, or a quiet close). Deadlines are
+therefore exact to ``TICK_S`` (50 ms), well under any timeout a user sets.
+
+Every expiry ends the connection, which is what makes one scope per connection enough: a cancelled
+scope stays cancelled, so whatever is said to the client afterwards (a 408 or 504) is sent under a
+shielded scope with its own bound.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import trio
+
+TICK_S = 0.05
+
+_now = time.monotonic
+
+
+class Watch:
+    """One client connection's current wait: what it is (``phase``) and until when (``deadline``)."""
+
+    __slots__ = ("scope", "deadline", "phase", "expired")
+
+    def __init__(self) -> None:
+        self.scope = trio.CancelScope()
+        self.deadline = math.inf
+        self.phase = ""
+        self.expired: str | None = None    # the phase whose deadline passed, once it did
+
+    def arm(self, phase: str, timeout_s: float) -> None:
+        self.phase = phase
+        self.deadline = _now() + timeout_s
+
+    def disarm(self, phase: str = "") -> None:
+        self.phase = phase
+        self.deadline = math.inf
+
+
+class Watchdog:
+    """Owns the live watches; :meth:`run` (one task, in the application's root nursery) expires them."""
+
+    def __init__(self, tick_s: float = TICK_S) -> None:
+        self.tick_s = tick_s
+        self.watches: set[Watch] = set()
+
+    def watch(self) -> Watch:
+        w = Watch()
+        self.watches.add(w)
+        return w
+
+    def forget(self, w: Watch) -> None:
+        self.watches.discard(w)
+
+    @staticmethod
+    def fire(w: Watch) -> None:
+        """Expire ``w`` now (its deadline passed, or a drain wakes an idle connection)."""
+        if w.expired is None:
+            w.expired = w.phase
+        w.deadline = math.inf
+        w.scope.cancel()
+
+    def expire_due(self, now: float | None = None) -> int:
+        now = _now() if now is None else now
+        due = [w for w in self.watches if w.deadline <= now]
+        for w in due:
+            self.fire(w)
+        return len(due)
+
+    async def run(self) -> None:
+        while True:
+            await trio.sleep(self.tick_s)
+            if self.watches:
+                self.expire_due()
