@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 
 import h11
 import trio
-from h11._headers import Headers
 
 from ..errors import HTTPError, UpstreamError
 from ..log import get_logger
@@ -41,6 +40,7 @@ from ..relay import relay
 from . import headers as hdr
 from .deadlines import Watch, Watchdog
 from .pool import Pool, UpstreamConn
+from .response import FramingError, ResponseWriter, informational_head
 
 log = get_logger("http")
 access = get_logger("access")
@@ -190,12 +190,14 @@ class Forwarder:
                         raise
                     first = False
                     keep = await self._handle(stream, client, request, facts, watch)
-                    if not keep:
+                    if not keep:     # the writer said close, or the request was not read to its end
                         return
-                    if client.our_state is h11.DONE and client.their_state is h11.DONE:
-                        client.start_next_cycle()
-                    else:
-                        return
+                    # The response went out through our writer, not h11: the next request gets a
+                    # fresh parser, fed whatever the client already sent (pipelining).
+                    rest = client.trailing_data[0]
+                    client = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_head_bytes)
+                    if rest:
+                        client.receive_data(rest)
         finally:
             watchdog.forget(watch)
             await _close(stream)
@@ -259,7 +261,7 @@ class Forwarder:
         log_entry = _AccessEntry(req.method, req.target, facts)
         watch.disarm()        # the upstream dial has its own deadline
         try:
-            hdr.check_request(req.method, req.target, req.http_version, req.headers)
+            hdr.check_request(req.method, req.target, req.http_version, req.headers._full_items)
             if facts.deny is not None:
                 raise facts.deny
             items = req.headers._full_items
@@ -280,8 +282,7 @@ class Forwarder:
                         and int(cl) > route.limits.max_body_bytes:
                     raise HTTPError(413, f"request body larger than {route.limits.max_body_bytes} bytes",
                                     kind="body_too_large")
-            upstream_req = h11.Request(method=req.method, target=target, headers=Headers(out_items),
-                                       http_version=b"1.1", _parsed=True)
+            upstream_req = (req.method, target, out_items)    # H1Client.send_head's arguments
             keep = await self._exchange(stream, client, req, upstream_req, upgrade, log_entry, pool, watch)
         except HTTPError as err:
             await self._refuse(stream, facts, err, log_entry)
@@ -294,7 +295,7 @@ class Forwarder:
             expired = self._expired(watch)
             if expired is None:
                 raise           # not our deadline: the drain's cut, or the process stopping
-            if isinstance(expired, HTTPError) and client.our_state is h11.SEND_RESPONSE:
+            if isinstance(expired, HTTPError) and not log_entry.responded:
                 await self._refuse(stream, facts, expired, log_entry, shield=True)
             else:               # the response has started: all we can do is close
                 log_entry.status = log_entry.status or 499
@@ -330,8 +331,8 @@ class Forwarder:
         return _Close(f"{phase or 'wait'} timed out")
 
     async def _exchange(self, stream: trio.abc.Stream, client: h11.Connection, req: h11.Request,
-                        upstream_req: h11.Request, upgrade: bytes | None, entry: _AccessEntry,
-                        pool: Pool, watch: Watch) -> bool:
+                        upstream_req: tuple[bytes, bytes, list[hdr.Triple]], upgrade: bytes | None,
+                        entry: _AccessEntry, pool: Pool, watch: Watch) -> bool:
         limits = self.route.limits
         # h11 is in SEND_BODY after every request head (even a bodiless GET), so ask the framing.
         cl = hdr.header_value(req.headers._full_items, b"content-length")
@@ -342,7 +343,7 @@ class Forwarder:
         try:
             while True:
                 try:
-                    await self._send_request(stream, client, up, upstream_req, entry, watch)
+                    await self._send_request(stream, client, up, upstream_req, has_body, entry, watch)
                     watch.arm(UPSTREAM_WAIT, limits.upstream_response_timeout_s)
                     response = await self._read_response_head(stream, client, up, upgrade is not None, watch)
                     break
@@ -365,7 +366,7 @@ class Forwarder:
         if response.status_code == 101:
             return await self._switch(stream, client, up, response, entry, pool, watch)
         try:
-            await self._stream_response(stream, client, up, response, entry, watch)
+            keep = await self._stream_response(stream, client, req, up, response, entry, watch)
         except BaseException:
             pool.discard(up)
             raise
@@ -373,7 +374,7 @@ class Forwarder:
             pool.discard(up)    # bytes beyond the response: never hand them to the next request
         else:
             pool.release(up)
-        return True
+        return keep
 
     async def _acquire(self, pool: Pool, fresh: bool = False) -> UpstreamConn:
         try:
@@ -392,11 +393,14 @@ class Forwarder:
         self.metrics.upstream_errors.labels(self.route.name, kind).inc()
 
     async def _send_request(self, stream: trio.abc.Stream, client: h11.Connection, up: UpstreamConn,
-                            upstream_req: h11.Request, entry: _AccessEntry, watch: Watch) -> None:
+                            upstream_req: tuple[bytes, bytes, list[hdr.Triple]], has_body: bool,
+                            entry: _AccessEntry, watch: Watch) -> None:
         limits = self.route.limits
-        out = bytearray(up.h11.send(upstream_req))
+        out = bytearray(up.h11.send_head(*upstream_req))
         sent_anything = False
-        if client.their_state is h11.SEND_BODY:
+        # A bodiless request is complete with its head: h11's EndOfMessage for it consumes no
+        # bytes, so we do not ask for it (the next request gets a fresh parser anyway).
+        if has_body and client.their_state is h11.SEND_BODY:
             received = 0
             wire = len(_unparsed(client))
             max_body = limits.max_body_bytes
@@ -451,6 +455,7 @@ class Forwarder:
             self._m_in.inc(received)
         else:
             out += up.h11.send(h11.EndOfMessage())
+        entry.request_done = True
         await _upstream_send(up, out, sent_anything, watch)
 
     async def _read_response_head(self, stream: trio.abc.Stream, client: h11.Connection, up: UpstreamConn,
@@ -476,9 +481,8 @@ class Forwarder:
                     return event
                 if event.status_code == 100:   # 100 is ours to send; 103 etc. pass through
                     continue
-                head = client.send(h11.InformationalResponse(
-                    status_code=event.status_code,
-                    headers=Headers(hdr.rewrite_response(event.headers._full_items)), _parsed=True))
+                head = informational_head(event.status_code, event.reason,
+                                          hdr.rewrite_response(event.headers._full_items))
                 deadline = watch.deadline    # the response head's deadline runs on while we relay a 1xx
                 await _client_send(stream, head, watch, self.route.limits.body_timeout_s)
                 watch.phase, watch.deadline = UPSTREAM_WAIT, deadline
@@ -488,16 +492,20 @@ class Forwarder:
                                     sent_nothing=got == 0)
             raise UpstreamError("protocol", f"unexpected {etype.__name__}")
 
-    async def _stream_response(self, stream: trio.abc.Stream, client: h11.Connection, up: UpstreamConn,
-                               response: h11.Response, entry: _AccessEntry, watch: Watch) -> None:
+    async def _stream_response(self, stream: trio.abc.Stream, client: h11.Connection, req: h11.Request,
+                               up: UpstreamConn, response: h11.Response, entry: _AccessEntry,
+                               watch: Watch) -> bool:
+        """Send the response; True when the client connection may carry another request."""
         limits = self.route.limits
-        items = hdr.rewrite_response(response.headers._full_items)
-        if self.drain.draining or client.their_state is h11.SEND_BODY:
+        writer = ResponseWriter()
+        http11 = req.http_version == b"1.1"
+        out = bytearray(writer.head(
+            response.status_code, response.reason, hdr.rewrite_response(response.headers._full_items),
+            request_method=req.method, client_http11=http11,
+            client_keep_alive=http11 and not hdr.has_token(req.headers._full_items, b"connection", b"close"),
             # draining, or the app answered before reading the whole request body: close after this
-            items.append((b"Connection", b"connection", b"close"))
-        out = bytearray(client.send(h11.Response(status_code=response.status_code, headers=Headers(items),
-                                                 reason=response.reason, http_version=b"1.1",
-                                                 _parsed=True)))
+            close=self.drain.draining or not entry.request_done))
+        entry.responded = True
         sent = 0
         flushed = False          # until the head is on the wire, a broken body can still be a 502
         upc = up.h11
@@ -525,15 +533,29 @@ class Forwarder:
                 continue
             etype = type(event)
             if etype is _Data:
-                sent += len(event.data)
-                for part in client.send_with_data_passthrough(event):   # no join: one copy
+                data = event.data
+                sent += len(data)
+                try:
+                    parts = writer.data(data)
+                except FramingError as exc:
+                    self._upstream_error("protocol")
+                    raise _Close(f"upstream body does not match its framing: {exc}") from None
+                if not out and len(data) >= FLUSH_BYTES and len(parts) == 1:
+                    await _client_send(stream, data, watch, limits.body_timeout_s)   # no copy
+                    flushed = True
+                    continue
+                for part in parts:   # no join: one copy
                     out += part
                 if len(out) >= FLUSH_BYTES:
                     await _client_send(stream, out, watch, limits.body_timeout_s)
                     out = bytearray()
                     flushed = True
             elif etype is _EndOfMessage:
-                out += client.send(h11.EndOfMessage())
+                try:
+                    out += writer.end()
+                except FramingError as exc:
+                    self._upstream_error("protocol")
+                    raise _Close(f"upstream body does not match its framing: {exc}") from None
                 break
             else:
                 self._upstream_error("protocol")
@@ -542,6 +564,7 @@ class Forwarder:
             await _client_send(stream, out, watch, limits.body_timeout_s)
         entry.bytes_out = sent
         self._m_out.inc(sent)
+        return writer.keep_alive
 
     async def _switch(self, stream: trio.abc.Stream, client: h11.Connection, up: UpstreamConn,
                       response: h11.InformationalResponse, entry: _AccessEntry, pool: Pool,
@@ -549,8 +572,8 @@ class Forwarder:
         """The app accepted an upgrade: answer 101, then relay bytes both ways until both end."""
         try:
             items = hdr.rewrite_response(response.headers._full_items, upgrade=True)
-            head = client.send(h11.InformationalResponse(status_code=101, headers=Headers(items),
-                                                         reason=response.reason, _parsed=True))
+            head = informational_head(101, response.reason, items)
+            entry.responded = True
             timeout_s = self.route.limits.body_timeout_s
             await _client_send(stream, head, watch, timeout_s)
             client_rest = client.trailing_data[0]
@@ -666,7 +689,8 @@ def _code_class(status: int) -> str:
 
 
 class _AccessEntry:
-    __slots__ = ("method", "target", "facts", "status", "bytes_in", "bytes_out", "request_id", "note")
+    __slots__ = ("method", "target", "facts", "status", "bytes_in", "bytes_out", "request_id", "note",
+                 "responded", "request_done")
 
     def __init__(self, method: bytes, target: bytes, facts: ConnFacts) -> None:
         self.method = method
@@ -677,6 +701,8 @@ class _AccessEntry:
         self.bytes_out = 0
         self.request_id = b""
         self.note = ""
+        self.responded = False     # a response head (not a 1xx) was queued for the client
+        self.request_done = False  # the request was read to its end (its body included)
 
     def emit(self, listener: str, duration: float) -> None:
         f = self.facts

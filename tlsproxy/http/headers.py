@@ -136,9 +136,10 @@ def check_head_size(buf: bytes | bytearray, end: int, max_head_bytes: int) -> HT
     return HTTPError(431, "request head too large", kind="head_too_large")
 
 
-def check_request(method: bytes, target: bytes, http_version: bytes, headers: Iterable[tuple[bytes, bytes]]
+def check_request(method: bytes, target: bytes, http_version: bytes, headers: Iterable[tuple[bytes, ...]]
                   ) -> None:
-    """Raise HTTPError for a request h11 accepted but a careful proxy must refuse."""
+    """Raise HTTPError for a request h11 accepted but a careful proxy must refuse. ``headers``:
+    ``(name, value)`` pairs or h11's ``(raw_name, name, value)`` triples (names lowercase)."""
     if http_version not in (b"1.1", b"1.0"):
         raise HTTPError(505, f"HTTP/{http_version.decode('ascii', 'replace')} is not supported here; "
                         "use HTTP/1.1", kind="version")
@@ -146,7 +147,8 @@ def check_request(method: bytes, target: bytes, http_version: bytes, headers: It
     hosts = 0
     fields = 0
     host = b""
-    for name, value in headers:
+    for item in headers:
+        name, value = item[-2], item[-1]
         fields += 1
         if name == b"content-length":
             has_cl = True
@@ -229,6 +231,15 @@ def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
         if name == b"connection":
             tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
     return tokens
+
+
+def has_token(full_items: Iterable[Triple], name: bytes, token: bytes) -> bool:
+    """Whether the comma-separated header ``name`` (lowercase) lists ``token`` (lowercase)."""
+    for _, n, value in full_items:
+        if n == name and token in value.lower() and \
+                any(t.strip() == token for t in value.lower().split(b",")):
+            return True
+    return False
 
 
 def wants_upgrade(headers: Iterable[tuple[bytes, bytes]], tokens: set[bytes]) -> bytes | None:

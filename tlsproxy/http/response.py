@@ -1,0 +1,141 @@
+"""Writing a response to the client: h11's server-side framing rules, without its state machine.
+
+Theory of operation
+-------------------
+The client side keeps h11 for what it is good at, reading untrusted requests. For *writing* the
+response, an ``h11.Connection.send`` per head, per body chunk and per end-of-message ran about a
+hundred Python calls per small request (state transitions, writer lookups, header re-cleaning) —
+a sixth of the whole request (docs/performance.md). :class:`ResponseWriter` makes the same bytes
+h11 would (a differential test holds it to that) from what the engine already knows:
+
+* framing (RFC 9112 §6.3, as h11 decides it): no body for HEAD, 204, 304 and a 2xx to CONNECT;
+  else ``Transfer-Encoding: chunked`` if the headers say so, else ``Content-Length``; else the
+  body runs to the close — which an HTTP/1.1 client gets re-framed as chunked (Content-Length
+  dropped, ``Transfer-Encoding: chunked`` set) and an HTTP/1.0 client as close-delimited;
+* ``Connection: close`` is added (``keep-alive`` removed) when the client's request did not allow
+  keep-alive, when the body is close-delimited, or when the engine asks (draining, or the app
+  answered before the request body ended);
+* the body is checked against its Content-Length: more or less than promised is an error
+  (:class:`FramingError`), never a response that desynchronises the client's connection.
+
+Informational heads (1xx) are written as given, like h11 does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+Triple = tuple[bytes, bytes, bytes]
+
+NONE, LENGTH, CHUNKED, CLOSE = "none", "length", "chunked", "close"
+
+
+class FramingError(Exception):
+    """The body does not match the framing its head announced."""
+
+
+def _tokens(items: Iterable[Triple], name: bytes) -> list[bytes]:
+    out: list[bytes] = []
+    for _, n, v in items:
+        if n == name:
+            out.extend(t.strip().lower() for t in v.split(b",") if t.strip())
+    return out
+
+
+def informational_head(status: int, reason: bytes, items: Iterable[Triple]) -> bytes:
+    """A 1xx head (101 included), headers as given."""
+    return _head(status, reason, items)
+
+
+def _head(status: int, reason: bytes, items: Iterable[Triple]) -> bytes:
+    lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
+    later = []
+    for raw, name, value in items:     # Host first, as h11 writes it
+        if name == b"host":
+            lines.append(b"%s: %s\r\n" % (raw, value))
+        else:
+            later.append(b"%s: %s\r\n" % (raw, value))
+    lines += later
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
+class ResponseWriter:
+    """One response's framing. ``head()`` first, then ``data()`` for each body chunk, then ``end()``.
+    ``keep_alive`` tells afterwards whether the connection may carry another request."""
+
+    __slots__ = ("framing", "keep_alive", "_remaining", "_length")
+
+    def __init__(self) -> None:
+        self.framing = NONE
+        self.keep_alive = False
+        self._remaining = 0
+        self._length = 0
+
+    def head(self, status: int, reason: bytes, items: list[Triple], *, request_method: bytes,
+             client_http11: bool, client_keep_alive: bool, close: bool = False) -> bytes:
+        # The framing the headers describe (for HEAD, the one a GET would get: h11 keeps the
+        # headers of the body the client did not ask for) ...
+        method = b"GET" if request_method == b"HEAD" else request_method
+        framing = self._framing_of(status, method, items)
+        # ... and the body actually written: none for HEAD.
+        self.framing = self._framing_of(status, request_method, items)
+        if self.framing == LENGTH:
+            self._remaining = self._length
+        need_close = close or not client_keep_alive
+        if framing in (CHUNKED, CLOSE):
+            items = [t for t in items if t[1] != b"content-length"]
+            if client_http11:
+                items = [t for t in items if t[1] != b"transfer-encoding"]
+                items.append((b"Transfer-Encoding", b"transfer-encoding", b"chunked"))
+                if self.framing == CLOSE:
+                    self.framing = CHUNKED
+            else:
+                items = [t for t in items if t[1] != b"transfer-encoding"]
+                if request_method != b"HEAD":
+                    need_close = True
+                if self.framing == CHUNKED:
+                    self.framing = CLOSE
+        if need_close:     # one field per token, at the end, as h11's set_comma_header does
+            kept = sorted({t for t in _tokens(items, b"connection") if t != b"keep-alive"} | {b"close"})
+            items = [t for t in items if t[1] != b"connection"]
+            items += [(b"Connection", b"connection", t) for t in kept]
+        self.keep_alive = not need_close and b"close" not in _tokens(items, b"connection")
+        return _head(status, reason, items)
+
+    def _framing_of(self, status: int, method: bytes, items: list[Triple]) -> str:
+        if status in (204, 304) or method == b"HEAD" or (method == b"CONNECT" and 200 <= status < 300):
+            self._length = 0
+            return LENGTH
+        te = _tokens(items, b"transfer-encoding")
+        if te:
+            return CHUNKED
+        for _, name, value in items:
+            if name == b"content-length":
+                self._length = int(value)
+                return LENGTH
+        return CLOSE
+
+    def data(self, chunk: bytes | bytearray | memoryview) -> Iterable[bytes | bytearray | memoryview]:
+        """The wire form of a body chunk (parts to concatenate; the chunk itself is not copied)."""
+        n = len(chunk)
+        if not n:
+            return ()
+        framing = self.framing
+        if framing == LENGTH:
+            if n > self._remaining:
+                raise FramingError(f"body longer than its Content-Length ({n} > {self._remaining} left)")
+            self._remaining -= n
+            return (chunk,)
+        if framing == CHUNKED:
+            return (b"%x\r\n" % n, chunk, b"\r\n")
+        if framing == CLOSE:
+            return (chunk,)
+        raise FramingError("a body for a response that has none")
+
+    def end(self) -> bytes:
+        if self.framing == LENGTH and self._remaining:
+            raise FramingError(f"body shorter than its Content-Length ({self._remaining} bytes missing)")
+        if self.framing == CHUNKED:
+            return b"0\r\n\r\n"
+        return b""
