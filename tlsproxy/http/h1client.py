@@ -82,14 +82,15 @@ class H1Client:
         if etype is h11.EndOfMessage:
             return self._send_end()
         if etype is h11.Request:
-            return self._send_request(event)
+            return self.send_head(event.method, event.target, event.headers._full_items)
         raise h11.LocalProtocolError(f"cannot send {etype.__name__} on the upstream leg")
 
-    def _send_request(self, req: h11.Request) -> bytes:
+    def send_head(self, method: bytes, target: bytes, items) -> bytes:
+        """``send(Request(...))`` without building the event (h11's Request re-checks its headers)."""
         if self.our_state is not h11.IDLE:
             raise h11.LocalProtocolError("a request is already in progress")
-        lines = [b"%s %s HTTP/1.1" % (req.method, req.target)]
-        for raw, name, value in req.headers._full_items:
+        lines = [b"%s %s HTTP/1.1" % (method, target)]
+        for raw, name, value in items:
             lines.append(raw + b": " + value)
             if name == b"content-length":
                 self._send_framing, self._send_left = _LENGTH, int(value)
@@ -99,7 +100,7 @@ class H1Client:
                 tokens = {t.strip().lower() for t in value.split(b",")}
                 self._upgrade = self._upgrade or b"upgrade" in tokens
                 self._req_close = self._req_close or b"close" in tokens
-        self._head_method = req.method == b"HEAD"
+        self._head_method = method == b"HEAD"
         self.our_state = h11.SEND_BODY
         self.their_state = h11.SEND_RESPONSE
         lines.append(b"\r\n")
@@ -250,20 +251,27 @@ class H1Client:
                     raise _error("connection closed before the full body was received")
                 return h11.NEED_DATA
             n = min(len(buf), self._recv_left)
-            data = bytes(buf) if n == len(buf) else bytes(buf[:n])
-            del buf[:n]
             self._recv_left -= n
-            return h11.Data(data=data)
+            return h11.Data(data=self._take(n))
         if framing == _UNTIL_CLOSE:
             if buf:
-                data = bytes(buf)
-                buf.clear()
-                return h11.Data(data=data)
+                return h11.Data(data=self._take(len(buf)))
             if self._eof:
                 self._keep_alive = False
                 return self._finish()
             return h11.NEED_DATA
         return self._read_chunked()
+
+    def _take(self, n: int) -> bytes | bytearray:
+        """The first ``n`` buffered bytes. All of them: the buffer itself is handed out and a new
+        one started (no copy of a 256 KiB body read; the caller only reads it)."""
+        buf = self._buf
+        if n == len(buf):
+            self._buf = bytearray()
+            return buf
+        data = bytes(buf[:n])
+        del buf[:n]
+        return data
 
     def _read_chunked(self):
         buf = self._buf
