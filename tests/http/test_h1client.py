@@ -177,3 +177,33 @@ def test_body_cut_short_is_an_error_and_eof_before_head_is_closed():
     d.send(h11.EndOfMessage())
     d.receive_data(b"")
     assert type(d.next_event()) is h11.ConnectionClosed
+
+
+_FIELD_BYTES = st.sampled_from([b"a", b"Z", b"-", b"!", b" ", b"\t", b":", b"\x00", b"\x7f", b"\x80", b"\xff",
+                                b"\x0b", b"(", b"\r"])   # bare LF: stricter than h11 on purpose (above)
+
+
+@settings(max_examples=500, deadline=None)
+@given(fields=st.lists(st.tuples(st.lists(_FIELD_BYTES, max_size=6).map(b"".join),
+                                 st.lists(_FIELD_BYTES, max_size=8).map(b"".join)), max_size=4))
+def test_header_lines_are_split_as_h11_does_and_control_characters_refused(fields):
+    head = b"HTTP/1.1 200 OK\r\n" + b"".join(n + b":" + v + b"\r\n" for n, v in fields) + \
+        b"Content-Length: 0\r\n\r\n"
+
+    def parse(conn):
+        conn.send(_request())
+        conn.send(h11.EndOfMessage())
+        conn.receive_data(head)
+        try:
+            event = conn.next_event()
+        except h11.RemoteProtocolError:
+            return "error"
+        if type(event) is not h11.Response:
+            return type(event).__name__
+        return [(n, v) for n, v in event.headers]
+
+    ours, theirs = parse(H1Client()), parse(h11.Connection(h11.CLIENT))
+    if any(c in n + v for n, v in fields for c in b"\x00\x0b\x7f\r"):
+        assert ours == "error"    # control characters: RFC 9110 §5.5 says no; h11 lets some through
+    else:
+        assert ours == theirs

@@ -36,13 +36,25 @@ MAX_RESPONSE_HEAD = 64 * 1024      # an app's response head larger than this is 
 MAX_CHUNK_LINE = 4 * 1024          # chunk-size line with extensions
 
 _STATUS_RE = re.compile(rb"HTTP/(1\.[01]) ([0-9]{3})(?: ([\t \x21-\x7e\x80-\xff]*))?")
-_TOKEN_RE = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
-_VALUE_BAD_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# A header field line (RFC 9110 §5.1, §5.5): token ":" OWS value OWS CRLF, the value of HTAB, SP,
+# VCHAR and obs-text. The whole block is checked with one fullmatch, then split with one findall:
+# the lines are CRLF-delimited and a value holds no CR or LF, so both see the same fields.
+_FIELD = rb"([-!#$%&'*+.^_`|~0-9A-Za-z]+):[ \t]*((?:[\t \x21-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?)[ \t]*\r\n"
+_FIELDS_RE = re.compile(rb"(?:%s)*" % _FIELD)
+_FIELD_RE = re.compile(_FIELD)
 _HEX_RE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 
 _NO_BODY, _LENGTH, _CHUNKED, _UNTIL_CLOSE = range(4)
 # chunked sub-states
 _SIZE, _DATA, _DATA_CRLF, _TRAILERS = range(4)
+
+
+def _first_bad_line(head: bytes, pos: int) -> bytes:
+    while True:
+        m = _FIELD_RE.match(head, pos)
+        if m is None:
+            return head[pos:head.find(b"\r\n", pos)]
+        pos = m.end()
 
 
 def _error(msg: str) -> h11.RemoteProtocolError:
@@ -165,24 +177,21 @@ class H1Client:
             return h11.NEED_DATA
         if end > MAX_RESPONSE_HEAD:
             raise _error("response head too large")
-        head = bytes(buf[:end])
+        head = bytes(buf[:end + 2])      # the status line and every field line, each with its CRLF
         del buf[:end + 4]
-        lines = head.split(b"\r\n")
-        m = _STATUS_RE.fullmatch(lines[0])
+        eol = head.find(b"\r\n")
+        m = _STATUS_RE.fullmatch(head, 0, eol)
         if m is None:
-            raise _error(f"invalid status line {lines[0][:80]!r}")
+            raise _error(f"invalid status line {head[:min(eol, 80)]!r}")
         version, status, reason = m.group(1), int(m.group(2)), m.group(3) or b""
+        if _FIELDS_RE.fullmatch(head, eol + 2) is None:
+            bad = _first_bad_line(head, eol + 2)
+            raise _error(f"invalid header line {bad[:80]!r}")
         items = []
         cl = None
         te = None
         close = version == b"1.0"
-        for line in lines[1:]:
-            name, colon, value = line.partition(b":")
-            if not colon or not _TOKEN_RE.fullmatch(name):
-                raise _error(f"invalid header line {line[:80]!r}")
-            value = value.strip(b" \t")
-            if _VALUE_BAD_RE.search(value):
-                raise _error("invalid header value")
+        for name, value in _FIELD_RE.findall(head, eol + 2):
             lname = name.lower()
             if lname == b"content-length":
                 values = {v.strip() for v in value.split(b",")}
