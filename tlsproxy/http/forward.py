@@ -46,6 +46,7 @@ log = get_logger("http")
 access = get_logger("access")
 
 FLUSH_BYTES = 256 * 1024          # coalesce body writes up to this before sending
+DIRECT_BYTES = 16 * 1024          # a body chunk this large goes out as it is (no copy into a buffer)
 UPSTREAM_READ_BYTES = 256 * 1024  # large upstream reads: fewer trips through Python per byte
 # Deadlines: one Watch per client connection (deadlines.py), not a cancel scope per wait.
 EXPECT_ANSWER = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -540,7 +541,7 @@ class Forwarder:
                 except FramingError as exc:
                     self._upstream_error("protocol")
                     raise _Close(f"upstream body does not match its framing: {exc}") from None
-                if not out and len(data) >= FLUSH_BYTES and len(parts) == 1:
+                if not out and len(data) >= DIRECT_BYTES and len(parts) == 1:
                     await _client_send(stream, data, watch, limits.body_timeout_s)   # no copy
                     flushed = True
                     continue

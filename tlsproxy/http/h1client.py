@@ -143,7 +143,13 @@ class H1Client:
     # ------------------------------------------------------------------ receiving
     def receive_data(self, data: bytes) -> None:
         if data:
-            self._buf += data
+            buf = self._buf
+            if not buf:
+                self._buf = data          # kept as received: a whole-buffer body chunk is not copied
+            elif type(buf) is bytes:
+                self._buf = bytearray(buf) + data
+            else:
+                buf += data
         else:
             self._eof = True
 
@@ -161,8 +167,14 @@ class H1Client:
             return h11.PAUSED
         raise h11.LocalProtocolError("no request was sent")
 
-    def _read_head(self):
+    def _mutable(self) -> bytearray:
         buf = self._buf
+        if type(buf) is not bytearray:
+            buf = self._buf = bytearray(buf)
+        return buf
+
+    def _read_head(self):
+        buf = self._mutable()
         end = buf.find(b"\r\n\r\n")
         if end < 0:
             if len(buf) > MAX_RESPONSE_HEAD:
@@ -278,12 +290,13 @@ class H1Client:
         if n == len(buf):
             self._buf = bytearray()
             return buf
+        buf = self._mutable()
         data = bytes(buf[:n])
         del buf[:n]
         return data
 
     def _read_chunked(self):
-        buf = self._buf
+        buf = self._mutable()
         while True:
             st = self._chunk_state
             if st == _SIZE:
