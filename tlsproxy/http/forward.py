@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 import h11
 import trio
+from h11._headers import Headers
 
 from ..errors import HTTPError, UpstreamError
 from ..log import get_logger
@@ -145,6 +146,18 @@ def _chunked_reader(conn: h11.Connection):
     return reader if hasattr(reader, "_bytes_in_chunk") and hasattr(reader, "_reading_trailer") else None
 
 
+def _request(method: bytes, target: bytes, items: list[hdr.Triple]) -> h11.Request:
+    """An h11 Request for a head parsed by ``parse_simple_request`` (already validated: built
+    without h11's constructor, which would walk the headers again)."""
+    req = object.__new__(h11.Request)
+    set_ = object.__setattr__
+    set_(req, "method", method)
+    set_(req, "target", target)
+    set_(req, "http_version", b"1.1")
+    set_(req, "headers", Headers(items))
+    return req
+
+
 def _unparsed(conn: h11.Connection) -> bytes | bytearray:
     buf = getattr(conn, "_receive_buffer", None)
     data = getattr(buf, "_data", None)
@@ -165,8 +178,7 @@ class Forwarder:
 
     # ------------------------------------------------------------------ connection loop
     async def serve(self, stream: trio.abc.Stream, facts: ConnFacts) -> None:
-        limits = self.route.limits
-        client = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_head_bytes)
+        pending = bytearray()      # received, not yet parsed
         watchdog = self.drain.watchdog
         watch = watchdog.watch()
         first = True
@@ -174,7 +186,7 @@ class Forwarder:
             with watch.scope:
                 while True:
                     try:
-                        request = await self._read_head(stream, client, first, watch)
+                        request, client = await self._read_head(stream, pending, first, watch)
                     except _Close:
                         return
                     except HTTPError as err:
@@ -193,68 +205,72 @@ class Forwarder:
                     keep = await self._handle(stream, client, request, facts, watch)
                     if not keep:     # the writer said close, or the request was not read to its end
                         return
-                    # The response went out through our writer, not h11: the next request gets a
-                    # fresh parser, fed whatever the client already sent (pipelining).
-                    rest = client.trailing_data[0]
-                    client = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_head_bytes)
-                    if rest:
-                        client.receive_data(rest)
+                    if client is not None:   # h11 read this request: it holds what came after it
+                        pending = bytearray(client.trailing_data[0])
         finally:
             watchdog.forget(watch)
             await _close(stream)
 
-    async def _read_head(self, stream: trio.abc.Stream, client: h11.Connection, first: bool,
-                         watch: Watch) -> h11.Request:
+    async def _read_head(self, stream: trio.abc.Stream, pending: bytearray, first: bool,
+                         watch: Watch) -> tuple[h11.Request, h11.Connection | None]:
+        """The next request head, from ``pending`` (bytes already received) and the stream.
+
+        The common head (see :func:`~.headers.parse_simple_request`) is parsed here and comes back
+        without an h11 connection: it has no body, and ``pending`` keeps what follows it. Any other
+        head goes to a fresh h11 connection, which then owns the rest of the bytes (its body).
+        """
         limits = self.route.limits
-        started = bool(_unparsed(client))
+        started = bool(pending)
         if started:      # pipelined bytes: the head's deadline runs from now
             watch.arm(HEAD, limits.head_timeout_s)
-        checked = False
         scanned = 0       # bytes of the (growing) head buffer already searched: each read is scanned once
         while True:
-            if not checked:
-                buf = _unparsed(client)
-                end = hdr.find_head_end(buf, max(0, scanned - 2))
-                if end >= 0:
-                    checked = True
-                    problem = hdr.check_head_size(buf, end, limits.max_head_bytes) or \
-                        hdr.check_raw_head(buf[:end])
-                    if problem is not None:
-                        raise problem
-            try:
-                event = client.next_event()
-            except h11.RemoteProtocolError as exc:
-                raise hdr.map_h11_error(exc.error_status_hint, str(exc), _unparsed(client)) from None
-            if event is _NEED_DATA:
-                if started:
-                    buf = _unparsed(client)
-                    bare_cr = hdr.check_bare_cr(buf, max(0, scanned - 1))
-                    if bare_cr is not None:
-                        raise bare_cr
-                    scanned = len(buf)
-                    data = await _receive(stream)     # under the HEAD deadline (408)
-                    if not data:
-                        raise _Close("eof in head")
-                    client.receive_data(data)
-                    continue
-                # Idle before the first byte: the keep-alive idle timeout (the handshake deadline
-                # already bounded the first request's wait), cut short by a drain.
-                if self.drain.draining:
-                    raise _Close("idle")
-                watch.arm(IDLE, limits.head_timeout_s if first else limits.idle_timeout_s)
-                data = await _receive(stream)
+            end = hdr.find_head_end(pending, max(0, scanned - 2))
+            if end >= 0:
+                problem = hdr.check_head_size(pending, end, limits.max_head_bytes) or \
+                    hdr.check_raw_head(pending[:end])
+                if problem is not None:
+                    raise problem
+                simple = hdr.parse_simple_request(pending, end)
+                if simple is not None:
+                    del pending[:end]
+                    return _request(*simple), None
+                client = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_head_bytes)
+                client.receive_data(bytes(pending))
+                pending.clear()
+                try:
+                    event = client.next_event()
+                except h11.RemoteProtocolError as exc:
+                    raise hdr.map_h11_error(exc.error_status_hint, str(exc), _unparsed(client)) from None
+                if type(event) is h11.Request:
+                    return event, client
+                raise HTTPError(400, "bad request: no request line", kind="malformed")
+            if len(pending) > limits.max_head_bytes:      # what h11 calls "Receive buffer too long"
+                raise hdr.map_h11_error(431, "request head too large", pending)
+            if started:
+                bare_cr = hdr.check_bare_cr(pending, max(0, scanned - 1))
+                if bare_cr is not None:
+                    raise bare_cr
+                scanned = len(pending)
+                data = await _receive(stream)     # under the HEAD deadline (408)
                 if not data:
-                    raise _Close("eof")
-                client.receive_data(data)
-                started = True
-                watch.arm(HEAD, limits.head_timeout_s)
+                    raise _Close("eof in head")
+                pending += data
                 continue
-            if type(event) is h11.Request:
-                return event
-            raise _Close("closed")
+            # Idle before the first byte: the keep-alive idle timeout (the handshake deadline
+            # already bounded the first request's wait), cut short by a drain.
+            if self.drain.draining:
+                raise _Close("idle")
+            watch.arm(IDLE, limits.head_timeout_s if first else limits.idle_timeout_s)
+            data = await _receive(stream)
+            if not data:
+                raise _Close("eof")
+            pending += data
+            started = True
+            watch.arm(HEAD, limits.head_timeout_s)
 
     # ------------------------------------------------------------------ one request
-    async def _handle(self, stream: trio.abc.Stream, client: h11.Connection, req: h11.Request,
+    async def _handle(self, stream: trio.abc.Stream, client: h11.Connection | None, req: h11.Request,
                       facts: ConnFacts, watch: Watch) -> bool:
         """Proxy one request. Returns True to keep the client connection for another request."""
         route = self.route
@@ -275,7 +291,7 @@ class Forwarder:
             out_items, request_id, upgrade = hdr.rewrite_request(items, facts.forward,
                                                                  host_override=host_override)
             log_entry.request_id = request_id
-            if client.their_state is h11.SEND_BODY:
+            if client is not None and client.their_state is h11.SEND_BODY:
                 if hdr.header_value(items, b"transfer-encoding") is not None:
                     out_items.append((b"Transfer-Encoding", b"transfer-encoding", b"chunked"))
                 cl = hdr.header_value(items, b"content-length")
@@ -331,7 +347,7 @@ class Forwarder:
             return _Close("client stopped reading the response")
         return _Close(f"{phase or 'wait'} timed out")
 
-    async def _exchange(self, stream: trio.abc.Stream, client: h11.Connection, req: h11.Request,
+    async def _exchange(self, stream: trio.abc.Stream, client: h11.Connection | None, req: h11.Request,
                         upstream_req: tuple[bytes, bytes, list[hdr.Triple]], upgrade: bytes | None,
                         entry: _AccessEntry, pool: Pool, watch: Watch) -> bool:
         limits = self.route.limits
@@ -393,7 +409,7 @@ class Forwarder:
     def _upstream_error(self, kind: str) -> None:
         self.metrics.upstream_errors.labels(self.route.name, kind).inc()
 
-    async def _send_request(self, stream: trio.abc.Stream, client: h11.Connection, up: UpstreamConn,
+    async def _send_request(self, stream: trio.abc.Stream, client: h11.Connection | None, up: UpstreamConn,
                             upstream_req: tuple[bytes, bytes, list[hdr.Triple]], has_body: bool,
                             entry: _AccessEntry, watch: Watch) -> None:
         limits = self.route.limits
@@ -401,7 +417,7 @@ class Forwarder:
         sent_anything = False
         # A bodiless request is complete with its head: h11's EndOfMessage for it consumes no
         # bytes, so we do not ask for it (the next request gets a fresh parser anyway).
-        if has_body and client.their_state is h11.SEND_BODY:
+        if has_body and client is not None and client.their_state is h11.SEND_BODY:
             received = 0
             wire = len(_unparsed(client))
             max_body = limits.max_body_bytes
@@ -459,8 +475,9 @@ class Forwarder:
         entry.request_done = True
         await _upstream_send(up, out, sent_anything, watch)
 
-    async def _read_response_head(self, stream: trio.abc.Stream, client: h11.Connection, up: UpstreamConn,
-                                  upgrading: bool, watch: Watch) -> h11.Response | h11.InformationalResponse:
+    async def _read_response_head(self, stream: trio.abc.Stream, client: h11.Connection | None,
+                                  up: UpstreamConn, upgrading: bool, watch: Watch
+                                  ) -> h11.Response | h11.InformationalResponse:
         got = 0
         while True:
             try:
@@ -493,7 +510,7 @@ class Forwarder:
                                     sent_nothing=got == 0)
             raise UpstreamError("protocol", f"unexpected {etype.__name__}")
 
-    async def _stream_response(self, stream: trio.abc.Stream, client: h11.Connection, req: h11.Request,
+    async def _stream_response(self, stream: trio.abc.Stream, client: h11.Connection | None, req: h11.Request,
                                up: UpstreamConn, response: h11.Response, entry: _AccessEntry,
                                watch: Watch) -> bool:
         """Send the response; True when the client connection may carry another request."""
@@ -567,10 +584,13 @@ class Forwarder:
         self._m_out.inc(sent)
         return writer.keep_alive
 
-    async def _switch(self, stream: trio.abc.Stream, client: h11.Connection, up: UpstreamConn,
+    async def _switch(self, stream: trio.abc.Stream, client: h11.Connection | None, up: UpstreamConn,
                       response: h11.InformationalResponse, entry: _AccessEntry, pool: Pool,
                       watch: Watch) -> bool:
         """The app accepted an upgrade: answer 101, then relay bytes both ways until both end."""
+        if client is None:    # cannot happen: a head with Upgrade never takes the fast path
+            pool.discard(up)
+            raise _Close("101 for a request that did not ask to upgrade")
         try:
             items = hdr.rewrite_response(response.headers._full_items, upgrade=True)
             head = informational_head(101, response.reason, items)
