@@ -79,49 +79,63 @@ async def handshake(sock: trio.socket.SocketType, store: ContextStore, timeout_s
     """
     raw = stdlib_socket(sock)
     raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    raw.setblocking(False)
+    stream: TLSStream | None = None
     try:
-        stream = TLSStream(raw, store.current, server_side=True)
-    except (OSError, LookupError) as exc:
-        raw.close()
-        raise HandshakeFailed("not_ready", str(exc)) from None
-    try:
-        with trio.fail_after(timeout_s):
-            if await _is_sslv3_hello(stream.fileno()):
+        # A plain scope, not trio.fail_after: this runs once per connection (docs/performance.md)
+        with trio.CancelScope(deadline=trio.current_time() + timeout_s) as scope:
+            sslv3 = await _is_sslv3_hello(raw)
+            try:
+                stream = TLSStream(raw, store.current, server_side=True)
+            except (OSError, LookupError) as exc:
+                raw.close()
+                raise HandshakeFailed("not_ready", str(exc)) from None
+            if sslv3:
                 await _refuse(stream.fileno(), PROTOCOL_VERSION_ALERT)
                 stream.close_now()
                 raise HandshakeFailed("protocol_version", "SSLv3 ClientHello")
             await stream.do_handshake()
-    except trio.TooSlowError:
-        stream.close_now()
-        raise HandshakeFailed("timeout", f"no handshake within {timeout_s:g}s") from None
+        if scope.cancelled_caught:
+            if stream is None:
+                raw.close()
+            else:
+                stream.close_now()
+            raise HandshakeFailed("timeout", f"no handshake within {timeout_s:g}s")
+    except HandshakeFailed:
+        raise
     except (ssl.SSLError, trio.BrokenResourceError, OSError) as exc:
         detail = str(getattr(exc, "reason", None) or exc)
+        if stream is None:
+            raw.close()
+            raise HandshakeFailed(classify(exc), detail) from None
         if isinstance(exc, ssl.SSLError) and any(k in detail for k in _SILENT):
             await _refuse(stream.fileno(), UNEXPECTED_MESSAGE_ALERT)
         stream.close_now()
         raise HandshakeFailed(classify(exc), detail) from None
     except BaseException:
-        stream.close_now()
+        if stream is None:
+            raw.close()
+        else:
+            stream.close_now()
         raise
+    assert stream is not None
     return stream
 
 
-async def _is_sslv3_hello(fd: int) -> bool:
+async def _is_sslv3_hello(raw: socket.socket) -> bool:
     """Peek (once the first bytes arrived) at the record and handshake headers: a ClientHello whose
     legacy_version is 0x0300 or below. Never consumes bytes; a hello split into tiny segments is
-    left to OpenSSL."""
-    await trio.lowlevel.wait_readable(fd)
-    try:
-        raw = socket.socket(fileno=fd)
-    except OSError:
-        return False
-    try:
-        head = raw.recv(11, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-    except OSError:
-        return False
-    finally:
-        raw.detach()
-    return len(head) == 11 and head[0] == 0x16 and head[5] == 0x01 and (head[9], head[10]) <= (3, 0)
+    left to OpenSSL. Usually the hello is already there when we accept: then no wait at all."""
+    for _ in range(2):
+        try:
+            head = raw.recv(11, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            await trio.lowlevel.wait_readable(raw.fileno())
+            continue
+        except OSError:
+            return False
+        return len(head) == 11 and head[0] == 0x16 and head[5] == 0x01 and (head[9], head[10]) <= (3, 0)
+    return False
 
 
 async def _refuse(fd: int, alert: bytes) -> None:
