@@ -248,7 +248,7 @@ class PlainStream(trio.abc.HalfCloseableStream):
                     break
                 except (BlockingIOError, InterruptedError):
                     blocked = True
-                    await _park(trio.lowlevel.wait_readable, self._fd)
+                    await park(trio.lowlevel.wait_readable, self._fd)
                 except OSError as exc:
                     raise trio.BrokenResourceError(f"receive: {exc}") from exc
             await self._after(blocked)
@@ -272,7 +272,7 @@ class PlainStream(trio.abc.HalfCloseableStream):
                         sent = send(view)
                     except (BlockingIOError, InterruptedError):
                         blocked = True
-                        await _park(trio.lowlevel.wait_writable, self._fd)
+                        await park(trio.lowlevel.wait_writable, self._fd)
                         continue
                     except OSError as exc:
                         raise trio.BrokenResourceError(f"send: {exc}") from exc
@@ -297,25 +297,31 @@ class PlainStream(trio.abc.HalfCloseableStream):
                 raise trio.BrokenResourceError(f"shutdown: {exc}") from exc
 
     def close_now(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            trio.lowlevel.notify_closing(self._fd)
-        except (ValueError, OSError):
-            pass
-        self.socket.close()
+        if not self._closed:
+            self._closed = True
+            release_fd(self._fd)
+            self.socket.close()
 
     async def aclose(self) -> None:
         self.close_now()
         await trio.lowlevel.checkpoint()
 
 
-async def _park(wait, fd: int) -> None:
+async def park(wait, fd: int) -> None:
+    """``await wait(fd)`` (trio's ``wait_readable``/``wait_writable``), with a clear error when the
+    stream is closed meanwhile. Shared by :class:`PlainStream` and the TLS stream."""
     try:
         await wait(fd)
     except trio.ClosedResourceError:
         raise trio.ClosedResourceError("stream was closed while waiting") from None
+
+
+def release_fd(fd: int) -> None:
+    """Before closing ``fd``: wake any task parked on it (with ClosedResourceError)."""
+    try:
+        trio.lowlevel.notify_closing(fd)
+    except (ValueError, OSError):
+        pass
 
 
 def plain_stream(stream: trio.SocketStream) -> PlainStream:

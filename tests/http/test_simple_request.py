@@ -29,14 +29,17 @@ def _h11(buf: bytes):
 
 @settings(max_examples=800, deadline=None)
 @given(method=st.sampled_from([b"GET", b"HEAD", b"DELETE", b"get", b"CONNECT", b"G T", b""]),
-       target=st.one_of(st.sampled_from([b"/", b"/a?b=c", b"*", b"http://h/x", b"/\x80", b"/a b", b""]), _text),
+       target=st.one_of(st.sampled_from([b"/", b"/a?b=c", b"*", b"http://h/x", b"/\x80", b"/a b", b""]),
+                        _text),
        version=st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"http/1.1"]),
        hosts=st.integers(0, 2),
        fields=st.lists(st.tuples(_text, _text), max_size=3),
-       special=st.sampled_from([None, b"Content-Length: 0", b"Content-Length: 5", b"Transfer-Encoding: chunked",
-                                b"Expect: 100-continue", b"Upgrade: websocket", b"Connection: close"]),
+       special=st.sampled_from([None, b"Content-Length: 0", b"Content-Length: 5",
+                                b"Transfer-Encoding: chunked", b"Expect: 100-continue", b"Upgrade: websocket",
+                                b"Connection: close"]),
        rest=st.sampled_from([b"", b"GET / HTTP/1.1\r\n", b"xyz"]))
-def test_what_the_fast_path_accepts_h11_parses_the_same(method, target, version, hosts, fields, special, rest):
+def test_what_the_fast_path_accepts_h11_parses_the_same(method, target, version, hosts, fields, special,
+                                                         rest):
     lines = [method + b" " + target + b" " + version]
     lines += [b"Host: example.test:8443"] * hosts
     lines += [name + b":" + value for name, value in fields]

@@ -32,6 +32,8 @@ import ssl
 
 import trio
 
+from ..net import park, release_fd
+
 YIELD_EVERY = 8              # calls that did not block between two scheduler passes
 RECEIVE_SIZE = 256 * 1024   # OpenSSL hands back at most one 16 KiB record per SSL_read; we loop up to this
 
@@ -120,10 +122,7 @@ class TLSStream(trio.abc.Stream):
             await _cancel_shielded_checkpoint()
 
     async def _park(self, wait) -> None:
-        try:
-            await wait(self._fd)
-        except trio.ClosedResourceError:
-            raise trio.ClosedResourceError("TLS stream was closed while waiting") from None
+        await park(wait, self._fd)
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         self._check()
@@ -232,10 +231,7 @@ class TLSStream(trio.abc.Stream):
         if self._closed:
             return
         self._closed = True
-        try:
-            trio.lowlevel.notify_closing(self._fd)
-        except (ValueError, OSError):
-            pass
+        release_fd(self._fd)
         if not self._broken:
             try:
                 self._ssl.unwrap()
