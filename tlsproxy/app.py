@@ -31,6 +31,7 @@ from .certs.bundle import Bundle
 from .certs.source import CertSource, Material
 from .config import HostPort, Settings
 from .errors import CertError, ConfigError
+from .http.deadlines import tick_for
 from .http.forward import Drain, Forwarder, Limits, Route
 from .http.pool import Pool
 from .inbound import mtls
@@ -65,6 +66,8 @@ class App:
         self.metrics = Metrics()
         self.health = Health()
         self.drain = Drain()
+        self.drain.watchdog.tick_s = tick_for(settings.head_timeout_s, settings.body_timeout_s,
+                                              settings.idle_timeout_s, settings.upstream_response_timeout_s)
         self.store = ContextStore()
         self.admin_routes = AdminRoutes()
         self.bound = Bound()

@@ -4,7 +4,7 @@ import math
 
 import trio
 
-from tlsproxy.http.deadlines import Watchdog
+from tlsproxy.http.deadlines import Watchdog, tick_for
 
 
 async def test_expire_due_fires_only_watches_whose_deadline_passed_and_records_the_phase():
@@ -45,3 +45,10 @@ async def test_a_blocked_wait_is_cancelled_within_a_tick_of_its_deadline():
         nursery.cancel_scope.cancel()
     assert w.scope.cancelled_caught and w.expired == "upstream_response"
     assert 0.1 <= elapsed < 1.0
+
+
+def test_the_tick_is_a_twentieth_of_the_shortest_timeout_within_bounds():
+    assert tick_for(10, 30, 60, 60) == 0.5
+    assert tick_for(0.5, 30) == 0.025
+    assert tick_for(2.0, 60) == 0.1
+    assert tick_for(0.1) == 0.025
