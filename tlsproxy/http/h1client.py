@@ -32,16 +32,12 @@ import re
 import h11
 from h11._headers import Headers
 
+from .headers import FIELD_LINE_RE, FIELD_LINES_RE
+
 MAX_RESPONSE_HEAD = 64 * 1024      # an app's response head larger than this is not HTTP we forward
 MAX_CHUNK_LINE = 4 * 1024          # chunk-size line with extensions
 
 _STATUS_RE = re.compile(rb"HTTP/(1\.[01]) ([0-9]{3})(?: ([\t \x21-\x7e\x80-\xff]*))?")
-# A header field line (RFC 9110 §5.1, §5.5): token ":" OWS value OWS CRLF, the value of HTAB, SP,
-# VCHAR and obs-text. The whole block is checked with one fullmatch, then split with one findall:
-# the lines are CRLF-delimited and a value holds no CR or LF, so both see the same fields.
-_FIELD = rb"([-!#$%&'*+.^_`|~0-9A-Za-z]+):[ \t]*((?:[\t \x21-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?)[ \t]*\r\n"
-_FIELDS_RE = re.compile(rb"(?:%s)*" % _FIELD)
-_FIELD_RE = re.compile(_FIELD)
 _HEX_RE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 
 _NO_BODY, _LENGTH, _CHUNKED, _UNTIL_CLOSE = range(4)
@@ -51,7 +47,7 @@ _SIZE, _DATA, _DATA_CRLF, _TRAILERS = range(4)
 
 def _first_bad_line(head: bytes, pos: int) -> bytes:
     while True:
-        m = _FIELD_RE.match(head, pos)
+        m = FIELD_LINE_RE.match(head, pos)
         if m is None:
             return head[pos:head.find(b"\r\n", pos)]
         pos = m.end()
@@ -196,14 +192,14 @@ class H1Client:
         if m is None:
             raise _error(f"invalid status line {head[:min(eol, 80)]!r}")
         version, status, reason = m.group(1), int(m.group(2)), m.group(3) or b""
-        if _FIELDS_RE.fullmatch(head, eol + 2) is None:
+        if FIELD_LINES_RE.fullmatch(head, eol + 2) is None:
             bad = _first_bad_line(head, eol + 2)
             raise _error(f"invalid header line {bad[:80]!r}")
         items = []
         cl = None
         te = None
         close = version == b"1.0"
-        for name, value in _FIELD_RE.findall(head, eol + 2):
+        for name, value in FIELD_LINE_RE.findall(head, eol + 2):
             lname = name.lower()
             if lname == b"content-length":
                 values = {v.strip() for v in value.split(b",")}

@@ -81,12 +81,15 @@ def find_head_end(buf: bytes | bytearray, start: int = 0) -> int:
     return min(ends) if ends else -1
 
 
-# The common request, parsed without h11 (parse_simple_request). A field line as RFC 9110 §5.1/§5.5
-# define it: token ":" OWS value OWS CRLF, the value of HTAB, SP, VCHAR and obs-text.
-_SIMPLE_LINE_RE = re.compile(rb"([A-Z]{1,20}) ([\x21-\x7e]+) HTTP/1\.1\r\n")
+# A field line as RFC 9110 §5.1/§5.5 define it: token ":" OWS value OWS CRLF, the value of HTAB, SP,
+# VCHAR and obs-text. FIELD_LINES_RE checks a whole block with one fullmatch, FIELD_LINE_RE splits
+# it with one findall: lines are CRLF-delimited and a value holds no CR or LF, so both see the same
+# fields. Used for request heads (parse_simple_request) and response heads (h1client).
 _FIELD = rb"([-!#$%&'*+.^_`|~0-9A-Za-z]+):[ \t]*((?:[\t \x21-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?)[ \t]*\r\n"
-_FIELDS_RE = re.compile(rb"(?:%s)*" % _FIELD)
-_FIELD_RE = re.compile(_FIELD)
+FIELD_LINES_RE = re.compile(rb"(?:%s)*" % _FIELD)
+FIELD_LINE_RE = re.compile(_FIELD)
+# The common request, parsed without h11 (parse_simple_request).
+_SIMPLE_LINE_RE = re.compile(rb"([A-Z]{1,20}) ([\x21-\x7e]+) HTTP/1\.1\r\n")
 _NOT_SIMPLE = frozenset({b"content-length", b"transfer-encoding", b"expect", b"upgrade"})
 
 
@@ -104,11 +107,11 @@ def parse_simple_request(buf: bytes | bytearray, end: int) -> tuple[bytes, bytes
     if method == b"CONNECT":
         return None
     start, stop = m.end(), end - 2
-    if _FIELDS_RE.fullmatch(buf, start, stop) is None:
+    if FIELD_LINES_RE.fullmatch(buf, start, stop) is None:
         return None
     items: list[Triple] = []
     hosts = 0
-    for name, value in _FIELD_RE.findall(buf, start, stop):
+    for name, value in FIELD_LINE_RE.findall(buf, start, stop):
         lname = name.lower()
         if lname in _NOT_SIMPLE:
             return None
@@ -270,6 +273,16 @@ def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
         if name == b"connection":
             tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
     return tokens
+
+
+def comma_tokens(full_items: Iterable[Triple], name: bytes) -> list[bytes]:
+    """The lowercased comma-separated tokens of every ``name`` field, in order (h11's
+    ``get_comma_header``)."""
+    out: list[bytes] = []
+    for _, n, value in full_items:
+        if n == name:
+            out.extend(t.strip().lower() for t in value.split(b",") if t.strip())
+    return out
 
 
 def has_token(full_items: Iterable[Triple], name: bytes, token: bytes) -> bool:

@@ -25,21 +25,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-Triple = tuple[bytes, bytes, bytes]
+from .headers import Triple
+from .headers import comma_tokens as _tokens
 
 NONE, LENGTH, CHUNKED, CLOSE = "none", "length", "chunked", "close"
 
 
 class FramingError(Exception):
     """The body does not match the framing its head announced."""
-
-
-def _tokens(items: Iterable[Triple], name: bytes) -> list[bytes]:
-    out: list[bytes] = []
-    for _, n, v in items:
-        if n == name:
-            out.extend(t.strip().lower() for t in v.split(b",") if t.strip())
-    return out
 
 
 def informational_head(status: int, reason: bytes, items: Iterable[Triple]) -> bytes:
