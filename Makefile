@@ -3,9 +3,12 @@
 #   make test   install everything the tests need (apt + venv + pip), lint, run the whole suite
 # Everything is installed into ./.venv; apt packages are installed only when missing.
 
-PYTHON ?= python3
+# Debian's python3 when there is one: the interpreter the image ships (Dockerfile), built with PGO
+# and LTO; a source build without them (pyenv's default) runs tlsproxy ~20 % slower per request
+# (docs/performance.md). Any other Python >= 3.11: make PYTHON=/path/to/python3 test
+PYTHON ?= $(shell test -x /usr/bin/python3 && /usr/bin/python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null && echo /usr/bin/python3 || echo python3)
 VENV ?= .venv
-APT_PACKAGES = curl openssl nginx wrk nghttp2-client testssl.sh procps buildah debootstrap
+APT_PACKAGES = python3-venv curl openssl nginx wrk nghttp2-client testssl.sh procps buildah debootstrap
 PYTEST_ARGS ?=
 
 .PHONY: demo test deps apt venv lint bench bench-smoke soak clean

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import os
 import re
 import shutil
 import signal
@@ -392,7 +393,8 @@ def main(argv: list[str] | None = None) -> int:
         nginx_v = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip()
         facts = [f"machine: {procs.machine()}",
                  f"load average before / after: {load_before} / {procs.loadavg()}",
-                 f"tlsproxy {_git_rev()}; {nginx_v}; Python {sys.version.split()[0]}",
+                 f"tlsproxy {_git_rev()}; {nginx_v}; Python {sys.version.split()[0]} "
+                 f"({os.path.realpath(sys.executable)})",
                  f"{plan.runs} run(s) per figure (median shown), {plan.duration_s:g} s per load step, "
                  f"{plan.idle_connections} idle connections, fixed rate {plan.fixed_rate} req/s; "
                  f"whole run {elapsed:.0f} s",

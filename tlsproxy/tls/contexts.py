@@ -54,6 +54,14 @@ def load_chain_from_memory(ctx: ssl.SSLContext, cert_pem: bytes, key_pem: bytes,
             os.close(fd)
 
 
+def _strict_eof(ctx: ssl.SSLContext) -> None:
+    """An EOF without close_notify stays an error (a cut ClientHello gets a decode_error alert, a
+    truncated TLS stream is told from a closed one). CPython 3.11.0-3.11.2 (Debian bookworm's
+    python3, which the image ships) turn OP_IGNORE_UNEXPECTED_EOF on by default; later releases
+    do not: clear it, so the behaviour does not depend on the interpreter's patch level."""
+    ctx.options &= ~ssl.OP_IGNORE_UNEXPECTED_EOF
+
+
 def server_context(bundles: Sequence[Bundle], opts: ServerTLSOptions = ServerTLSOptions()) -> ssl.SSLContext:
     """A server context serving every bundle given (e.g. one ECDSA and one RSA certificate:
     OpenSSL picks the one the client's signature algorithms allow)."""
@@ -63,6 +71,7 @@ def server_context(bundles: Sequence[Bundle], opts: ServerTLSOptions = ServerTLS
     ctx.minimum_version = _tls_version(opts.min_version)
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION
+    _strict_eof(ctx)
     if opts.min_version == "1.2":
         # Forward-secret AEAD suites only for the TLS 1.2 opt-in (Mozilla "intermediate").
         ctx.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20")
@@ -93,6 +102,7 @@ class ClientTLSOptions:
 def client_context(opts: ClientTLSOptions = ClientTLSOptions()) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = _tls_version(opts.min_version)
+    _strict_eof(ctx)
     ctx.check_hostname = True
     ctx.verify_mode = ssl.CERT_REQUIRED
     if opts.ca_pem:
