@@ -2,11 +2,22 @@
 
 A leaf module: it imports nothing else of tlsproxy. Every family starts with ``tlsproxy_``;
 counters end in ``_total``, durations are seconds, sizes bytes (Prometheus conventions).
+
+The families updated on every request or connection (requests, request duration, connections,
+handshakes, bytes) are *lean*: each labelled series is a plain number that ``inc``/``observe``
+adds to, without prometheus-client's per-update lock and checks (13 Python calls and four lock
+round-trips per proxied request before, docs/performance.md). That is safe because a worker
+process updates its metrics from its one trio thread only. The registry turns them into the same
+exposition at scrape time (``collect``); prometheus-client still does all the formatting.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 # Request latencies of a localhost sidecar are sub-millisecond to tens of seconds.
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -14,27 +25,103 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 _RELAY_BUCKETS = (0.01, 0.1, 1, 10, 60, 300, 1800, 3600, 4 * 3600, 24 * 3600)
 
 
+class _Series:
+    """One labelled series of a lean counter or gauge."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def inc(self, amount: float = 1) -> None:
+        self.value += amount
+
+    def dec(self, amount: float = 1) -> None:
+        self.value -= amount
+
+
+class _HistogramSeries:
+    """One labelled series of a lean histogram: per-bucket counts (not cumulative) and the sum."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)
+        self.sum = 0.0
+
+    def observe(self, amount: float) -> None:
+        # the first bucket whose upper bound is >= amount, as prometheus-client's Histogram counts
+        self.counts[bisect_left(self.bounds, amount)] += 1
+        self.sum += amount
+
+
+class _LeanFamily:
+    """A counter, gauge or histogram family of lean series, registered as a collector."""
+
+    def __init__(self, kind: str, name: str, doc: str, labelnames: list[str], registry: CollectorRegistry,
+                 buckets: tuple[float, ...] = ()) -> None:
+        self.kind, self.name, self.doc, self.labelnames = kind, name, doc, tuple(labelnames)
+        self.bounds = (*buckets, float("inf"))
+        self._series: dict[tuple[str, ...], _Series | _HistogramSeries] = {}
+        registry.register(self)
+
+    def labels(self, *values) -> _Series | _HistogramSeries:
+        key = tuple(str(v) for v in values)
+        if len(key) != len(self.labelnames):
+            raise ValueError(f"{self.name}: {len(self.labelnames)} label values expected, got {len(key)}")
+        series = self._series.get(key)
+        if series is None:
+            series = _HistogramSeries(self.bounds) if self.kind == "histogram" else _Series()
+            self._series[key] = series
+        return series
+
+    def _family(self):
+        if self.kind == "counter":
+            return CounterMetricFamily(self.name, self.doc, labels=self.labelnames)
+        if self.kind == "gauge":
+            return GaugeMetricFamily(self.name, self.doc, labels=self.labelnames)
+        return HistogramMetricFamily(self.name, self.doc, labels=self.labelnames)
+
+    def describe(self):
+        return [self._family()]
+
+    def collect(self):
+        family = self._family()
+        for key, series in list(self._series.items()):
+            if isinstance(series, _HistogramSeries):
+                acc, buckets = 0, []
+                for bound, count in zip(series.bounds, series.counts, strict=True):
+                    acc += count
+                    buckets.append((floatToGoString(bound), acc))
+                family.add_metric(key, buckets, series.sum)
+            else:
+                family.add_metric(key, series.value)
+        return [family]
+
+
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter("tlsproxy_requests", "HTTP requests answered",
-                                ["listener", "code_class"], registry=r)
-        self.request_duration = Histogram("tlsproxy_request_duration_seconds",
-                                          "Time from request head to the end of the response",
-                                          ["listener"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.connections_active = Gauge("tlsproxy_connections_active", "Open client connections",
-                                        ["listener", "protocol"], registry=r)
-        self.connections = Counter("tlsproxy_connections", "Client connections accepted",
-                                   ["listener", "protocol"], registry=r)
-        self.handshakes = Counter("tlsproxy_handshakes", "Completed TLS handshakes",
-                                  ["listener", "version", "resumed"], registry=r)
+        # lean: updated per request or connection (see the module docstring)
+        self.requests = _LeanFamily("counter", "tlsproxy_requests", "HTTP requests answered",
+                                    ["listener", "code_class"], r)
+        self.request_duration = _LeanFamily("histogram", "tlsproxy_request_duration_seconds",
+                                            "Time from request head to the end of the response",
+                                            ["listener"], r, buckets=_LATENCY_BUCKETS)
+        self.connections_active = _LeanFamily("gauge", "tlsproxy_connections_active",
+                                              "Open client connections", ["listener", "protocol"], r)
+        self.connections = _LeanFamily("counter", "tlsproxy_connections", "Client connections accepted",
+                                       ["listener", "protocol"], r)
+        self.handshakes = _LeanFamily("counter", "tlsproxy_handshakes", "Completed TLS handshakes",
+                                      ["listener", "version", "resumed"], r)
         self.handshake_failures = Counter("tlsproxy_handshake_failures", "Failed TLS handshakes",
                                           ["listener", "reason"], registry=r)
-        self.bytes_received = Counter("tlsproxy_received_bytes", "Bytes received from clients "
-                                      "(HTTP bodies, or relayed bytes)", ["listener", "protocol"],
-                                      registry=r)
-        self.bytes_sent = Counter("tlsproxy_sent_bytes", "Bytes sent to clients (HTTP bodies, or "
-                                  "relayed bytes)", ["listener", "protocol"], registry=r)
+        self.bytes_received = _LeanFamily("counter", "tlsproxy_received_bytes", "Bytes received from clients "
+                                          "(HTTP bodies, or relayed bytes)", ["listener", "protocol"], r)
+        self.bytes_sent = _LeanFamily("counter", "tlsproxy_sent_bytes", "Bytes sent to clients "
+                                      "(HTTP bodies, or relayed bytes)", ["listener", "protocol"], r)
+        # prometheus-client's own objects: updated rarely
         self.relay_duration = Histogram("tlsproxy_relay_duration_seconds",
                                         "Life of a relayed connection (tcp mode, outbound tls:// routes), "
                                         "from upstream connect to close", ["listener", "protocol"],

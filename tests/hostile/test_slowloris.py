@@ -124,7 +124,7 @@ def test_idle_keepalive_is_closed_at_the_idle_timeout_not_before(pki):
         assert data == b"" and how == "eof"
         assert 0.9 < elapsed < 2.0, elapsed
         active = proxy.app.metrics.connections_active.labels("inbound", "http")
-        assert wait_for(lambda: active._value.get() == 0, 5)
+        assert wait_for(lambda: active.value == 0, 5)
 
 
 def test_connection_that_handshakes_then_says_nothing_is_closed_at_the_head_timeout(pki):

@@ -77,7 +77,13 @@ def test_keepalive_and_pipelining(pki, app):
         paths = [json.loads(part.split(b"\r\n\r\n", 1)[1].split(b"HTTP/1.1")[0])["path"]
                  for part in data.split(b"HTTP/1.1 200 OK")[1:]]
         assert paths == [f"/p{i}" for i in range(20)] + ["/last"]
-        assert proxy.app.metrics.connections.labels("inbound", "http")._value.get() == 1
+        registry = proxy.app.metrics.registry
+        assert registry.get_sample_value("tlsproxy_connections_total",
+                                         {"listener": "inbound", "protocol": "http"}) == 1
+        assert registry.get_sample_value("tlsproxy_requests_total",
+                                         {"listener": "inbound", "code_class": "2xx"}) == 21
+        assert registry.get_sample_value("tlsproxy_request_duration_seconds_count",
+                                         {"listener": "inbound"}) == 21
 
 
 def test_upstream_connections_are_reused(pki, app):
