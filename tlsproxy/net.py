@@ -219,6 +219,7 @@ class PlainStream(trio.abc.HalfCloseableStream):
         self._receiving = False
         self._sending = False
         self._ops = 0
+        self._sent_last = False   # the last operation was a send: see receive_some
 
     def fileno(self) -> int:
         return self._fd
@@ -238,10 +239,18 @@ class PlainStream(trio.abc.HalfCloseableStream):
             raise trio.BusyResourceError("another task is receiving on this stream")
         self._receiving = True
         try:
-            await trio.lowlevel.checkpoint_if_cancelled()
             recv = self.socket.recv
             size = max_bytes or 65536
             blocked = False
+            if self._sent_last:
+                # Right after a send the peer has not answered yet: a recv now would only fail with
+                # EAGAIN (a syscall and an exception). Wait first; if data is there, the wait ends
+                # on the scheduler's next pass.
+                self._sent_last = False
+                blocked = True
+                await park(trio.lowlevel.wait_readable, self._fd)
+            else:
+                await trio.lowlevel.checkpoint_if_cancelled()
             while True:
                 try:
                     data = recv(size)
@@ -277,6 +286,7 @@ class PlainStream(trio.abc.HalfCloseableStream):
                     except OSError as exc:
                         raise trio.BrokenResourceError(f"send: {exc}") from exc
                     view = view[sent:]
+            self._sent_last = True
             await self._after(blocked)
         finally:
             self._sending = False

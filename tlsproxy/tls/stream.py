@@ -59,6 +59,7 @@ class TLSStream(trio.abc.Stream):
         self._receiving = False
         self._sending = False
         self._unyielded = 0
+        self._sent_last = False   # the last operation was a send: see receive_some
 
     # ------------------------------------------------------------------ facts about the connection
     @property
@@ -130,10 +131,19 @@ class TLSStream(trio.abc.Stream):
             raise trio.BusyResourceError("another task is receiving on this TLS stream")
         self._receiving = True
         try:
-            await _checkpoint_if_cancelled()
             size = max_bytes or RECEIVE_SIZE
             blocked = False
             ssl_recv = self._ssl.recv
+            if self._sent_last and not self._ssl.pending():
+                # Right after a send, the peer has not answered yet (a response to our request, the
+                # next request after our response): an SSL_read now would only fail with WANT_READ,
+                # a syscall and an exception. Wait for the socket first; if data is there already,
+                # the wait ends on the scheduler's next pass.
+                self._sent_last = False
+                blocked = True
+                await self._park(_wait_readable)
+            else:
+                await _checkpoint_if_cancelled()
             while True:
                 try:
                     data = ssl_recv(min(size, 16384))
@@ -217,6 +227,7 @@ class TLSStream(trio.abc.Stream):
                     self._broken = True
                     raise trio.BrokenResourceError(f"send: {exc}") from exc
                 view = view[sent:]
+            self._sent_last = True
             if not blocked:
                 await self._maybe_yield()
         finally:
