@@ -66,6 +66,7 @@ _NEED_DATA = h11.NEED_DATA
 _PAUSED = h11.PAUSED
 _Data = h11.Data
 _EndOfMessage = h11.EndOfMessage
+_END = h11.EndOfMessage()     # events are frozen: one instance for every request
 
 
 @dataclass(frozen=True)
@@ -466,12 +467,12 @@ class Forwarder:
                         problem = hdr.check_chunk_overhead(wire - len(_unparsed(client)), received)
                         if problem is not None:
                             raise problem
-                    out += up.h11.send(h11.EndOfMessage())
+                    out += up.h11.send(_END)
                     break
             entry.bytes_in = received
             self._m_in.inc(received)
         else:
-            out += up.h11.send(h11.EndOfMessage())
+            out += up.h11.send(_END)
         entry.request_done = True
         await _upstream_send(up, out, sent_anything, watch)
 

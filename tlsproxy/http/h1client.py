@@ -39,6 +39,7 @@ MAX_CHUNK_LINE = 4 * 1024          # chunk-size line with extensions
 
 _STATUS_RE = re.compile(rb"HTTP/(1\.[01]) ([0-9]{3})(?: ([\t \x21-\x7e\x80-\xff]*))?")
 _HEX_RE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+_END = h11.EndOfMessage()    # events are frozen: one instance serves every response (no Headers([]) each)
 
 _NO_BODY, _LENGTH, _CHUNKED, _UNTIL_CLOSE = range(4)
 # chunked sub-states
@@ -253,7 +254,7 @@ class H1Client:
         self.their_state = h11.DONE if self._keep_alive else h11.MUST_CLOSE
         if not self._keep_alive and self.our_state is h11.DONE:
             self.our_state = h11.MUST_CLOSE
-        return h11.EndOfMessage()
+        return _END
 
     def _read_body(self):
         framing = self._recv_framing
