@@ -54,6 +54,17 @@ class TLSStream(trio.abc.Stream):
         self._ssl = context.wrap_socket(sock, server_side=server_side, server_hostname=server_hostname,
                                         do_handshake_on_connect=False, suppress_ragged_eofs=True)
         self._fd = self._ssl.fileno()
+        # The C-level SSL object under ssl.SSLSocket: calling its do_handshake/read/write/pending
+        # skips ssl.py's wrappers (recv -> read -> _checkClosed; do_handshake's getpeername and
+        # two fcntl calls to restore a timeout we never set). ssl.py's one translation, a ragged
+        # EOF read as b"" (suppress_ragged_eofs), is done in receive_some. Falls back to the
+        # public methods if a future CPython drops the attribute.
+        obj = getattr(self._ssl, "_sslobj", None)
+        api = obj if obj is not None else self._ssl
+        self._handshake = api.do_handshake
+        self._read = api.read
+        self._write = api.write
+        self._pending = api.pending
         self._closed = False
         self._broken = False
         self._receiving = False
@@ -96,7 +107,7 @@ class TLSStream(trio.abc.Stream):
         blocked = False
         while True:
             try:
-                self._ssl.do_handshake()
+                self._handshake()
                 break
             except ssl.SSLWantReadError:
                 blocked = True
@@ -133,8 +144,8 @@ class TLSStream(trio.abc.Stream):
         try:
             size = max_bytes or RECEIVE_SIZE
             blocked = False
-            ssl_recv = self._ssl.recv
-            if self._sent_last and not self._ssl.pending():
+            ssl_recv = self._read
+            if self._sent_last and not self._pending():
                 # Right after a send, the peer has not answered yet (a response to our request, the
                 # next request after our response): an SSL_read now would only fail with WANT_READ,
                 # a syscall and an exception. Wait for the socket first; if data is there already,
@@ -154,13 +165,13 @@ class TLSStream(trio.abc.Stream):
                 except ssl.SSLWantWriteError:
                     blocked = True
                     await self._park_write_for_read()
-                except ssl.SSLZeroReturnError:
-                    data = b""
+                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                    data = b""     # close_notify, or a ragged EOF (ssl.py's suppress_ragged_eofs)
                     break
                 except (ssl.SSLError, OSError) as exc:
                     self._broken = True
                     raise trio.BrokenResourceError(f"receive: {exc}") from exc
-            if len(data) >= 16384 or self._ssl.pending():
+            if len(data) >= 16384 or self._pending():
                 # A full record: more is likely readable (bulk); drain it, up to ``max_bytes`` (or
                 # RECEIVE_SIZE), in one call. A short record ends a burst: another SSL_read would
                 # only fail with WANT_READ (a syscall and an exception per receive, measured in
@@ -170,7 +181,8 @@ class TLSStream(trio.abc.Stream):
                 while total < size:
                     try:
                         more = ssl_recv(min(16384, size - total))
-                    except (ssl.SSLWantReadError, ssl.SSLWantWriteError, ssl.SSLZeroReturnError):
+                    except (ssl.SSLWantReadError, ssl.SSLWantWriteError, ssl.SSLZeroReturnError,
+                            ssl.SSLEOFError):
                         break
                     except (ssl.SSLError, OSError):
                         break   # reported by the next call
@@ -204,7 +216,7 @@ class TLSStream(trio.abc.Stream):
             await _checkpoint_if_cancelled()
             view = memoryview(data)
             blocked = False
-            ssl_send = self._ssl.send
+            ssl_send = self._write
             while view:
                 try:
                     sent = ssl_send(view)
