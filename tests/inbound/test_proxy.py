@@ -86,6 +86,24 @@ def test_keepalive_and_pipelining(pki, app):
                                          {"listener": "inbound"}) == 21
 
 
+def test_next_request_already_waiting_in_its_own_record_is_served(pki, app):
+    """After a response the proxy waits for readability before reading (no read that can only
+    fail): a next request that is already in the socket, in a TLS record of its own, must still be
+    read at once, and one that OpenSSL already decrypted must not be waited for."""
+    with running_proxy(settings_for(pki, app.port)) as proxy, tls_connect(proxy.port, pki, timeout=5) as s:
+        for i in range(5):
+            s.sendall(b"GET /a%d HTTP/1.1\r\nHost: localhost\r\n\r\n" % i)   # one record each
+            s.sendall(b"GET /b%d HTTP/1.1\r\nHost: localhost\r\n\r\n" % i)   # before reading /a
+            data = b""
+            while data.count(b"HTTP/1.1 200 OK") < 2 or not data.endswith(b"}"):
+                chunk = s.recv(65536)      # a lost request would end this with a timeout (5 s)
+                assert chunk, data
+                data += chunk
+            paths = [json.loads(part.split(b"\r\n\r\n", 1)[1])["path"]
+                     for part in data.split(b"HTTP/1.1 200 OK")[1:]]
+            assert paths == [f"/a{i}", f"/b{i}"]
+
+
 def test_upstream_connections_are_reused(pki, app):
     with running_proxy(settings_for(pki, app.port)) as proxy:
         for _ in range(5):

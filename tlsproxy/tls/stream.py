@@ -56,7 +56,7 @@ class TLSStream(trio.abc.Stream):
         self._fd = self._ssl.fileno()
         # The C-level SSL object under ssl.SSLSocket: calling its do_handshake/read/write/pending
         # skips ssl.py's wrappers (recv -> read -> _checkClosed; do_handshake's getpeername and
-        # two fcntl calls to restore a timeout we never set). ssl.py's one translation, a ragged
+        # two ioctl calls to restore a timeout we never set). ssl.py's one translation, a ragged
         # EOF read as b"" (suppress_ragged_eofs), is done in receive_some. Falls back to the
         # public methods if a future CPython drops the attribute.
         obj = getattr(self._ssl, "_sslobj", None)
@@ -169,6 +169,9 @@ class TLSStream(trio.abc.Stream):
                     data = b""     # close_notify, or a ragged EOF (ssl.py's suppress_ragged_eofs)
                     break
                 except (ssl.SSLError, OSError) as exc:
+                    if getattr(exc, "reason", None) == "UNEXPECTED_EOF_WHILE_READING":
+                        data = b""   # a ragged EOF as CPython 3.11.2 reports it (not SSLEOFError)
+                        break
                     self._broken = True
                     raise trio.BrokenResourceError(f"receive: {exc}") from exc
             if len(data) >= 16384 or self._pending():
