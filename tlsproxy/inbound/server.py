@@ -6,6 +6,7 @@ connection facts (client address, TLS version, verified identity) → the forwar
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -63,7 +64,7 @@ class ConnectionHandler:
         self._accepted = metrics.connections.labels(cfg.name, protocol)
         self._handshakes: dict[tuple[str, str], object] = {}
 
-    async def __call__(self, sock: trio.socket.SocketType, peer) -> None:
+    async def __call__(self, sock: socket.socket, peer) -> None:
         ip, port = net.peer_host_port(peer)
         self._accepted.inc()
         self._active.inc()
@@ -104,7 +105,7 @@ async def serve_tls(cfg: TLSListenerConfig, handler: ConnectionHandler, handlers
     async with trio.open_nursery() as nursery:
         await nursery.start(lambda task_status: net.serve_listeners(
             sockets, handler, handlers, name=cfg.name, max_connections=cfg.max_connections,
-            on_accept_error=on_error, task_status=task_status))
+            on_accept_error=on_error, stdlib=True, task_status=task_status))
         log.info("listening", listener=cfg.name, addr=str(cfg.addr), bound=str(bound))
         task_status.started(bound)
 

@@ -72,12 +72,15 @@ def stdlib_socket(sock: trio.socket.SocketType) -> socket.socket:
     return socket.socket(family, type_, proto, fileno=sock.detach())
 
 
-async def handshake(sock: trio.socket.SocketType, store: ContextStore, timeout_s: float) -> TLSStream:
-    """Wrap with the current server context and handshake under ``timeout_s``.
+async def handshake(sock: socket.socket | trio.socket.SocketType, store: ContextStore,
+                    timeout_s: float) -> TLSStream:
+    """Wrap with the current server context and handshake under ``timeout_s``. ``sock`` is the
+    accepted socket: a stdlib one (the TLS listener accepts those, ``net.accept_loop(stdlib=True)``)
+    or a trio one, whose descriptor is taken over.
 
     Raises :class:`HandshakeFailed` (the socket is closed) on any failure.
     """
-    raw = stdlib_socket(sock)
+    raw = sock if isinstance(sock, socket.socket) else stdlib_socket(sock)
     raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     raw.setblocking(False)
     stream: TLSStream | None = None

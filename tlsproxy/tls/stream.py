@@ -50,7 +50,8 @@ class TLSStream(trio.abc.Stream):
 
     def __init__(self, sock: socket.socket, context: ssl.SSLContext, *, server_side: bool,
                  server_hostname: str | None = None) -> None:
-        sock.setblocking(False)
+        if sock.gettimeout() != 0.0:
+            sock.setblocking(False)      # an ioctl: skipped when the caller already did it
         self._ssl = context.wrap_socket(sock, server_side=server_side, server_hostname=server_hostname,
                                         do_handshake_on_connect=False, suppress_ragged_eofs=True)
         self._fd = self._ssl.fileno()
