@@ -72,6 +72,7 @@ class TLSStream(trio.abc.Stream):
         self._sending = False
         self._unyielded = 0
         self._sent_last = False   # the last operation was a send: see receive_some
+        self._full = False        # the last SSL_read got all it asked for: see receive_some
 
     # ------------------------------------------------------------------ facts about the connection
     @property
@@ -146,7 +147,7 @@ class TLSStream(trio.abc.Stream):
             size = max_bytes or RECEIVE_SIZE
             blocked = False
             ssl_recv = self._read
-            if self._sent_last and not self._pending():
+            if self._sent_last and not (self._full and self._pending()):
                 # Right after a send, the peer has not answered yet (a response to our request, the
                 # next request after our response): an SSL_read now would only fail with WANT_READ,
                 # a syscall and an exception. Wait for the socket first; if data is there already,
@@ -156,9 +157,10 @@ class TLSStream(trio.abc.Stream):
                 await self._park(_wait_readable)
             else:
                 await _checkpoint_if_cancelled()
+            want = min(size, 16384)
             while True:
                 try:
-                    data = ssl_recv(min(size, 16384))
+                    data = ssl_recv(want)
                     break
                 except ssl.SSLWantReadError:
                     blocked = True
@@ -175,29 +177,40 @@ class TLSStream(trio.abc.Stream):
                         break
                     self._broken = True
                     raise trio.BrokenResourceError(f"receive: {exc}") from exc
-            if len(data) >= 16384 or self._pending():
-                # A full record: more is likely readable (bulk); drain it, up to ``max_bytes`` (or
-                # RECEIVE_SIZE), in one call. A short record ends a burst: another SSL_read would
-                # only fail with WANT_READ (a syscall and an exception per receive, measured in
-                # docs/performance.md).
+            # SSL_read hands out one record at a time (no read-ahead): a read that got fewer bytes
+            # than it asked for emptied its record, so OpenSSL holds nothing decrypted (no
+            # SSL_pending call, which releases the GIL, needed); one that got all it asked for may
+            # have left the rest of its record inside OpenSSL.
+            full = len(data) == want
+            if full:
+                # A full record, or max_bytes reached: more is likely readable (bulk); drain it, up
+                # to ``max_bytes`` (or RECEIVE_SIZE), in one call. A short record ends a burst:
+                # another SSL_read would only fail with WANT_READ (a syscall and an exception per
+                # receive, measured in docs/performance.md).
                 chunks = None
                 total = len(data)
                 while total < size:
+                    ask = min(16384, size - total)
                     try:
-                        more = ssl_recv(min(16384, size - total))
+                        more = ssl_recv(ask)
                     except (ssl.SSLWantReadError, ssl.SSLWantWriteError, ssl.SSLZeroReturnError,
                             ssl.SSLEOFError):
+                        full = False
                         break
                     except (ssl.SSLError, OSError):
+                        full = False
                         break   # reported by the next call
                     if not more:
+                        full = False
                         break
                     if chunks is None:
                         chunks = [data]
                     chunks.append(more)
                     total += len(more)
+                    full = len(more) == ask
                 if chunks is not None:
                     data = b"".join(chunks)
+            self._full = full
             if not blocked:
                 await self._maybe_yield()
             return data
