@@ -88,16 +88,16 @@ def bound_address(sockets: list[trio.socket.SocketType]) -> HostPort:
     return HostPort(host, name[1])
 
 
-Handler = Callable[[Any, Any], Awaitable[None]]
+Handler = Callable[[socket.socket, Any], Awaitable[None]]
 
 
-class _StdlibAcceptor:
-    """Accepts on a listening socket taken out of its trio wrapper, handing out plain stdlib socket
-    objects: for handlers that need one anyway (the TLS listener wraps it in an ``SSLSocket``).
-    Each connection then costs one Python socket object, not three (trio's wrapper, the stdlib
-    socket under it, and the copy the handler detached from it): two ``getsockname`` and two
-    ``ioctl`` calls fewer (CPython checks every socket built from a descriptor; trio sets
-    non-blocking mode), and none of trio's accept machinery."""
+class _Acceptor:
+    """Accepts on a listening socket taken out of its trio wrapper and hands out plain stdlib
+    socket objects (blocking mode; each handler sets the mode it needs). The TLS listener wraps
+    the socket in an ``SSLSocket`` as it is; the others ask :func:`socket_stream` for a trio
+    stream. A TLS connection so costs one Python socket object, not three (trio's wrapper, the
+    stdlib socket under it, and the copy the handler detached from it): two ``getsockname`` calls
+    (CPython checks every socket built from a descriptor) and two ``ioctl`` calls fewer."""
 
     def __init__(self, listen_sock: trio.socket.SocketType) -> None:
         self.sock = socket.socket(listen_sock.family, listen_sock.type, listen_sock.proto,
@@ -108,7 +108,7 @@ class _StdlibAcceptor:
         await trio.lowlevel.checkpoint_if_cancelled()
         while True:
             try:
-                return self.sock.accept()      # blocking-mode socket: the handler sets its mode
+                return self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 await park(trio.lowlevel.wait_readable, self.sock.fileno())
 
@@ -117,19 +117,23 @@ class _StdlibAcceptor:
         self.sock.close()
 
 
+def socket_stream(sock: socket.socket) -> trio.SocketStream:
+    """A trio stream over an accepted socket (plain listeners, outbound, admin)."""
+    return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+
+
 async def accept_loop(listen_sock: trio.socket.SocketType, handler: Handler, handlers: trio.Nursery,
                       slots: trio.Semaphore, *, name: str,
-                      on_accept_error: Callable[[str], None] | None = None, stdlib: bool = False) -> None:
-    """Accept forever; each connection runs ``handler(sock, peer)`` in ``handlers``.
+                      on_accept_error: Callable[[str], None] | None = None) -> None:
+    """Accept forever; each connection runs ``handler(sock, peer)`` in ``handlers``, ``sock`` a
+    plain ``socket.socket`` (:class:`_Acceptor`).
 
-    ``sock`` is a trio socket, or with ``stdlib`` a plain ``socket.socket`` (:class:`_StdlibAcceptor`).
     ``slots`` bounds concurrent connections: when none is free we stop accepting and the kernel
     backlog holds new connections. The handler's slot is released when it returns. Every accept
     passes a checkpoint (``slots.acquire``), so a flood of connections cannot starve other tasks.
     """
     backoff = ACCEPT_BACKOFF_MIN_S
-    acceptor = _StdlibAcceptor(listen_sock) if stdlib else listen_sock
-    with contextlib.closing(acceptor):
+    with contextlib.closing(_Acceptor(listen_sock)) as acceptor:
         while True:
             await slots.acquire()
             try:
@@ -154,7 +158,7 @@ async def accept_loop(listen_sock: trio.socket.SocketType, handler: Handler, han
             handlers.start_soon(_run_handler, handler, sock, peer, slots, name)
 
 
-async def _run_handler(handler: Handler, sock: trio.socket.SocketType, peer: Any, slots: trio.Semaphore,
+async def _run_handler(handler: Handler, sock: socket.socket, peer: Any, slots: trio.Semaphore,
                        name: str) -> None:
     try:
         await handler(sock, peer)
@@ -169,15 +173,14 @@ async def _run_handler(handler: Handler, sock: trio.socket.SocketType, peer: Any
 
 async def serve_listeners(sockets: list[trio.socket.SocketType], handler: Handler, handlers: trio.Nursery,
                           *, name: str, max_connections: int,
-                          on_accept_error: Callable[[str], None] | None = None, stdlib: bool = False,
+                          on_accept_error: Callable[[str], None] | None = None,
                           task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     slots = trio.Semaphore(max_connections)
     async with trio.open_nursery() as accepting:
         for s in sockets:
             accepting.start_soon(lambda s=s: accept_loop(s, handler, handlers, slots, name=name,
-                                                          on_accept_error=on_accept_error, stdlib=stdlib))
+                                                          on_accept_error=on_accept_error))
         task_status.started()
-
 
 
 def peer_host_port(peer: Any) -> tuple[str, int]:

@@ -7,6 +7,7 @@ fine for probes and scrapers, but keep-alive works too. Handlers are ``async (Re
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -76,8 +77,8 @@ async def serve_admin(addr: HostPort, routes: AdminRoutes, *,
     sockets = net.bind(addr)
     bound = net.bound_address(sockets)
 
-    async def handle(sock: trio.socket.SocketType, peer) -> None:
-        stream = trio.SocketStream(sock)
+    async def handle(sock: socket.socket, peer) -> None:
+        stream = net.socket_stream(sock)
         client_ip, _ = net.peer_host_port(peer)
         with trio.move_on_after(ADMIN_TIMEOUT_S):
             await _serve_conn(stream, routes, client_ip)

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from dataclasses import dataclass
 
@@ -64,11 +65,11 @@ class PlainHandler:
         self._active = metrics.connections_active.labels(cfg.name, "http")
         self._accepted = metrics.connections.labels(cfg.name, "http")
 
-    async def __call__(self, sock: trio.socket.SocketType, peer) -> None:
+    async def __call__(self, sock: socket.socket, peer) -> None:
         ip, port = net.peer_host_port(peer)
         self._accepted.inc()
         self._active.inc()
-        stream = trio.SocketStream(sock)
+        stream = net.socket_stream(sock)
         try:
             if self.cfg.mode == "forward":
                 assert self.forwarder is not None

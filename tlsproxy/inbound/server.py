@@ -105,7 +105,7 @@ async def serve_tls(cfg: TLSListenerConfig, handler: ConnectionHandler, handlers
     async with trio.open_nursery() as nursery:
         await nursery.start(lambda task_status: net.serve_listeners(
             sockets, handler, handlers, name=cfg.name, max_connections=cfg.max_connections,
-            on_accept_error=on_error, stdlib=True, task_status=task_status))
+            on_accept_error=on_error, task_status=task_status))
         log.info("listening", listener=cfg.name, addr=str(cfg.addr), bound=str(bound))
         task_status.started(bound)
 

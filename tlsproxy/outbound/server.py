@@ -20,6 +20,7 @@ first and gives in-flight requests their deadline.
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -183,11 +184,11 @@ class PlainHandler:
         self._accepted = metrics.connections.labels(name, "http")
         self._active = metrics.connections_active.labels(name, "http")
 
-    async def __call__(self, sock: trio.socket.SocketType, peer) -> None:
+    async def __call__(self, sock: socket.socket, peer) -> None:
         self._accepted.inc()
         self._active.inc()
         try:
-            await self.forwarder.serve(trio.SocketStream(sock), _facts(peer))
+            await self.forwarder.serve(net.socket_stream(sock), _facts(peer))
         finally:
             self._active.dec()
 
@@ -208,11 +209,11 @@ class TLSRelayHandler:
         self._in = metrics.bytes_received.labels(name, "tcp")
         self._out = metrics.bytes_sent.labels(name, "tcp")
 
-    async def __call__(self, sock: trio.socket.SocketType, peer) -> None:
+    async def __call__(self, sock: socket.socket, peer) -> None:
         self._accepted.inc()
         self._active.inc()
         t0 = time.monotonic()
-        client = trio.SocketStream(sock)
+        client = net.socket_stream(sock)
         fields = {"listener": self.name, "client": _facts(peer).client, "peer": self.opener.peer}
         try:
             try:
@@ -269,10 +270,10 @@ class ForwardProxy:
         self._check_allowed(t)
         return Destination(self.pools.get(t.host, t.port), t.path, t.authority.encode())
 
-    async def handle(self, sock: trio.socket.SocketType, peer) -> None:
+    async def handle(self, sock: socket.socket, peer) -> None:
         self._accepted.inc()
         self._active.inc()
-        stream = trio.SocketStream(sock)
+        stream = net.socket_stream(sock)
         try:
             buf = await self._peek(stream)
             if buf is None:

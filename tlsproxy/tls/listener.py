@@ -67,20 +67,17 @@ def classify(exc: BaseException) -> str:
 
 
 def stdlib_socket(sock: trio.socket.SocketType) -> socket.socket:
-    """Take an accepted trio socket's descriptor into a plain (non-blocking) stdlib socket."""
+    """Take a trio socket's descriptor into a plain stdlib socket (the trio one is left detached)."""
     family, type_, proto = sock.family, sock.type, sock.proto
     return socket.socket(family, type_, proto, fileno=sock.detach())
 
 
-async def handshake(sock: socket.socket | trio.socket.SocketType, store: ContextStore,
-                    timeout_s: float) -> TLSStream:
-    """Wrap with the current server context and handshake under ``timeout_s``. ``sock`` is the
-    accepted socket: a stdlib one (the TLS listener accepts those, ``net.accept_loop(stdlib=True)``)
-    or a trio one, whose descriptor is taken over.
+async def handshake(raw: socket.socket, store: ContextStore, timeout_s: float) -> TLSStream:
+    """Wrap the accepted socket (a plain one, as ``net.accept_loop`` hands out) with the current
+    server context and handshake under ``timeout_s``.
 
     Raises :class:`HandshakeFailed` (the socket is closed) on any failure.
     """
-    raw = sock if isinstance(sock, socket.socket) else stdlib_socket(sock)
     raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     raw.setblocking(False)
     stream: TLSStream | None = None
