@@ -193,13 +193,9 @@ class TLSStream(trio.abc.Stream):
                     ask = min(16384, size - total)
                     try:
                         more = ssl_recv(ask)
-                    except (ssl.SSLWantReadError, ssl.SSLWantWriteError, ssl.SSLZeroReturnError,
-                            ssl.SSLEOFError):
-                        full = False
-                        break
                     except (ssl.SSLError, OSError):
-                        full = False
-                        break   # reported by the next call
+                        full = False   # nothing more yet (WANT_READ), or EOF or an error: the next
+                        break          # call reports those
                     if not more:
                         full = False
                         break
