@@ -353,9 +353,10 @@ class Forwarder:
                         entry: _AccessEntry, pool: Pool, watch: Watch) -> bool:
         limits = self.route.limits
         # h11 is in SEND_BODY after every request head (even a bodiless GET), so ask the framing.
-        cl = hdr.header_value(req.headers._full_items, b"content-length")
-        has_body = cl not in (None, b"0") or \
-            hdr.header_value(req.headers._full_items, b"transfer-encoding") is not None
+        # A head parsed without h11 (client None) has neither Content-Length nor Transfer-Encoding.
+        has_body = client is not None and (
+            hdr.header_value(req.headers._full_items, b"content-length") not in (None, b"0")
+            or hdr.header_value(req.headers._full_items, b"transfer-encoding") is not None)
         retryable = not has_body and req.method in IDEMPOTENT
         up = await self._acquire(pool)
         try:

@@ -32,7 +32,7 @@ import re
 import h11
 from h11._headers import Headers
 
-from .headers import FIELD_LINE_RE, FIELD_LINES_RE
+from .headers import FIELD_LINE_RE, FIELD_LINES_RE, split_tokens
 
 MAX_RESPONSE_HEAD = 64 * 1024      # an app's response head larger than this is not HTTP we forward
 MAX_CHUNK_LINE = 4 * 1024          # chunk-size line with extensions
@@ -106,7 +106,7 @@ class H1Client:
             elif name == b"transfer-encoding":
                 self._send_framing = _CHUNKED
             elif name == b"connection":
-                tokens = {t.strip().lower() for t in value.split(b",")}
+                tokens = split_tokens(value)
                 self._upgrade = self._upgrade or b"upgrade" in tokens
                 self._req_close = self._req_close or b"close" in tokens
         self._head_method = method == b"HEAD"
@@ -215,7 +215,7 @@ class H1Client:
             elif lname == b"transfer-encoding":
                 te = value.lower() if te is None else te + b"," + value.lower()
             elif lname == b"connection":
-                tokens = {t.strip().lower() for t in value.split(b",")}
+                tokens = split_tokens(value)
                 if b"close" in tokens:
                     close = True
                 elif b"keep-alive" in tokens and version == b"1.0":

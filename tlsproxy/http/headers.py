@@ -267,12 +267,9 @@ class ForwardFacts:
     client_cert_headers: tuple[tuple[bytes, bytes], ...] = ()   # XFCC / RFC 9440, set by mTLS
 
 
-def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
-    tokens: set[bytes] = set()
-    for name, value in headers:
-        if name == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
-    return tokens
+def split_tokens(value: bytes) -> list[bytes]:
+    """The lowercased, non-empty tokens of one comma-separated field value."""
+    return [t for t in (part.strip().lower() for part in value.split(b",")) if t]
 
 
 def comma_tokens(full_items: Iterable[Triple], name: bytes) -> list[bytes]:
@@ -281,27 +278,16 @@ def comma_tokens(full_items: Iterable[Triple], name: bytes) -> list[bytes]:
     out: list[bytes] = []
     for _, n, value in full_items:
         if n == name:
-            out.extend(t.strip().lower() for t in value.split(b",") if t.strip())
+            out.extend(split_tokens(value))
     return out
 
 
 def has_token(full_items: Iterable[Triple], name: bytes, token: bytes) -> bool:
     """Whether the comma-separated header ``name`` (lowercase) lists ``token`` (lowercase)."""
     for _, n, value in full_items:
-        if n == name and token in value.lower() and \
-                any(t.strip() == token for t in value.lower().split(b",")):
+        if n == name and token in value.lower() and token in split_tokens(value):
             return True
     return False
-
-
-def wants_upgrade(headers: Iterable[tuple[bytes, bytes]], tokens: set[bytes]) -> bytes | None:
-    """The Upgrade header value when the request asks to switch protocols, else None."""
-    if b"upgrade" not in tokens:
-        return None
-    for name, value in headers:
-        if name == b"upgrade":
-            return value
-    return None
 
 
 _RID_PREFIX = os.urandom(8).hex()     # per process: ids stay unique across workers and restarts
@@ -341,7 +327,7 @@ def rewrite_request(full_items: list[Triple], facts: ForwardFacts, *, host_overr
     request_id = b""
     for _raw, name, value in full_items:
         if name == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+            tokens.update(split_tokens(value))
         elif name == b"upgrade":
             upgrade = value
         elif name == b"host":
@@ -387,10 +373,7 @@ def rewrite_request(full_items: list[Triple], facts: ForwardFacts, *, host_overr
 
 def rewrite_response(full_items: list[Triple], *, upgrade: bool = False) -> list[Triple]:
     """Headers for the client leg: hop-by-hop removed (kept for a 101 that switches protocols)."""
-    tokens: set[bytes] = set()
-    for _raw, name, value in full_items:
-        if name == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    tokens = set(comma_tokens(full_items, b"connection"))
     if upgrade:
         return [i for i in full_items if i[1] not in tokens or i[1] in (b"upgrade",)
                 if i[1] not in (b"keep-alive", b"proxy-connection", b"transfer-encoding")]
