@@ -6,12 +6,15 @@ All clients run pinned to the load CPU, bounded by a timeout, and with ``OPENSSL
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .pace import PaceResult
 from .procs import CPU_LOAD, pinned
 
 CIPHERSUITE = "TLS_AES_128_GCM_SHA256"
@@ -148,6 +151,17 @@ def h2load_fixed_rate(url: str, *, rate: int, clients: int, duration_s: float, e
           "--warm-up-time", "1", "--tls13-ciphers", CIPHERSUITE, "--groups", GROUP,
           f"--log-file={log_file}", url], env, duration_s + 30)
     return parse_h2load_log(log_file.read_text(), duration_s)
+
+
+def paced(port: int, *, rate: int, connections: int, duration_s: float, ca: Path, env: dict,
+          dump: Path | None = None) -> PaceResult:
+    """``rate`` requests/s at evenly spaced times over ``connections`` keep-alive connections
+    (bench/pace.py; latency from each request's planned time)."""
+    argv = [sys.executable, str(Path(__file__).with_name("pace.py")), "--port", str(port),
+            "--rate", str(rate), "--connections", str(connections), "--duration", f"{duration_s:g}",
+            "--warmup", "1", "--cafile", str(ca), *(["--dump", str(dump)] if dump else [])]
+    out = _run(argv, env, duration_s + 30)
+    return PaceResult(**json.loads(out.strip().splitlines()[-1]))
 
 
 def curl_download_mib_s(url: str, ca: Path, env: dict, timeout_s: float = 120) -> float:

@@ -108,3 +108,22 @@ def test_report_ratios_floors_and_missing_rows():
     assert "n/a (outbound not built)" in rows["(e) outbound origination, wrk -c50 (app → proxy → TLS peer)"]
     md = report.entry(res, title="Run X", facts=["machine: m"], notes=["loaded"])
     assert "### Run X" in md and "| figure |" in md and "- loaded" in md
+
+
+def test_pace_reader_frames_responses_split_anywhere():
+    from bench.pace import ResponseReader
+    wire = (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nServer: x\r\n\r\nhello"
+            b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n"
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+    for cut in range(1, len(wire)):
+        r = ResponseReader()
+        assert r.feed(wire[:cut]) + r.feed(wire[cut:]) == [200, 503, 200], cut
+        assert r.buf == b""
+
+
+def test_pace_reader_refuses_what_it_cannot_frame():
+    from bench.pace import ResponseReader
+    for wire, why in ((b"SSH-2.0-x\r\n\r\n", "status line"), (b"HTTP/1.1 200 OK\r\n\r\n", "Content-Length"),
+                      (b"HTTP/1.1 200 OK\r\n" + b"x" * 70000, "64 KiB")):
+        with pytest.raises(ValueError, match=why):
+            ResponseReader().feed(wire)
