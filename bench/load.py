@@ -86,6 +86,19 @@ def parse_wrk(text: str) -> WrkResult:
                      _ms(p99.group(1)) if p99 else None, mib, errors, int(reqs.group(1)) if reqs else 0)
 
 
+def combine(slices: list[WrkResult]) -> WrkResult:
+    """One figure from wrk runs of equal length (the slices of an interleaved step): the mean rate
+    and throughput, the median of the slices' p50 and p99, errors and requests summed."""
+    if not slices:
+        raise ValueError("no wrk results to combine")
+    n = len(slices)
+    p50s = [r.p50_ms for r in slices if r.p50_ms is not None]
+    p99s = [r.p99_ms for r in slices if r.p99_ms is not None]
+    return WrkResult(sum(r.rps for r in slices) / n, percentile(p50s, 50) if p50s else None,
+                     percentile(p99s, 50) if p99s else None, sum(r.mib_s for r in slices) / n,
+                     sum(r.errors for r in slices), sum(r.requests for r in slices))
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         raise ValueError("no values")

@@ -34,6 +34,7 @@ from .report import Results, entry, text_table
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "performance.md"
 SERVERS = ("tlsproxy", "nginx")
+SLICE_S = 2.0       # interleaving slice of the wrk steps (see Bench._interleaved)
 
 
 @dataclass(frozen=True)
@@ -192,42 +193,46 @@ class Bench:
         plan, pt, d = self.plan, self.ports, self.plan.duration_s
         for run in range(plan.runs):
             self._progress(f"run {run + 1}/{plan.runs}")
-            for server, port in (("tlsproxy", pt.tp), ("nginx", pt.ng)):
-                r = load.wrk(self.url(port), connections=50, duration_s=d, env=self.env)
-                self._add("ka_rps", server, r.rps, r.errors)
-                self.results.add("ka_p50", server, r.p50_ms or 0.0)
-                self.results.add("ka_p99", server, r.p99_ms or 0.0)
-                if server == "tlsproxy":
-                    r = load.wrk(self.url(pt.tp_log), connections=50, duration_s=d, env=self.env)
-                    self._add("ka_rps_log", server, r.rps, r.errors)
-                    self.results.add("w1_rps", server, self.results.samples[("ka_rps", server)][-1])
-                else:
-                    self.results.add("w1_rps", server, self.results.samples[("ka_rps", server)][-1])
+            r = self._interleaved({"tlsproxy": self.url(pt.tp), "log": self.url(pt.tp_log),
+                                   "nginx": self.url(pt.ng)}, connections=50)
+            for server in SERVERS:
+                self._add("ka_rps", server, r[server].rps, r[server].errors)
+                self.results.add("ka_p50", server, r[server].p50_ms or 0.0)
+                self.results.add("ka_p99", server, r[server].p99_ms or 0.0)
+                self.results.add("w1_rps", server, r[server].rps)
+            self._add("ka_rps_log", "tlsproxy", r["log"].rps, r["log"].errors)
             self._progress("handshakes")
-            for server, port, resume in (("tlsproxy", pt.tp, pt.tp_resume), ("nginx", pt.ng, pt.ng_resume)):
-                r = load.wrk(self.url(port), connections=50, duration_s=d, env=self.env, close=True)
-                self._add("hs", server, r.rps, r.errors)
-                r = load.wrk(self.url(resume), connections=50, duration_s=d, env=self.env, close=True)
-                self._add("resumed", server, r.rps, r.errors)
+            r = self._interleaved({"tlsproxy": self.url(pt.tp), "nginx": self.url(pt.ng)},
+                                  connections=50, close=True)
+            for server in SERVERS:
+                self._add("hs", server, r[server].rps, r[server].errors)
+            r = self._interleaved({"tlsproxy": self.url(pt.tp_resume), "nginx": self.url(pt.ng_resume)},
+                                  connections=50, close=True)
+            for server in SERVERS:
+                self._add("resumed", server, r[server].rps, r[server].errors)
             self._progress("bulk")
             for server, port in (("tlsproxy", pt.tp), ("nginx", pt.ng)):
                 mib_s = load.curl_download_mib_s(self.url(port, "/64m"), self.ca, self.env)
                 self.results.add("dl64", server, mib_s)
-                r = load.wrk(self.url(port, "/1m"), connections=8, duration_s=d, env=self.env)
-                self._add("ka1m", server, r.mib_s, r.errors)
+            r = self._interleaved({"tlsproxy": self.url(pt.tp, "/1m"), "nginx": self.url(pt.ng, "/1m")},
+                                  connections=8)
+            for server in SERVERS:
+                self._add("ka1m", server, r[server].mib_s, r[server].errors)
             self._progress("idle connections")
             for server in SERVERS:
                 self.results.add("idle_rss", server, self._idle_rss(server))
             if self.outbound:
                 self._progress("outbound")
-                for server, port in (("tlsproxy", pt.tp_out), ("nginx", pt.ng_out)):
-                    r = load.wrk(self.url(port, scheme="http"), connections=50, duration_s=d, env=self.env)
-                    self._add("outbound", server, r.rps, r.errors)
+                r = self._interleaved({"tlsproxy": self.url(pt.tp_out, scheme="http"),
+                                       "nginx": self.url(pt.ng_out, scheme="http")}, connections=50)
+                for server in SERVERS:
+                    self._add("outbound", server, r[server].rps, r[server].errors)
             self._progress("2 workers")
-            for server, port in (("tlsproxy", pt.tp2), ("nginx", pt.ng2)):
-                r = load.wrk(self.url(port), connections=50, duration_s=d, env=self.env)
-                self._add("w2_rps", server, r.rps, r.errors)
-                self.results.add("w2_gain", server, r.rps / self.results.samples[("w1_rps", server)][-1])
+            r = self._interleaved({"tlsproxy": self.url(pt.tp2), "nginx": self.url(pt.ng2)}, connections=50)
+            for server in SERVERS:
+                self._add("w2_rps", server, r[server].rps, r[server].errors)
+                w1 = self.results.samples[("w1_rps", server)][-1]
+                self.results.add("w2_gain", server, r[server].rps / w1)
             self._progress("fixed rate")
             for server, port in (("tlsproxy", pt.tp), ("nginx", pt.ng)):
                 pr = load.paced(port, rate=plan.fixed_rate, connections=plan.fixed_clients,
@@ -248,6 +253,21 @@ class Bench:
                 if rr.achieved_rps < 0.9 * plan.fixed_rate:
                     self.notes.append(f"(g') {server}: achieved only {rr.achieved_rps:.0f} req/s")
         self._check_no_resumption()
+
+    def _interleaved(self, urls: dict[str, str], *, connections: int, close: bool = False
+                     ) -> dict[str, load.WrkResult]:
+        """wrk against each target for ``duration_s`` in all, in slices of about ``SLICE_S`` taken
+        in turn (tlsproxy, nginx, tlsproxy, nginx, …), so that a drift in the machine's speed — the
+        CPU time of the same work moved by ±25 % over tens of seconds here — hits every target
+        alike instead of whichever ran during it. Each target's slices → :func:`load.combine`."""
+        d = self.plan.duration_s
+        n = max(1, round(d / SLICE_S))
+        got: dict[str, list[load.WrkResult]] = {name: [] for name in urls}
+        for _ in range(n):
+            for name, url in urls.items():
+                got[name].append(load.wrk(url, connections=connections, duration_s=d / n, env=self.env,
+                                          close=close))
+        return {name: load.combine(slices) for name, slices in got.items()}
 
     def _add(self, key: str, server: str, value: float, errors: int) -> None:
         self.results.add(key, server, value)

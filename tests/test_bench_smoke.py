@@ -127,3 +127,14 @@ def test_pace_reader_refuses_what_it_cannot_frame():
                       (b"HTTP/1.1 200 OK\r\n" + b"x" * 70000, "64 KiB")):
         with pytest.raises(ValueError, match=why):
             ResponseReader().feed(wire)
+
+
+def test_combine_slices_of_an_interleaved_step():
+    slices = [load.WrkResult(1000.0, 1.0, 5.0, 10.0, 0, 2000),
+              load.WrkResult(3000.0, 3.0, 9.0, 30.0, 2, 6000),
+              load.WrkResult(2000.0, 2.0, 7.0, 20.0, 1, 4000)]
+    c = load.combine(slices)
+    assert (c.rps, c.mib_s, c.p50_ms, c.p99_ms, c.errors, c.requests) == (2000.0, 20.0, 2.0, 7.0, 3, 12000)
+    assert load.combine([load.WrkResult(5.0, None, None, 0.0, 0, 5)]).p99_ms is None
+    with pytest.raises(ValueError):
+        load.combine([])
