@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .pace import PaceResult
+from .pace import PaceResult, percentile
 from .procs import CPU_LOAD, pinned
 
 CIPHERSUITE = "TLS_AES_128_GCM_SHA256"
@@ -97,14 +97,6 @@ def combine(slices: list[WrkResult]) -> WrkResult:
     return WrkResult(sum(r.rps for r in slices) / n, percentile(p50s, 50) if p50s else None,
                      percentile(p99s, 50) if p99s else None, sum(r.mib_s for r in slices) / n,
                      sum(r.errors for r in slices), sum(r.requests for r in slices))
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        raise ValueError("no values")
-    ordered = sorted(values)
-    k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[k]
 
 
 @dataclass(frozen=True)
