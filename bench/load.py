@@ -158,13 +158,12 @@ def h2load_fixed_rate(url: str, *, rate: int, clients: int, duration_s: float, e
     return parse_h2load_log(log_file.read_text(), duration_s)
 
 
-def paced(port: int, *, rate: int, connections: int, duration_s: float, ca: Path, env: dict,
-          dump: Path | None = None) -> PaceResult:
+def paced(port: int, *, rate: int, connections: int, duration_s: float, ca: Path, env: dict) -> PaceResult:
     """``rate`` requests/s at evenly spaced times over ``connections`` keep-alive connections
     (bench/pace.py; latency from each request's planned time)."""
     argv = [sys.executable, str(Path(__file__).with_name("pace.py")), "--port", str(port),
             "--rate", str(rate), "--connections", str(connections), "--duration", f"{duration_s:g}",
-            "--warmup", "1", "--cafile", str(ca), *(["--dump", str(dump)] if dump else [])]
+            "--warmup", "1", "--cafile", str(ca)]
     out = _run(argv, env, duration_s + 30)
     return PaceResult(**json.loads(out.strip().splitlines()[-1]))
 

@@ -7,7 +7,7 @@ of requests at once, and the ticks of its clients start wherever their handshake
 end. So "10 clients x 100 req/s" is 1,000 req/s in bursts of 1 to 10 requests at random phases:
 in its logs half of all requests start within 2 µs of another. A proxy that spends 0.3 ms of CPU
 per request then shows a p99 that depends mostly on how the ten timers lined up in that run.
-The bench keeps h2load's figure as an extra row (``fixed_burst``), and measures the floor's row
+The bench keeps h2load's figure as an extra row (``burst_p99``, row (g')), and measures the floor's row
 here, at the rate the issue names: one request every ``1/rate`` seconds.
 
 How
@@ -137,8 +137,7 @@ def run(host: str, port: int, *, path: str = "/small", rate: int = 1000, connect
     conns = [_connect(ctx, host, port, server_name) for _ in range(connections)]
     cipher = conns[0].cipher()[0]
     request = f"GET {path} HTTP/1.1\r\nHost: {server_name}\r\n\r\n".encode()
-    by_sock = {c: _Conn(c) for c in conns}
-    idle = deque(by_sock.values())
+    idle = deque(_Conn(c) for c in conns)
     busy: dict[ssl.SSLSocket, _Conn] = {}
     waiting: deque[float] = deque()          # planned times with no idle connection yet
     lat: list[float] = []

@@ -199,7 +199,6 @@ class Bench:
                 self._add("ka_rps", server, r[server].rps, r[server].errors)
                 self.results.add("ka_p50", server, r[server].p50_ms or 0.0)
                 self.results.add("ka_p99", server, r[server].p99_ms or 0.0)
-                self.results.add("w1_rps", server, r[server].rps)
             self._add("ka_rps_log", "tlsproxy", r["log"].rps, r["log"].errors)
             self._progress("handshakes")
             r = self._interleaved({"tlsproxy": self.url(pt.tp), "nginx": self.url(pt.ng)},
@@ -231,7 +230,7 @@ class Bench:
             r = self._interleaved({"tlsproxy": self.url(pt.tp2), "nginx": self.url(pt.ng2)}, connections=50)
             for server in SERVERS:
                 self._add("w2_rps", server, r[server].rps, r[server].errors)
-                w1 = self.results.samples[("w1_rps", server)][-1]
+                w1 = self.results.samples[("ka_rps", server)][-1]     # row (a), this run
                 self.results.add("w2_gain", server, r[server].rps / w1)
             self._progress("fixed rate")
             for server, port in (("tlsproxy", pt.tp), ("nginx", pt.ng)):
