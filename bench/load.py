@@ -19,6 +19,7 @@ from .procs import CPU_LOAD, pinned
 
 CIPHERSUITE = "TLS_AES_128_GCM_SHA256"
 GROUP = "X25519"
+WARMUP_S = 1.0      # the fixed-rate generators' warm-up before their measured seconds
 
 
 def openssl_conf(path: Path) -> Path:
@@ -153,7 +154,7 @@ def h2load_fixed_rate(url: str, *, rate: int, clients: int, duration_s: float, e
     per_client = max(1, rate // clients)
     log_file.unlink(missing_ok=True)
     _run(["h2load", "--h1", "-c", str(clients), "--rps", str(per_client), "-D", f"{duration_s:g}",
-          "--warm-up-time", "1", "--tls13-ciphers", CIPHERSUITE, "--groups", GROUP,
+          "--warm-up-time", f"{WARMUP_S:g}", "--tls13-ciphers", CIPHERSUITE, "--groups", GROUP,
           f"--log-file={log_file}", url], env, duration_s + 30)
     return parse_h2load_log(log_file.read_text(), duration_s)
 
@@ -163,7 +164,7 @@ def paced(port: int, *, rate: int, connections: int, duration_s: float, ca: Path
     (bench/pace.py; latency from each request's planned time)."""
     argv = [sys.executable, str(Path(__file__).with_name("pace.py")), "--port", str(port),
             "--rate", str(rate), "--connections", str(connections), "--duration", f"{duration_s:g}",
-            "--warmup", "1", "--cafile", str(ca)]
+            "--warmup", f"{WARMUP_S:g}", "--cafile", str(ca)]
     out = _run(argv, env, duration_s + 30)
     return PaceResult(**json.loads(out.strip().splitlines()[-1]))
 

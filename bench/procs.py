@@ -99,10 +99,49 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
+def stat_cpu_ticks(stat: str, *, reaped_children: bool = False) -> int:
+    """Clock ticks of CPU time in the text of ``/proc/<pid>/stat`` (pure): utime + stime (every
+    thread of the process), plus cutime + cstime (the children it has waited for) when asked.
+
+    The command name (field 2) may hold spaces and parentheses, so fields count from the *last*
+    ``)``; after it come state (field 3) … utime (14), stime (15), cutime (16), cstime (17)."""
+    _, sep, rest = stat.rpartition(")")
+    fields = rest.split()
+    if not sep or len(fields) < 15:
+        raise ValueError(f"not a /proc/<pid>/stat line: {stat[:80]!r}")
+    wanted = (11, 12, 13, 14) if reaped_children else (11, 12)
+    return sum(int(fields[i]) for i in wanted)
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of ``pid`` (all its threads) so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return stat_cpu_ticks(Path(f"/proc/{pid}/stat").read_text()) / os.sysconf("SC_CLK_TCK")
+
+
+def tree(pid: int) -> list[int]:
+    """``pid`` and every living descendant (children of children…), ``pid`` first."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += [c for c in children(p) if c not in out]
+    return out
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time so far of the process tree under ``pid``: nginx's master and workers, tlsproxy's
+    parent and its ``--workers``. Each process counts its own user + system time and that of the
+    children it has reaped (a worker that exited and was waited for is not lost; a living one is
+    counted once, by itself). A descendant that exits between the listing and the read is skipped;
+    ``pid`` itself must exist (OSError otherwise). Read it before and after a measured step: the
+    difference is the CPU the proxy spent on that step, to the kernel's clock tick (10 ms)."""
+    ticks = stat_cpu_ticks(Path(f"/proc/{pid}/stat").read_text(), reaped_children=True)
+    for p in tree(pid)[1:]:
+        try:
+            ticks += stat_cpu_ticks(Path(f"/proc/{p}/stat").read_text(), reaped_children=True)
+        except (OSError, ValueError):
+            pass
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def machine() -> str:

@@ -2,9 +2,11 @@
 
 What runs where (2 CPUs): the proxies under test (tlsproxy and nginx, one worker each) are pinned
 to CPU 0; the upstream nginx and every load generator to CPU 1. Each figure is measured for
-tlsproxy then nginx, back to back, ``--runs`` times (3; 1 with ``--smoke``); the table shows
-medians. Everything listens on 127.0.0.1 on free ports; every process is ours and is stopped by
-PID at the end; every step has a timeout and the whole run a deadline (``--max-seconds``).
+tlsproxy and nginx in turn (wrk steps in 2 s slices taken alternately, or one whole step after the
+other with ``--sequential``), ``--runs`` times (3; 1 with ``--smoke``); the table shows medians.
+Every load step also reads the CPU time of the proxy's process tree before and after, for the
+per proxy CPU-second columns. Everything listens on 127.0.0.1 on free ports; every process is
+ours and is stopped by PID at the end; every step has a timeout and the whole run a deadline.
 See docs/performance.md for the figures, the like-for-like rules and how to read the table.
 """
 
@@ -34,7 +36,7 @@ from .report import Results, entry, text_table
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "performance.md"
 SERVERS = ("tlsproxy", "nginx")
-SLICE_S = 2.0       # interleaving slice of the wrk steps (see Bench._interleaved)
+SLICE_S = 2.0       # interleaving slice of the wrk steps (see schedule)
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class Plan:
     fixed_rate: int = 1000
     fixed_clients: int = 10
     max_seconds: float = 1800.0
+    sequential: bool = False          # wrk steps: one server after the other, not 2 s slices in turn
 
 
 SMOKE = Plan(runs=1, duration_s=1.0, idle_connections=50, fixed_rate=200, fixed_clients=4, max_seconds=55.0)
@@ -52,6 +55,22 @@ SMOKE = Plan(runs=1, duration_s=1.0, idle_connections=50, fixed_rate=200, fixed_
 
 class Deadline(Exception):
     pass
+
+
+def schedule(names: list[str], duration_s: float, *, sequential: bool) -> list[tuple[str, float]]:
+    """The wrk runs of one step, in order: (target, seconds). Interleaved, each target gets
+    ``duration_s`` in slices of about ``SLICE_S`` taken in turn (a, b, a, b, …); sequential, one
+    run of ``duration_s`` per target, one target after the other (a, b)."""
+    n = 1 if sequential else max(1, round(duration_s / SLICE_S))
+    return [(name, duration_s / n) for _ in range(n) for name in names]
+
+
+@dataclass(frozen=True)
+class Step:
+    """A load step against one proxy: what the generator measured, and the CPU-seconds the
+    proxy's process tree spent meanwhile."""
+    wrk: load.WrkResult
+    cpu_s: float
 
 
 @dataclass
@@ -193,85 +212,110 @@ class Bench:
         plan, pt, d = self.plan, self.ports, self.plan.duration_s
         for run in range(plan.runs):
             self._progress(f"run {run + 1}/{plan.runs}")
-            r = self._interleaved({"tlsproxy": self.url(pt.tp), "log": self.url(pt.tp_log),
-                                   "nginx": self.url(pt.ng)}, connections=50)
+            r = self._wrk_step({"tlsproxy": (self.url(pt.tp), "tp"), "log": (self.url(pt.tp_log), "tp_log"),
+                                "nginx": (self.url(pt.ng), "proxy")}, connections=50)
             for server in SERVERS:
-                self._add("ka_rps", server, r[server].rps, r[server].errors)
-                self.results.add("ka_p50", server, r[server].p50_ms or 0.0)
-                self.results.add("ka_p99", server, r[server].p99_ms or 0.0)
-            self._add("ka_rps_log", "tlsproxy", r["log"].rps, r["log"].errors)
+                self._add_wrk("ka_rps", server, r[server])
+                self.results.add("ka_p50", server, r[server].wrk.p50_ms or 0.0)
+                self.results.add("ka_p99", server, r[server].wrk.p99_ms or 0.0)
+            self._add_wrk("ka_rps_log", "tlsproxy", r["log"])
             self._progress("handshakes")
-            r = self._interleaved({"tlsproxy": self.url(pt.tp), "nginx": self.url(pt.ng)},
-                                  connections=50, close=True)
+            r = self._wrk_step({"tlsproxy": (self.url(pt.tp), "tp"), "nginx": (self.url(pt.ng), "proxy")},
+                               connections=50, close=True)
             for server in SERVERS:
-                self._add("hs", server, r[server].rps, r[server].errors)
-            r = self._interleaved({"tlsproxy": self.url(pt.tp_resume), "nginx": self.url(pt.ng_resume)},
-                                  connections=50, close=True)
+                self._add_wrk("hs", server, r[server])
+            r = self._wrk_step({"tlsproxy": (self.url(pt.tp_resume), "tp_resume"),
+                                "nginx": (self.url(pt.ng_resume), "proxy")}, connections=50, close=True)
             for server in SERVERS:
-                self._add("resumed", server, r[server].rps, r[server].errors)
+                self._add_wrk("resumed", server, r[server])
             self._progress("bulk")
-            for server, port in (("tlsproxy", pt.tp), ("nginx", pt.ng)):
-                mib_s = load.curl_download_mib_s(self.url(port, "/64m"), self.ca, self.env)
-                self.results.add("dl64", server, mib_s)
-            r = self._interleaved({"tlsproxy": self.url(pt.tp, "/1m"), "nginx": self.url(pt.ng, "/1m")},
-                                  connections=8)
+            for server, port, proc in (("tlsproxy", pt.tp, "tp"), ("nginx", pt.ng, "proxy")):
+                mib_s, cpu_s = self._on_cpu(proc, load.curl_download_mib_s, self.url(port, "/64m"), self.ca,
+                                            self.env)
+                self.results.add_step("dl64", server, mib_s, count=_mib("64m"), cpu_s=cpu_s)
+            r = self._wrk_step({"tlsproxy": (self.url(pt.tp, "/1m"), "tp"),
+                                "nginx": (self.url(pt.ng, "/1m"), "proxy")}, connections=8)
             for server in SERVERS:
-                self._add("ka1m", server, r[server].mib_s, r[server].errors)
+                self._add_wrk("ka1m", server, r[server], mib_each=_mib("1m"))
             self._progress("idle connections")
             for server in SERVERS:
                 self.results.add("idle_rss", server, self._idle_rss(server))
             if self.outbound:
                 self._progress("outbound")
-                r = self._interleaved({"tlsproxy": self.url(pt.tp_out, scheme="http"),
-                                       "nginx": self.url(pt.ng_out, scheme="http")}, connections=50)
+                r = self._wrk_step({"tlsproxy": (self.url(pt.tp_out, scheme="http"), "tp_out"),
+                                    "nginx": (self.url(pt.ng_out, scheme="http"), "outbound")},
+                                   connections=50)
                 for server in SERVERS:
-                    self._add("outbound", server, r[server].rps, r[server].errors)
+                    self._add_wrk("outbound", server, r[server])
             self._progress("2 workers")
-            r = self._interleaved({"tlsproxy": self.url(pt.tp2), "nginx": self.url(pt.ng2)}, connections=50)
+            r = self._wrk_step({"tlsproxy": (self.url(pt.tp2), "tp2"), "nginx": (self.url(pt.ng2), "proxy2")},
+                               connections=50)
             for server in SERVERS:
-                self._add("w2_rps", server, r[server].rps, r[server].errors)
+                self._add_wrk("w2_rps", server, r[server])
                 w1 = self.results.samples[("ka_rps", server)][-1]     # row (a), this run
-                self.results.add("w2_gain", server, r[server].rps / w1)
+                self.results.add("w2_gain", server, r[server].wrk.rps / w1)
             self._progress("fixed rate")
-            for server, port in (("tlsproxy", pt.tp), ("nginx", pt.ng)):
-                pr = load.paced(port, rate=plan.fixed_rate, connections=plan.fixed_clients,
-                                duration_s=max(d, 1.0), ca=self.ca, env=self.env)
-                self.results.add("fixed_p99", server, pr.p99_ms)
+            fixed_s = max(d, 1.0)
+            for server, port, proc in (("tlsproxy", pt.tp, "tp"), ("nginx", pt.ng, "proxy")):
+                pr, cpu_s = self._on_cpu(proc, load.paced, port, rate=plan.fixed_rate,
+                                         connections=plan.fixed_clients, duration_s=fixed_s, ca=self.ca,
+                                         env=self.env)
+                # the CPU was read around the whole generator run, warm-up included
+                self.results.add_step("fixed_p99", server, pr.p99_ms, cpu_s=cpu_s,
+                                      count=pr.achieved_rps * (fixed_s + load.WARMUP_S))
                 self.results.add("fixed_p50", server, pr.p50_ms)
                 if pr.failed:
                     self.notes.append(f"(g) {server}: {pr.failed} failed requests")
                 if pr.late_p99_ms > 1.0:
                     self.notes.append(f"(g) {server}: the generator sent 1 % of its requests over "
                                       f"{pr.late_p99_ms:.1f} ms late (the load CPU stalled)")
-                rr = load.h2load_fixed_rate(self.url(port), rate=plan.fixed_rate, clients=plan.fixed_clients,
-                                            duration_s=max(d, 1.0), env=self.env,
-                                            log_file=self.work / "h2load.log")
-                self.results.add("burst_p99", server, rr.p99_ms)
+                rr, cpu_s = self._on_cpu(proc, load.h2load_fixed_rate, self.url(port), rate=plan.fixed_rate,
+                                         clients=plan.fixed_clients, duration_s=fixed_s, env=self.env,
+                                         log_file=self.work / "h2load.log")
+                self.results.add_step("burst_p99", server, rr.p99_ms, cpu_s=cpu_s,
+                                      count=rr.achieved_rps * (fixed_s + load.WARMUP_S))
                 if rr.failed:
                     self.notes.append(f"(g') {server}: {rr.failed} failed requests")
                 if rr.achieved_rps < 0.9 * plan.fixed_rate:
                     self.notes.append(f"(g') {server}: achieved only {rr.achieved_rps:.0f} req/s")
         self._check_no_resumption()
 
-    def _interleaved(self, urls: dict[str, str], *, connections: int, close: bool = False
-                     ) -> dict[str, load.WrkResult]:
-        """wrk against each target for ``duration_s`` in all, in slices of about ``SLICE_S`` taken
-        in turn (tlsproxy, nginx, tlsproxy, nginx, …), so that a drift in the machine's speed — the
-        CPU time of the same work moved by ±25 % over tens of seconds here — hits every target
-        alike instead of whichever ran during it. Each target's slices → :func:`load.combine`."""
-        d = self.plan.duration_s
-        n = max(1, round(d / SLICE_S))
-        got: dict[str, list[load.WrkResult]] = {name: [] for name in urls}
-        for _ in range(n):
-            for name, url in urls.items():
-                got[name].append(load.wrk(url, connections=connections, duration_s=d / n, env=self.env,
-                                          close=close))
-        return {name: load.combine(slices) for name, slices in got.items()}
+    def _wrk_step(self, targets: dict[str, tuple[str, str]], *, connections: int, close: bool = False
+                  ) -> dict[str, Step]:
+        """wrk against each target (name → (url, the name of the proxy process serving it)) for
+        ``duration_s`` in all, by :func:`schedule`. Interleaved (the default), the slices of about
+        ``SLICE_S`` are taken in turn, so that a drift in the machine's speed — the CPU time of the
+        same work moved by ±25 % over tens of seconds here — hits every target alike instead of
+        whichever ran during it; ``--sequential`` runs one whole step per target, one after the
+        other. Each target's slices → :func:`load.combine`, their proxy CPU-seconds summed."""
+        got: dict[str, list[load.WrkResult]] = {name: [] for name in targets}
+        cpu: dict[str, float] = dict.fromkeys(targets, 0.0)
+        for name, seconds in schedule(list(targets), self.plan.duration_s, sequential=self.plan.sequential):
+            url, proc = targets[name]
+            result, cpu_s = self._on_cpu(proc, load.wrk, url, connections=connections, duration_s=seconds,
+                                         env=self.env, close=close)
+            got[name].append(result)
+            cpu[name] += cpu_s
+        return {name: Step(load.combine(slices), cpu[name]) for name, slices in got.items()}
 
-    def _add(self, key: str, server: str, value: float, errors: int) -> None:
-        self.results.add(key, server, value)
-        if errors:
-            self.notes.append(f"{key} {server}: wrk reported {errors} errors/non-2xx in one run")
+    def _on_cpu(self, proc: str, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)`` → (its result, CPU-seconds the process tree of our process
+        ``proc`` spent meanwhile)."""
+        pid = self.p.running[proc].pid
+        before = procs.tree_cpu_seconds(pid)
+        result = fn(*args, **kwargs)
+        return result, procs.tree_cpu_seconds(pid) - before
+
+    def _add_wrk(self, key: str, server: str, step: Step, *, mib_each: float | None = None) -> None:
+        """A wrk figure: req/s, and per proxy CPU-second the requests wrk completed; with
+        ``mib_each`` (the body's MiB), MiB/s and the MiB of the completed responses instead."""
+        w = step.wrk
+        if mib_each is None:
+            self.results.add_step(key, server, w.rps, count=w.requests, cpu_s=step.cpu_s)
+        else:
+            self.results.add_step(key, server, w.mib_s, count=w.requests * mib_each, cpu_s=step.cpu_s)
+        if w.errors:
+            self.notes.append(f"{key} {server}: wrk reported {w.errors} errors/non-2xx in one run")
 
     def _idle_rss(self, server: str) -> float:
         """KiB of RSS per idle handshaken connection, on a *fresh* proxy process each time (a process
@@ -350,6 +394,17 @@ def _readline(p: subprocess.Popen, timeout_s: float) -> str:
     return p.stdout.readline().strip()
 
 
+def _mib(name: str) -> float:
+    return nginx.FILES[name] / (1 << 20)
+
+
+def _method(plan: Plan) -> str:
+    runs = schedule(list(SERVERS), plan.duration_s, sequential=plan.sequential)
+    if len(runs) == len(SERVERS):
+        return f"sequential, one {plan.duration_s:g} s run per server"
+    return f"interleaved, {len(runs) // len(SERVERS)} slices of {runs[0][1]:g} s per server taken in turn"
+
+
 def _git_rev() -> str:
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
@@ -365,22 +420,36 @@ def _alarm(_signum, _frame) -> None:
     raise Deadline("the benchmark ran past --max-seconds")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Plan]:
     ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true",
                     help="tiny durations, one run (CI); not recorded by default")
     ap.add_argument("--runs", type=int, help="runs per figure (median reported)")
     ap.add_argument("--duration", type=float, help="seconds per wrk/h2load measurement")
+    ap.add_argument("--sequential", action="store_true",
+                    help="run each wrk step against one server, then the other (a whole --duration "
+                         "each), instead of 2 s slices taken in turn")
     ap.add_argument("--record", action=argparse.BooleanOptionalAction, default=None,
                     help="append the run to docs/performance.md (default: on, off with --smoke)")
     ap.add_argument("--note", action="append", default=[], help="a note recorded with the run")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs)")
     args = ap.parse_args(argv)
+    if args.runs is not None and args.runs < 1:
+        ap.error("--runs must be at least 1")
+    if args.duration is not None and args.duration < 1:
+        ap.error("--duration must be at least 1 (seconds)")
     plan = SMOKE if args.smoke else Plan()
     if args.runs:
         plan = dataclasses.replace(plan, runs=args.runs)
     if args.duration:
         plan = dataclasses.replace(plan, duration_s=args.duration)
+    if args.sequential:
+        plan = dataclasses.replace(plan, sequential=True)
+    return args, plan
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, plan = parse_args(argv)
     record = (not args.smoke) if args.record is None else args.record
     missing = [t for t in ("nginx", "wrk", "h2load", "taskset", "openssl", "curl") if shutil.which(t) is None]
     if missing:
@@ -425,8 +494,10 @@ def main(argv: list[str] | None = None) -> int:
                  f"{plan.runs} run(s) per figure (median shown), {plan.duration_s:g} s per load step, "
                  f"{plan.idle_connections} idle connections, fixed rate {plan.fixed_rate} req/s; "
                  f"whole run {elapsed:.0f} s",
+                 f"wrk steps: {_method(plan)}; per CPU-s: per CPU-second of the proxy's process tree",
                  *bench.facts]
-        title = f"Run of {started:%Y-%m-%d %H:%M} UTC" + (" (smoke)" if args.smoke else "")
+        title = (f"Run of {started:%Y-%m-%d %H:%M} UTC" + (" (smoke)" if args.smoke else "")
+                 + (" (sequential)" if plan.sequential else ""))
         with DOC.open("a") as f:
             f.write(entry(bench.results, title=title, facts=facts, notes=[*args.note, *bench.notes]))
         print(f"bench: appended to {DOC.relative_to(ROOT)}", file=sys.stderr)
