@@ -210,6 +210,7 @@ class Bench:
 
     def measure(self) -> None:
         plan, pt, d = self.plan, self.ports, self.plan.duration_s
+        self._progress(f"wrk steps: {_method(plan)}")
         for run in range(plan.runs):
             self._progress(f"run {run + 1}/{plan.runs}")
             r = self._wrk_step({"tlsproxy": (self.url(pt.tp), "tp"), "log": (self.url(pt.tp_log), "tp_log"),
@@ -301,10 +302,13 @@ class Bench:
     def _on_cpu(self, proc: str, fn, *args, **kwargs):
         """``fn(*args, **kwargs)`` → (its result, CPU-seconds the process tree of our process
         ``proc`` spent meanwhile)."""
-        pid = self.p.running[proc].pid
-        before = procs.tree_cpu_seconds(pid)
+        process = self.p.running[proc]
+        before = procs.tree_cpu_seconds(process.pid)
         result = fn(*args, **kwargs)
-        return result, procs.tree_cpu_seconds(pid) - before
+        if process.poll() is not None:
+            raise RuntimeError(f"{proc} exited with {process.returncode} during the step "
+                               f"(its output: {self.p.output(proc)[-500:]!r})")
+        return result, procs.tree_cpu_seconds(process.pid) - before
 
     def _add_wrk(self, key: str, server: str, step: Step, *, mib_each: float | None = None) -> None:
         """A wrk figure: req/s, and per proxy CPU-second the requests wrk completed; with
