@@ -124,8 +124,12 @@ async def handshake(raw: socket.socket, store: ContextStore, timeout_s: float) -
 
 async def _is_sslv3_hello(raw: socket.socket) -> bool:
     """Peek (once the first bytes arrived) at the record and handshake headers: a ClientHello whose
-    legacy_version is 0x0300 or below. Never consumes bytes; a hello split into tiny segments is
-    left to OpenSSL. Usually the hello is already there when we accept: then no wait at all."""
+    legacy_version is 0x0300 or below. Never consumes bytes. Decides only when the first record
+    itself holds the handshake type and legacy_version (record length ≥ 6): a hello fragmented
+    into smaller records, or split into tiny segments, is left to OpenSSL — the bytes after a short
+    first record belong to the *next* record (e.g. a zero-length application-data record
+    interleaved in the handshake, which OpenSSL answers with unexpected_message, RFC 8446 §5.1).
+    Usually the hello is already there when we accept: then no wait at all."""
     for _ in range(2):
         try:
             head = raw.recv(11, socket.MSG_PEEK)
@@ -134,8 +138,15 @@ async def _is_sslv3_hello(raw: socket.socket) -> bool:
             continue
         except OSError:
             return False
-        return len(head) == 11 and head[0] == 0x16 and head[5] == 0x01 and (head[9], head[10]) <= (3, 0)
+        return is_sslv3_client_hello(head)
     return False
+
+
+def is_sslv3_client_hello(head: bytes) -> bool:
+    """The first 11 bytes of a connection: a handshake record (22) at least 6 bytes long whose
+    message is a ClientHello (1) with legacy_version ≤ 0x0300 (SSLv3 or older, RFC 8446 §D.5)."""
+    return (len(head) >= 11 and head[0] == 0x16 and int.from_bytes(head[3:5], "big") >= 6
+            and head[5] == 0x01 and (head[9], head[10]) <= (3, 0))
 
 
 async def _refuse(fd: int, alert: bytes) -> None:
