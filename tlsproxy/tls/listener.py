@@ -52,7 +52,7 @@ UNEXPECTED_MESSAGE_ALERT = b"\x15\x03\x03\x00\x02\x02\x0a"   # alert record: fat
 # RFC 8446 §D.5: a ClientHello.legacy_version of 0x0300 or less MUST get protocol_version; OpenSSL
 # answers an SSLv3 hello with handshake_failure, so we look at the first bytes ourselves.
 PROTOCOL_VERSION_ALERT = b"\x15\x03\x03\x00\x02\x02\x46"     # fatal(2), protocol_version(70)
-LINGER_S = 0.5            # after refusing non-TLS bytes: read and drop for this long so the kernel
+LINGER_S = 0.5            # after a refused handshake: read and drop for this long so the kernel
 LINGER_BYTES = 64 * 1024  # closes with FIN, not RST (an RST can destroy the alert before it is read)
 
 
@@ -108,8 +108,12 @@ async def handshake(raw: socket.socket, store: ContextStore, timeout_s: float) -
         if stream is None:
             raw.close()
             raise HandshakeFailed(classify(exc), detail) from None
-        if isinstance(exc, ssl.SSLError) and any(k in detail for k in _SILENT):
-            await _refuse(stream.fileno(), UNEXPECTED_MESSAGE_ALERT)
+        if isinstance(exc, ssl.SSLError):
+            # OpenSSL sent its alert (or, for bytes that are not TLS, none: we send it). Either
+            # way close with a linger, so unread bytes of the client's flight do not turn our
+            # close into an RST that can destroy the alert before the client reads it.
+            silent = any(k in detail for k in _SILENT)
+            await _refuse(stream.fileno(), UNEXPECTED_MESSAGE_ALERT if silent else b"")
         stream.close_now()
         raise HandshakeFailed(classify(exc), detail) from None
     except BaseException:
@@ -150,13 +154,14 @@ def is_sslv3_client_hello(head: bytes) -> bool:
 
 
 async def _refuse(fd: int, alert: bytes) -> None:
-    """Send an alert OpenSSL did not send, then a short lingering close."""
+    """Send an alert OpenSSL did not send (if any), then a short lingering close."""
     try:
         raw = socket.socket(fileno=fd)
     except OSError:
         return
     try:
-        raw.send(alert, socket.MSG_DONTWAIT)
+        if alert:
+            raw.send(alert, socket.MSG_DONTWAIT)
         raw.shutdown(socket.SHUT_WR)
         with trio.move_on_after(LINGER_S):
             dropped = 0
