@@ -33,7 +33,7 @@ from tlslite.keyexchange import ECDHKeyExchange
 from tlslite.messages import ClientHello, RecordHeader3, ServerHello
 from tlslite.utils.codec import Parser
 
-from tests.hostile.helpers import keepalive_ok, read_all, scripted_upstream
+from tests.hostile.helpers import keepalive_ok, proxy_process, read_all, scripted_upstream
 from tests.support import PKI, free_port, make_pki, running_proxy, settings_for
 from tlsproxy.certs import generate
 from tlsproxy.tls.listener import is_sslv3_client_hello
@@ -141,6 +141,7 @@ http {{
     ssl_certificate_key {cert_dir}/tls.key;
     ssl_certificate {cert_dir}/tls2.crt;
     ssl_certificate_key {cert_dir}/tls2.key;
+    {extra}
     location / {{ proxy_pass http://127.0.0.1:{upstream}; }}
   }}
 }}
@@ -148,14 +149,16 @@ http {{
 
 
 @contextlib.contextmanager
-def nginx(cert_dir: Path, upstream_port: int, directory: Path) -> Iterator[int]:
+def nginx(cert_dir: Path, upstream_port: int, directory: Path, extra: str = "") -> Iterator[int]:
     if shutil.which("nginx") is None:
         pytest.skip("nginx is not installed (make deps)")
     port = free_port()
     directory.mkdir(parents=True, exist_ok=True)
     conf = directory / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(dir=directory, port=port, cert_dir=cert_dir, upstream=upstream_port))
-    proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(directory)],
+    conf.write_text(NGINX_CONF.format(dir=directory, port=port, cert_dir=cert_dir, upstream=upstream_port,
+                                      extra=extra))
+    env = {k: v for k, v in os.environ.items() if k != "OPENSSL_CONF"}   # nginx says it in its own file
+    proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(directory)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 10
@@ -231,6 +234,42 @@ def test_selected_group_is_the_one_openssl_selects_for_nginx(servers, groups, sh
         answers[server] = hello_answer(first_answer(port, _hello_for(name, groups, shares)))
     assert answers["tlsproxy"] == expected, answers
     assert answers["tlsproxy"] == answers["nginx"], answers
+
+
+# An operator who wants nginx's `ssl_ecdh_curve prime256v1:secp384r1:X25519` (what tlsfuzzer's
+# no-unknown-groups script expects by default) says it to OpenSSL: CPython 3.11's ssl module can set
+# one group per context only (set_ecdh_curve), not a list, so the list comes from OPENSSL_CONF.
+GROUPS_CNF = """openssl_conf = openssl_init
+[openssl_init]
+ssl_conf = ssl_sect
+[ssl_sect]
+system_default = system_default_sect
+[system_default_sect]
+Groups = P-256:P-384:X25519
+"""
+CONFIGURED_CASES = [
+    ((P256, P384, X25519), (), ("HRR", "secp256r1")),
+    ((X25519, P384, P256), (), ("HRR", "secp256r1")),
+    ((P256, P384, X25519), (P256,), ("SH", "secp256r1")),
+    ((X25519, P256), (X25519,), ("SH", "x25519")),
+    ((P521, FFDHE2048), (), ("alert", HANDSHAKE_FAILURE_ALERT.hex())),
+]
+
+
+def test_groups_set_with_openssl_conf_match_nginx_ssl_ecdh_curve(tmp_path, monkeypatch):
+    pki = make_pki(tmp_path)
+    _with_rsa_chain(pki)
+    cnf = tmp_path / "groups.cnf"
+    cnf.write_text(GROUPS_CNF)
+    with scripted_upstream(keepalive_ok) as up, \
+            nginx(pki.cert_dir, up.port, tmp_path / "nginx", "ssl_ecdh_curve prime256v1:secp384r1:X25519;") \
+            as nginx_port:
+        monkeypatch.setenv("OPENSSL_CONF", str(cnf))
+        with proxy_process(pki, up.port) as proxy:
+            for groups, shares, expected in CONFIGURED_CASES:
+                answers = {server: hello_answer(first_answer(port, _hello_for("", groups, shares)))
+                           for server, port in (("tlsproxy", proxy.port), ("nginx", nginx_port))}
+                assert answers["tlsproxy"] == expected == answers["nginx"], (groups, shares, answers)
 
 
 @pytest.mark.parametrize("sigalgs,bits", [("ECDSA+SHA256", "256"), ("rsa_pss_rsae_sha256", "2048")])
