@@ -1,10 +1,21 @@
 """Two-way byte relay between two streams (101 upgrades, CONNECT tunnels, TCP mode).
 
-Theory of operation: one task per direction, both in one nursery. When a direction reads EOF it
-half-closes its destination if the destination can (``send_eof`` on a TCP stream), and the other
-direction keeps flowing. A TLS stream cannot half-close here, so when the side that ended can only be
-fully closed, the other direction gets ``close_timeout_s`` to finish before both are closed. An idle
-timeout (no bytes either way) and a maximum lifetime bound every relay.
+Theory of operation: one task per direction, both in one nursery. Side ``a`` is the client, side
+``b`` the app (or the tunnel's target). How a relay ends depends on which side ends first:
+
+* **b ends** (the app closed its side): with ``prompt_close`` (upgrades and tunnels, the default) the
+  relay ends at once — everything the app sent has been delivered — and the caller closes the client
+  (close_notify, then FIN, to a TLS client). A WebSocket client waits for exactly that TCP close
+  after the closing handshake (RFC 6455 §7.1.1), and nothing more will come from the app. Without
+  ``prompt_close`` (TCP mode) the client's direction gets ``close_timeout_s`` to finish (a TLS client
+  cannot be half-closed; a half-closeable one gets a FIN first).
+* **a ends** (the client stopped sending): the app's side is half-closed (``send_eof``) and the app's
+  direction keeps flowing — it may still answer. With ``prompt_close`` it has up to
+  ``close_timeout_s`` to finish; without (TCP mode), until it ends or the idle timeout (a stream that
+  cannot half-close gets ``close_timeout_s``).
+
+So the close timeout only bounds a side that never closes: a relay whose sides both close ends as
+soon as they have. An idle timeout (no bytes either way) and a maximum lifetime bound every relay.
 """
 
 from __future__ import annotations
@@ -28,8 +39,10 @@ class RelayResult:
 
 
 async def relay(a: trio.abc.Stream, b: trio.abc.Stream, *, idle_timeout_s: float | None = None,
-                close_timeout_s: float = 5.0, max_lifetime_s: float | None = None) -> RelayResult:
-    """Copy a→b and b→a until both directions end (or a timeout). Does not close the streams."""
+                close_timeout_s: float = 5.0, max_lifetime_s: float | None = None,
+                prompt_close: bool = True) -> RelayResult:
+    """Copy a (the client) → b (the app) and back until the relay ends (see the module docstring;
+    ``prompt_close=False`` is TCP mode's rule). Does not close the streams."""
     result = RelayResult()
     last_activity = [trio.current_time()]
     done = {"a": False, "b": False}
@@ -54,13 +67,20 @@ async def relay(a: trio.abc.Stream, b: trio.abc.Stream, *, idle_timeout_s: float
             return
         done[name] = True
         result.ended_by = result.ended_by or f"{name}_closed"
+        if prompt_close and name == "b":
+            # The app ended: nothing more will come from it. End now; the caller closes the client.
+            outer.cancel()
+            return
+        half_closed = False
         if isinstance(dst, trio.abc.HalfCloseableStream):
             try:
                 await dst.send_eof()
-                return
+                half_closed = True
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
-        # dst cannot half-close: give the other direction close_timeout_s, then end everything.
+        if half_closed and not prompt_close:
+            return     # TCP mode: the other direction flows until it ends (or the idle timeout)
+        # Give the other direction close_timeout_s to finish, then end everything.
         outer.deadline = min(outer.deadline, trio.current_time() + close_timeout_s)
 
     with trio.CancelScope() as scope:

@@ -102,8 +102,11 @@ async def run(client: trio.abc.Stream, upstream: CountingStream, *, listener: st
     t0 = time.monotonic()
     ended, detail = "drain", ""
     try:
+        # prompt_close=False: a byte stream may be half-closed by either side while the other still
+        # sends (--tcp-close-timeout, docs/tcp.md), unlike an upgrade's end (relay.py)
         result = await relay(client, upstream, idle_timeout_s=limits.idle_timeout_s,
-                             close_timeout_s=limits.close_timeout_s, max_lifetime_s=limits.max_lifetime_s)
+                             close_timeout_s=limits.close_timeout_s, max_lifetime_s=limits.max_lifetime_s,
+                             prompt_close=False)
         ended = _ended(result.ended_by)
         if ended == "error":
             detail = result.ended_by.removeprefix("error: ")

@@ -52,7 +52,7 @@ UNEXPECTED_MESSAGE_ALERT = b"\x15\x03\x03\x00\x02\x02\x0a"   # alert record: fat
 # RFC 8446 §D.5: a ClientHello.legacy_version of 0x0300 or less MUST get protocol_version; OpenSSL
 # answers an SSLv3 hello with handshake_failure, so we look at the first bytes ourselves.
 PROTOCOL_VERSION_ALERT = b"\x15\x03\x03\x00\x02\x02\x46"     # fatal(2), protocol_version(70)
-LINGER_S = 0.5            # after refusing non-TLS bytes: read and drop for this long so the kernel
+LINGER_S = 0.5            # after a refused handshake: read and drop for this long so the kernel
 LINGER_BYTES = 64 * 1024  # closes with FIN, not RST (an RST can destroy the alert before it is read)
 
 
@@ -108,8 +108,12 @@ async def handshake(raw: socket.socket, store: ContextStore, timeout_s: float) -
         if stream is None:
             raw.close()
             raise HandshakeFailed(classify(exc), detail) from None
-        if isinstance(exc, ssl.SSLError) and any(k in detail for k in _SILENT):
-            await _refuse(stream.fileno(), UNEXPECTED_MESSAGE_ALERT)
+        if isinstance(exc, ssl.SSLError):
+            # OpenSSL sent its alert (or, for bytes that are not TLS, none: we send it). Either
+            # way close with a linger, so unread bytes of the client's flight do not turn our
+            # close into an RST that can destroy the alert before the client reads it.
+            silent = any(k in detail for k in _SILENT)
+            await _refuse(stream.fileno(), UNEXPECTED_MESSAGE_ALERT if silent else b"")
         stream.close_now()
         raise HandshakeFailed(classify(exc), detail) from None
     except BaseException:
@@ -124,8 +128,12 @@ async def handshake(raw: socket.socket, store: ContextStore, timeout_s: float) -
 
 async def _is_sslv3_hello(raw: socket.socket) -> bool:
     """Peek (once the first bytes arrived) at the record and handshake headers: a ClientHello whose
-    legacy_version is 0x0300 or below. Never consumes bytes; a hello split into tiny segments is
-    left to OpenSSL. Usually the hello is already there when we accept: then no wait at all."""
+    legacy_version is 0x0300 or below. Never consumes bytes. Decides only when the first record
+    itself holds the handshake type and legacy_version (record length ≥ 6): a hello fragmented
+    into smaller records, or split into tiny segments, is left to OpenSSL — the bytes after a short
+    first record belong to the *next* record (e.g. a zero-length application-data record
+    interleaved in the handshake, which OpenSSL answers with unexpected_message, RFC 8446 §5.1).
+    Usually the hello is already there when we accept: then no wait at all."""
     for _ in range(2):
         try:
             head = raw.recv(11, socket.MSG_PEEK)
@@ -134,18 +142,26 @@ async def _is_sslv3_hello(raw: socket.socket) -> bool:
             continue
         except OSError:
             return False
-        return len(head) == 11 and head[0] == 0x16 and head[5] == 0x01 and (head[9], head[10]) <= (3, 0)
+        return is_sslv3_client_hello(head)
     return False
 
 
+def is_sslv3_client_hello(head: bytes) -> bool:
+    """The first 11 bytes of a connection: a handshake record (22) at least 6 bytes long whose
+    message is a ClientHello (1) with legacy_version ≤ 0x0300 (SSLv3 or older, RFC 8446 §D.5)."""
+    return (len(head) >= 11 and head[0] == 0x16 and int.from_bytes(head[3:5], "big") >= 6
+            and head[5] == 0x01 and (head[9], head[10]) <= (3, 0))
+
+
 async def _refuse(fd: int, alert: bytes) -> None:
-    """Send an alert OpenSSL did not send, then a short lingering close."""
+    """Send an alert OpenSSL did not send (if any), then a short lingering close."""
     try:
         raw = socket.socket(fileno=fd)
     except OSError:
         return
     try:
-        raw.send(alert, socket.MSG_DONTWAIT)
+        if alert:
+            raw.send(alert, socket.MSG_DONTWAIT)
         raw.shutdown(socket.SHUT_WR)
         with trio.move_on_after(LINGER_S):
             dropped = 0

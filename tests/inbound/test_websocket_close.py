@@ -1,0 +1,105 @@
+"""A WebSocket's normal close through the proxy is as prompt as without it (issue 15, item 3).
+
+RFC 6455 §7.1.1: after the closing handshake the *server* closes the TCP connection first and the
+client waits for that close (python `websockets` up to its close_timeout, Chromium 2 s). So when the
+app closes its side, tlsproxy must close the client's side at once (close_notify, then FIN), not wait
+for the client to close first. Real clients through a real tlsproxy in front of a real WebSocket app
+(`websockets`' threaded server): the python `websockets` client here, headless Chromium in
+test_websocket_chromium.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from websockets.exceptions import ConnectionClosedOK
+from websockets.sync.client import connect
+from websockets.sync.server import serve
+
+from tests.support import running_proxy, settings_for
+
+PROMPT_S = 0.1        # a normal close through the proxy ends within this (direct: ~2 ms)
+CLOSE_TIMEOUT_S = 10  # the client's own patience: a stalled close would show as seconds
+
+
+def _handler(ws) -> None:
+    """Echo; "server-close" makes the app start the closing handshake (code 1000)."""
+    for message in ws:
+        if message == "server-close":
+            ws.close(1000, "bye")
+            return
+        ws.send(f"echo:{message}")
+
+
+@contextlib.contextmanager
+def ws_app() -> Iterator[int]:
+    with serve(_handler, "127.0.0.1", 0, close_timeout=CLOSE_TIMEOUT_S) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield server.socket.getsockname()[1]
+        finally:
+            server.shutdown()
+            thread.join(5)
+
+
+@pytest.fixture(scope="module")
+def proxied(tmp_path_factory):
+    from tests.support import make_pki
+
+    pki = make_pki(tmp_path_factory.mktemp("pki"))
+    with ws_app() as app_port, running_proxy(settings_for(pki, app_port)) as proxy:
+        ctx = ssl.create_default_context(cafile=str(pki.ca_file))
+        yield {"proxy": (f"wss://localhost:{proxy.port}/ws", ctx),
+               "direct": (f"ws://127.0.0.1:{app_port}/ws", None)}
+
+
+def _client(url: str, ctx):
+    kw = {"ssl": ctx} if ctx is not None else {}
+    return connect(url, open_timeout=5, close_timeout=CLOSE_TIMEOUT_S, **kw)
+
+
+def _client_closes(url: str, ctx) -> float:
+    with _client(url, ctx) as ws:
+        ws.send("hello")
+        assert ws.recv(timeout=5) == "echo:hello"
+        t0 = time.monotonic()
+        ws.close()
+        took = time.monotonic() - t0
+        assert ws.close_code == 1000
+    return took
+
+
+def _server_closes(url: str, ctx) -> float:
+    with _client(url, ctx) as ws:
+        ws.send("hello")
+        assert ws.recv(timeout=5) == "echo:hello"
+        t0 = time.monotonic()
+        ws.send("server-close")
+        with pytest.raises(ConnectionClosedOK):
+            ws.recv(timeout=CLOSE_TIMEOUT_S + 5)
+        ws.close()
+        took = time.monotonic() - t0
+        assert (ws.close_code, ws.close_reason) == (1000, "bye")
+    return took
+
+
+@pytest.mark.parametrize("how", [_client_closes, _server_closes], ids=["client_closes", "server_closes"])
+def test_close_returns_promptly_through_the_proxy(proxied, how):
+    direct = min(how(*proxied["direct"]) for _ in range(2))
+    through = [how(*proxied["proxy"]) for _ in range(3)]
+    assert direct < PROMPT_S, direct                    # the app itself closes promptly
+    assert max(through) < PROMPT_S, (through, direct)
+
+
+def test_messages_still_flow_both_ways_before_the_close(proxied):
+    url, ctx = proxied["proxy"]
+    with _client(url, ctx) as ws:
+        for i in range(20):
+            ws.send(f"m{i}")
+            assert ws.recv(timeout=5) == f"echo:m{i}"
