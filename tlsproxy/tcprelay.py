@@ -26,10 +26,6 @@ from .relay import relay
 
 access = get_logger("access")
 
-# how a relayed connection ended (the ``ended`` label and log field); the last two never relayed
-ENDED = ("client_closed", "upstream_closed", "idle_timeout", "lifetime", "error", "drain", "refused",
-         "upstream_failed")
-
 
 @dataclass(frozen=True)
 class RelayLimits:

@@ -21,17 +21,13 @@ import kubernetes_validate
 import pytest
 import trio
 
+from tests.webhook.samples import sample_files
 from tlsproxy.certs.generate import issue, make_ca
 from tlsproxy.config import build_settings
 from tlsproxy.webhook.injector import InjectOptions
 from tlsproxy.webhook.review import MAX_REVIEW_BYTES
 from tlsproxy.webhook.server import Webhook, WebhookConfig
 
-# shared/ lies beside the checkout (CI lays a copy there too); /work/shared on a developer machine
-_CANDIDATES = (Path(__file__).resolve().parents[2].parent / "shared" / "k8s-samples",
-               Path("/work/shared/k8s-samples"))
-SAMPLES = next((p for p in _CANDIDATES if p.is_dir()), _CANDIDATES[0])
-SAMPLE_FILES = sorted(SAMPLES.glob("*.json")) if SAMPLES.is_dir() else []
 TLSPROXY = str(Path(sys.executable).parent / "tlsproxy")
 
 
@@ -69,15 +65,15 @@ def check_response(review, answer):
     return pod
 
 
-@pytest.mark.skipif(not SAMPLE_FILES, reason="no AdmissionReview samples in ../shared/k8s-samples")
 async def test_samples_over_https_one_keepalive_connection(pki):
+    samples = sample_files()
     async with trio.open_nursery() as nursery:
         webhook = await start(nursery, pki)
         url = f"https://127.0.0.1:{webhook.bound_tls.port}"
         with trio.fail_after(30):
             async with httpx.AsyncClient(verify=ssl.create_default_context(cafile=str(pki["ca_file"])),
                                          base_url=url) as client:
-                for path in SAMPLE_FILES:
+                for path in samples:
                     review = json.loads(path.read_text())
                     review.pop("response", None)
                     r = await client.post("/mutate-namespace", content=json.dumps(review),
@@ -89,14 +85,14 @@ async def test_samples_over_https_one_keepalive_connection(pki):
                     sidecar = pod["spec"]["initContainers"][0]
                     assert sidecar["name"] == "tlsproxy" and sidecar["image"] == "tlsproxy:under-test"
                 # annotated-only path: the samples carry no tlsproxy annotation -> allowed, no patch
-                review = json.loads(SAMPLE_FILES[0].read_text())
+                review = json.loads(samples[0].read_text())
                 r = await client.post("/mutate", content=json.dumps(review))
                 assert r.json()["response"] == {"uid": review["request"]["uid"], "allowed": True}
                 admin = f"http://127.0.0.1:{webhook.bound_admin.port}"
                 ready = await client.get(admin + "/readyz")
                 assert ready.status_code == 200
                 metrics = (await client.get(admin + "/metrics")).text
-                assert f'tlsproxy_webhook_reviews_total{{action="injected"}} {len(SAMPLE_FILES)}.0' in metrics
+                assert f'tlsproxy_webhook_reviews_total{{action="injected"}} {len(samples)}.0' in metrics
         nursery.cancel_scope.cancel()
 
 
@@ -173,8 +169,8 @@ def _wait_for_line(proc: subprocess.Popen, event: str, timeout_s: float) -> dict
     raise AssertionError(f"no {event!r} line; output: {buf.decode(errors='replace')[-2000:]}")
 
 
-@pytest.mark.skipif(not SAMPLE_FILES, reason="no AdmissionReview samples")
 def test_cli_webhook_process(pki):
+    samples = sample_files()
     proc = subprocess.Popen([TLSPROXY, "webhook", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
                              "--cert-dir", str(pki["dir"]), "--image", "example.registry/tlsproxy:7",
                              "--log-format", "json", "--drain-delay", "0"],
@@ -182,7 +178,7 @@ def test_cli_webhook_process(pki):
     try:
         ready = _wait_for_line(proc, "webhook ready", 20)
         port = int(ready["listen"].rsplit(":", 1)[1])
-        review = json.loads(SAMPLE_FILES[0].read_text())
+        review = json.loads(samples[0].read_text())
         with httpx.Client(verify=ssl.create_default_context(cafile=str(pki["ca_file"])), timeout=10) as c:
             r = c.post(f"https://localhost:{port}/mutate-namespace", content=json.dumps(review))
         pod = check_response(review, r.json())

@@ -133,9 +133,6 @@ class CertSource:
     def load_all(self, now: dt.datetime | None = None) -> tuple[Bundle, ...]:
         return self.read().bundles(now)
 
-    def load(self) -> Bundle:
-        return self.load_all()[0]
-
     @property
     def watch_paths(self) -> tuple[Path, ...]:
         """Directories to watch (never the files: kubelet swaps a symlinked directory)."""

@@ -47,7 +47,6 @@ log = get_logger("inbound.mtls")
 XFCC = b"X-Forwarded-Client-Cert"
 CLIENT_CERT = b"Client-Cert"
 CLIENT_CERT_CHAIN = b"Client-Cert-Chain"
-HEADER_MODES = ("xfcc", "rfc9440", "both", "none")
 DENIED_KIND = "client_identity"          # HTTPError kind: metric/log label of the 403
 # Verdicts are cached by certificate (DER + chain): a fleet of clients reconnects with a handful of
 # certificates, and parsing one costs ~70 us per connection (measured here); a hit, under 1 us.

@@ -26,7 +26,6 @@ Rules that keep it correct:
 
 from __future__ import annotations
 
-import errno
 import socket
 import ssl
 
@@ -41,8 +40,6 @@ _wait_readable = trio.lowlevel.wait_readable
 _wait_writable = trio.lowlevel.wait_writable
 _checkpoint_if_cancelled = trio.lowlevel.checkpoint_if_cancelled
 _cancel_shielded_checkpoint = trio.lowlevel.cancel_shielded_checkpoint
-
-_BROKEN_ERRNOS = {errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT, errno.ECONNABORTED}
 
 
 class TLSStream(trio.abc.Stream):
