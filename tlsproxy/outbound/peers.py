@@ -38,7 +38,6 @@ from ..metrics import Metrics
 from ..net import connect_tcp
 from ..tls.contexts import ALPN_HTTP1, ClientTLSOptions, client_context
 from ..tls.identity import AllowRules, Identity
-from ..tls.listener import stdlib_socket
 from ..tls.reload import Reloader
 from ..tls.store import ContextStore, Generation
 from ..tls.stream import TLSStream
@@ -295,7 +294,7 @@ class PeerOpener:
         except LookupError:   # never loaded: Outbound loads every source before it binds
             raise UpstreamError("tls_config", "outbound TLS material not loaded") from None
         tcp = await connect_tcp(self.host, self.port, self.connect_timeout_s)
-        raw = stdlib_socket(tcp.socket)
+        raw = tcp.detach()
         try:
             stream = PeerStream(raw, ctx, server_side=False, server_hostname=self.server_name)
         except (OSError, ValueError) as exc:

@@ -273,7 +273,8 @@ class ForwardProxy:
     async def handle(self, sock: socket.socket, peer) -> None:
         self._accepted.inc()
         self._active.inc()
-        stream = net.socket_stream(sock)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        stream = _Replay(sock)
         try:
             buf = await self._peek(stream)
             if buf is None:
@@ -281,12 +282,13 @@ class ForwardProxy:
             if buf.startswith(_CONNECT):
                 await self._connect(stream, buf, _facts(peer))
             else:
-                await self.forwarder.serve(_Replay(stream, bytes(buf)), _facts(peer))
+                stream.replay(bytes(buf))
+                await self.forwarder.serve(stream, _facts(peer))
         finally:
             self._active.dec()
-            await trio.aclose_forcefully(stream)
+            stream.close_now()
 
-    async def _peek(self, stream: trio.SocketStream) -> bytearray | None:
+    async def _peek(self, stream: net.PlainStream) -> bytearray | None:
         """Enough of the first request to tell CONNECT apart: the whole head for a CONNECT, the first
         bytes for anything else (the engine reads the rest, with its own limits)."""
         buf = bytearray()
@@ -311,7 +313,7 @@ class ForwardProxy:
         await _answer(stream, 408, "request head not received in time")
         return None
 
-    async def _connect(self, stream: trio.SocketStream, buf: bytearray, facts: ConnFacts) -> None:
+    async def _connect(self, stream: net.PlainStream, buf: bytearray, facts: ConnFacts) -> None:
         t0 = time.perf_counter()
         end = hdr.find_head_end(buf)
         head, rest = bytes(buf[:end]), bytes(buf[end:])
@@ -374,33 +376,23 @@ async def _answer(stream: trio.abc.Stream, status: int, reason: str) -> None:
         pass
 
 
-class _Replay(trio.abc.HalfCloseableStream):
-    """A stream whose first ``receive_some`` returns bytes already read from it."""
+class _Replay(net.PlainStream):
+    """The forward proxy's client stream: after :meth:`replay`, the next ``receive_some`` returns the
+    bytes the proxy already read to tell CONNECT apart, then the socket's own."""
 
-    def __init__(self, inner: trio.SocketStream, prefix: bytes) -> None:
-        self._inner = inner
+    _prefix = b""
+
+    def replay(self, prefix: bytes) -> None:
         self._prefix = prefix
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if self._prefix:
-            data = self._prefix
-            if max_bytes is not None and len(data) > max_bytes:
-                self._prefix = data[max_bytes:]
-                data = data[:max_bytes]
-            else:
-                self._prefix = b""
-            await trio.lowlevel.checkpoint()
-            return data
-        return await self._inner.receive_some(max_bytes)
-
-    async def send_all(self, data) -> None:
-        await self._inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self._inner.wait_send_all_might_not_block()
-
-    async def send_eof(self) -> None:
-        await self._inner.send_eof()
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
+        if not self._prefix:
+            return await super().receive_some(max_bytes)
+        data = self._prefix
+        if max_bytes is not None and len(data) > max_bytes:
+            self._prefix = data[max_bytes:]
+            data = data[:max_bytes]
+        else:
+            self._prefix = b""
+        await trio.lowlevel.checkpoint()
+        return data
