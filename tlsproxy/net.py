@@ -1,4 +1,5 @@
-"""Sockets: binding listeners and the accept loop every listener (TLS, plain, admin) shares.
+"""Sockets: binding listeners, the one serve function and accept loop every listener (TLS, plain,
+outbound, admin, webhook) shares, dialling, and the connection streams (:class:`FdStream`).
 
 The accept loop is deliberately separate from the handlers it starts: it runs in the caller's
 *accept* nursery and starts each handler in a *handler* nursery it is given, so a drain can close
@@ -12,6 +13,7 @@ import errno
 import ipaddress
 import socket
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -175,16 +177,38 @@ async def _run_handler(handler: Handler, sock: socket.socket, peer: Any, slots: 
         sock.close()
 
 
-async def serve_listeners(sockets: list[trio.socket.SocketType], handler: Handler, handlers: trio.Nursery,
-                          *, name: str, max_connections: int,
-                          on_accept_error: Callable[[str], None] | None = None,
-                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    slots = trio.Semaphore(max_connections)
+@dataclass(frozen=True)
+class Listener:
+    """One listening address and what its accept loop needs to know."""
+
+    name: str                          # the ``listener`` label of metrics and logs
+    addr: HostPort
+    max_connections: int
+    reuse_port: bool = False           # --workers: every worker binds the same port
+    on_accept_error: Callable[[str], None] | None = field(default=None, compare=False)
+    log_fields: tuple[tuple[str, object], ...] = ()   # extra fields of the "listening" line
+    log_event: str = "listening"       # the admin listener says "admin listening" (a stable event name)
+
+
+async def serve(listener: Listener, handler: Handler, handlers: trio.Nursery, *,
+                sockets: list[trio.socket.SocketType] | None = None,
+                task_status: trio.TaskStatus[HostPort] = trio.TASK_STATUS_IGNORED) -> None:
+    """THE serve function of every listener (TLS, plain HTTP, outbound, admin, webhook).
+
+    Binds ``listener.addr`` (unless ``sockets`` are given), calls ``task_status.started(bound)``
+    once every socket listens, then accepts forever: each connection runs ``handler(sock, peer)``
+    in ``handlers`` (a nursery of the caller's, so a drain can cancel the accept loops — this
+    task — and give the handlers a deadline). At most ``max_connections`` handlers run at once."""
+    sockets = sockets or bind(listener.addr, reuse_port=listener.reuse_port)
+    bound = bound_address(sockets)
+    slots = trio.Semaphore(listener.max_connections)
     async with trio.open_nursery() as accepting:
         for s in sockets:
-            accepting.start_soon(lambda s=s: accept_loop(s, handler, handlers, slots, name=name,
-                                                          on_accept_error=on_accept_error))
-        task_status.started()
+            accepting.start_soon(lambda s=s: accept_loop(s, handler, handlers, slots, name=listener.name,
+                                                          on_accept_error=listener.on_accept_error))
+        log.info(listener.log_event, listener=listener.name, addr=str(listener.addr), bound=str(bound),
+                 **dict(listener.log_fields))
+        task_status.started(bound)
 
 
 def peer_host_port(peer: Any) -> tuple[str, int]:

@@ -198,3 +198,23 @@ def test_cli_webhook_without_certificate_is_a_one_line_error():
                        timeout=30)
     assert r.returncode == 2
     assert r.stderr.startswith("tlsproxy: error: webhook needs --cert-dir") and r.stderr.count("\n") == 1
+
+
+def test_answer_is_a_function_of_the_request():
+    """The webhook's request answering, called directly: (method, path, headers, body, client) →
+    (status, headers, body); every refusal is a status with a JSON error."""
+    from tlsproxy.metrics import Metrics
+    from tlsproxy.webhook.server import Answerer
+
+    answerer = Answerer(InjectOptions(image="tlsproxy:under-test"), Metrics())
+    review = json.loads(sample_files()[0].read_text())
+    review.pop("response", None)
+    status, headers, body = answerer.answer(b"POST", "/mutate-namespace", [], json.dumps(review).encode(),
+                                            "127.0.0.1:1")
+    assert status == 200 and (b"content-type", b"application/json") in headers
+    check_response(review, json.loads(body))
+    for method, path, payload, want in [(b"GET", "/mutate", b"", 405), (b"POST", "/validate", b"{}", 404),
+                                        (b"POST", "/mutate", b"{not json", 400),
+                                        (b"POST", "/mutate", b"x" * (MAX_REVIEW_BYTES + 1), 413)]:
+        status, headers, body = answerer.answer(method, path, [], payload, "127.0.0.1:1")
+        assert status == want and json.loads(body)["error"], (method, path, status, body)

@@ -17,7 +17,7 @@ Two halves, both driven by :class:`MTLSConfig` (built once from settings):
 
 * **The verdict** (ours). After a successful handshake :func:`make_policy`'s callable runs once per
   connection: the peer's DER → :class:`~tlsproxy.tls.identity.Identity` → the ``--allow-*`` rules
-  → a :class:`~tlsproxy.inbound.server.PeerVerdict` carrying the identity for logs, the
+  → a :class:`~tlsproxy.accept.PeerVerdict` carrying the identity for logs, the
   ``X-Forwarded-Client-Cert`` / RFC 9440 headers for the app, or a 403 for every request of a
   client outside the rules. Client-sent identity headers are stripped by ``http/headers.py`` on
   every request, mTLS or not; the ones here are added after that.
@@ -41,13 +41,13 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
+from ..accept import PeerPolicy, PeerVerdict
 from ..certs.bundle import Bundle
 from ..config import Settings
 from ..errors import CertError, HTTPError
 from ..log import get_logger
 from ..tls import identity as ident
 from ..tls.stream import TLSStream
-from .server import PeerPolicy, PeerVerdict
 
 log = get_logger("inbound.mtls")
 

@@ -38,7 +38,6 @@ from ..metrics import Metrics
 from ..net import connect_tcp
 from ..relay import relay
 from ..tls.identity import AllowRules
-from ..tls.reload import serve_reloads
 from . import routes as _routes
 from .peers import ClientTLS, PeerOpener, PeerPools
 
@@ -105,9 +104,8 @@ class Outbound:
         # in-flight requests keep the last good context for their remaining seconds).
         for tls in self._tls.values():
             if tls.watch_paths:
-                await accepting.start(lambda task_status, tls=tls: serve_reloads(
-                    tls.reloader, tls.watch_paths, interval_s=s.reload_check_interval_s,
-                    task_status=task_status))
+                await accepting.start(lambda task_status, tls=tls: tls.served.serve_reloads(
+                    s.reload_check_interval_s, task_status=task_status))
         for i, r in enumerate(self.routes):
             tls = self.tls_for(r.ca, r.cert_dir, r.alpn)
             opener = self._opener(r.host, r.port, tls, r.server_name, r.pin)
@@ -123,7 +121,7 @@ class Outbound:
                               upstream_label=f"https://{r.authority}")
                 handler = PlainHandler(route.name, Forwarder(route, self.metrics, self.drain), self.metrics)
             bound[f"outbound/{i}"] = await accepting.start(
-                serve_plain, r.label, r.listen, handler, handlers, s.max_connections)
+                net.serve, net.Listener(r.label, r.listen, s.max_connections), handler, handlers)
             log.info("outbound route", listen=str(bound[f"outbound/{i}"]), peer=f"{r.scheme}://{r.authority}",
                      server_name=r.name_checked, trust=tls.trust,
                      client_cert=str(r.cert_dir or s.outbound_cert_dir or "-"),
@@ -135,7 +133,8 @@ class Outbound:
             proxy = ForwardProxy(self.allow, self._peer_pools, self.limits, self.metrics, self.drain,
                                  access_log=s.access_log, connect_timeout_s=s.upstream_connect_timeout_s)
             bound[PROXY_LISTENER] = await accepting.start(
-                serve_plain, PROXY_LISTENER, self.proxy_addr, proxy.handle, handlers, s.max_connections)
+                net.serve, net.Listener(PROXY_LISTENER, self.proxy_addr, s.max_connections), proxy.handle,
+                handlers)
             log.info("outbound forward proxy", listen=str(bound[PROXY_LISTENER]), allow=",".join(self.allow))
         self.started = True
         return bound
@@ -155,20 +154,6 @@ def _flush_on_reload(tls: ClientTLS, close_idle: Callable[[], None]) -> None:
     the new material (a rotated client certificate is presented at once, not after the idle
     timeout). Requests in flight finish on the connection they have."""
     tls.store.subscribe(lambda old, new: close_idle() if old is not None else None)
-
-
-async def serve_plain(name: str, addr: HostPort, handler: Callable, handlers: trio.Nursery,
-                      max_connections: int, *,
-                      task_status: trio.TaskStatus[HostPort] = trio.TASK_STATUS_IGNORED) -> None:
-    """Bind a plain TCP listener and accept forever; connections run in ``handlers``."""
-    sockets = net.bind(addr)
-    bound = net.bound_address(sockets)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(lambda task_status: net.serve_listeners(
-            sockets, handler, handlers, name=name, max_connections=max_connections,
-            task_status=task_status))
-        log.info("listening", listener=name, addr=str(addr), bound=str(bound))
-        task_status.started(bound)
 
 
 def _facts(peer) -> ConnFacts:
