@@ -32,7 +32,7 @@ from .inbound.plain import PlainHandler, PlainListenerConfig
 from .log import get_logger
 from .metrics import Metrics
 from .outbound.server import Outbound
-from .runtime import Bound, Runtime
+from .runtime import Bound, Runtime, run_main
 from .tls.contexts import ALPN_HTTP1, ServerTLSOptions, server_context
 from .tls.served import ServedTLS
 from .tls.store import Generation
@@ -240,27 +240,3 @@ def main_serve(settings: Settings) -> int:
 
         return run_workers(settings, lambda ws, _index: run_main(App(ws).run_with_signals))
     return run_main(app.run_with_signals)
-
-
-def run_main(fn) -> int:
-    """``trio.run`` with startup failures (a port in use…) turned into one line and exit 2."""
-    try:
-        trio.run(fn)
-    except BaseException as exc:  # noqa: BLE001 - unwrapped and re-raised below when not ours
-        first = _first_leaf(exc)
-        if isinstance(first, OSError | ConfigError | CertError):
-            text = first.strerror if isinstance(first, OSError) and first.strerror else str(first)
-            sys.stderr.write(f"tlsproxy: error: {text}\n")
-            return 2
-        if isinstance(first, KeyboardInterrupt):
-            return 130
-        if isinstance(first, SystemExit):
-            return int(first.code or 0)
-        raise
-    return 0
-
-
-def _first_leaf(exc: BaseException) -> BaseException:
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
-    return exc

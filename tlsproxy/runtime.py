@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import datetime as dt
 import signal
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ from .admin import endpoints as admin_endpoints
 from .admin.health import Health, certificate_problem, expiring
 from .admin.server import AdminRequest, AdminRoutes, Reply, admin_handler, admin_listener
 from .config import HostPort, Settings
-from .errors import CertError
+from .errors import CertError, ConfigError
 from .log import get_logger
 from .metrics import Metrics
 from .tls.served import ServedTLS
@@ -269,3 +270,27 @@ class Runtime:
         """SIGHUP: force a certificate reload (rebuilt even when the files look unchanged)."""
         log.info("signal received", signal="SIGHUP")
         await self.served.reloader.reload("sighup", force=True)
+
+
+def run_main(fn: Callable[[], Awaitable[None]]) -> int:
+    """``trio.run(fn)`` with startup failures (a port in use…) turned into one line and exit 2."""
+    try:
+        trio.run(fn)
+    except BaseException as exc:  # noqa: BLE001 - unwrapped and re-raised below when not ours
+        first = _first_leaf(exc)
+        if isinstance(first, OSError | ConfigError | CertError):
+            text = first.strerror if isinstance(first, OSError) and first.strerror else str(first)
+            sys.stderr.write(f"tlsproxy: error: {text}\n")
+            return 2
+        if isinstance(first, KeyboardInterrupt):
+            return 130
+        if isinstance(first, SystemExit):
+            return int(first.code or 0)
+        raise
+    return 0
+
+
+def _first_leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
