@@ -10,6 +10,7 @@ the runtime's; its module docstring describes the nursery layout and the drain s
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -37,14 +38,19 @@ from .tls.contexts import ALPN_HTTP1, ServerTLSOptions, server_context
 from .tls.served import ServedTLS
 from .tls.store import Generation
 
+if TYPE_CHECKING:
+    from .workers import WorkerSet
+
 log = get_logger("")
 
 __all__ = ["App", "Bound", "main_serve", "run_main"]
 
 
 class App:
-    def __init__(self, settings: Settings, *, state_env: dict[str, str] | None = None) -> None:
+    def __init__(self, settings: Settings, *, state_env: dict[str, str] | None = None,
+                 worker: WorkerSet | None = None) -> None:
         self.settings = settings
+        self.worker = worker
         self.metrics = Metrics()
         self.health = Health()
         self.drain = Drain()
@@ -59,6 +65,9 @@ class App:
         self.reloader = self.served.reloader
         self.runtime = Runtime(settings, self.served, self.metrics, self.health)
         self.bound: Bound = self.runtime.bound
+        if worker is not None and worker.index == 0:     # --workers N: /metrics counts every worker
+            own = self.runtime.metrics_text
+            self.runtime.metrics_text = lambda: self._every_worker_metrics(own)
         self._install_checks()
         try:   # outbound routes and their TLS material are checked before anything binds
             self.outbound = Outbound(settings, self.metrics, self.drain, self.limits())
@@ -109,6 +118,10 @@ class App:
         """Startup load through the reloader (so it knows which material is live). Raises CertError."""
         return self.served.load_now()
 
+    async def _every_worker_metrics(self, own) -> bytes:
+        assert self.worker is not None
+        return await self.worker.metrics(await own())
+
     # ------------------------------------------------------------------ readiness
     def _install_checks(self) -> None:
         import datetime as dt
@@ -153,6 +166,8 @@ class App:
     async def start_listeners(self, accepting: trio.Nursery, handlers: trio.Nursery) -> None:
         """Bind the TLS listener, the plain-HTTP one and the outbound ones (``runtime.Program``)."""
         s = self.settings
+        if self.worker is not None and self.bound.admin is not None:
+            self.worker.announce_admin(self.bound.admin)
         pool = self._pool = Pool(upstream_mod.tcp_opener(s.upstream, s.upstream_connect_timeout_s))
         route = Route(name="inbound", pool=pool, limits=self.limits(), access_log=s.access_log,
                       upstream_label=str(s.upstream))
@@ -238,5 +253,5 @@ def main_serve(settings: Settings) -> int:
         # Validated above in this process; each worker builds its own App (see workers.py).
         from .workers import run_workers
 
-        return run_workers(settings, lambda ws, _index: run_main(App(ws).run_with_signals))
+        return run_workers(settings, lambda ws, worker: run_main(App(ws, worker=worker).run_with_signals))
     return run_main(app.run_with_signals)
