@@ -96,7 +96,7 @@ Handler = Callable[[socket.socket, Any], Awaitable[None]]
 class _Acceptor:
     """Accepts on a listening socket taken out of its trio wrapper and hands out plain stdlib
     socket objects (blocking mode; each handler sets the mode it needs). The TLS listener wraps
-    the socket in an ``SSLSocket`` as it is; the others ask :func:`socket_stream` for a trio
+    the socket in an ``SSLSocket`` as it is; the others ask :func:`socket_stream` for a
     stream. A TLS connection so costs one Python socket object, not three (trio's wrapper, the
     stdlib socket under it, and the copy the handler detached from it): two ``getsockname`` calls
     (CPython checks every socket built from a descriptor) and two ``ioctl`` calls fewer."""

@@ -5,7 +5,7 @@ Theory of operation
 One Python process runs one trio loop on one core, so a second core needs a second process. The
 parent process forks N workers *before* any trio loop or thread exists; each worker builds its own
 :class:`~tlsproxy.app.App` and binds its own listening socket on the same address with
-``SO_REUSEPORT`` (``TLSListenerConfig.reuse_port``): the kernel then spreads new connections over
+``SO_REUSEPORT`` (``net.Listener.reuse_port``): the kernel then spreads new connections over
 the workers' accept queues by a hash of the connection's addresses. No socket is shared, so there
 is no thundering herd and no lock; a worker that is busy handshaking does not steal connections it
 cannot serve yet from the others' queues (connections are assigned at SYN time).
