@@ -9,6 +9,7 @@ the runtime's; its module docstring describes the nursery layout and the drain s
 
 from __future__ import annotations
 
+import datetime as dt
 import sys
 from typing import TYPE_CHECKING
 
@@ -124,8 +125,6 @@ class App:
 
     # ------------------------------------------------------------------ readiness
     def _install_checks(self) -> None:
-        import datetime as dt
-
         async def ca_check() -> str | None:
             gen = self.store.generation
             return ca_problem(gen and gen.context, dt.datetime.now(dt.UTC))
