@@ -218,3 +218,28 @@ def test_answer_is_a_function_of_the_request():
                                         (b"POST", "/mutate", b"x" * (MAX_REVIEW_BYTES + 1), 413)]:
         status, headers, body = answerer.answer(method, path, [], payload, "127.0.0.1:1")
         assert status == want and json.loads(body)["error"], (method, path, status, body)
+
+
+async def test_webhook_runs_on_the_shared_runtime(pki):
+    """The proxy's runtime, not a copy: /certs reports the served certificate, SIGHUP's reload path
+    rebuilds it, and POST /shutdown from loopback drains the webhook until its run returns."""
+    async with trio.open_nursery() as nursery:
+        webhook = await start(nursery, pki)
+        admin = f"http://127.0.0.1:{webhook.bound_admin.port}"
+        with trio.fail_after(30):
+            async with httpx.AsyncClient(timeout=5) as client:
+                certs = (await client.get(admin + "/certs")).json()
+                assert certs["generation"] == 1
+                assert certs["certificates"][0]["serial"] == format(pki["leaf"].cert.serial_number, "x")
+                await webhook.runtime.on_sighup()          # what SIGHUP does: a forced rebuild
+                assert (await client.get(admin + "/certs")).json()["generation"] == 2
+                assert (await client.get(admin + "/readyz")).json() == {"ready": True}
+                r = await client.post(admin + "/shutdown")
+                assert r.status_code == 202
+                ready = await client.get(admin + "/readyz")
+                assert ready.status_code == 503 and "drain" in ready.json()["not_ready"]
+            # drain-delay 0: the run ends by itself (the nursery has nothing else to wait for)
+            while nursery.child_tasks:  # noqa: ASYNC110 - the run is the nursery's only task
+                await trio.sleep(0.05)
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", webhook.bound_tls.port), timeout=2).close()
