@@ -107,7 +107,8 @@ class PlainHandler:
                 return
         if req is None:
             return      # EOF, or the head did not arrive in time: nothing to answer
-        host = hdr.header_value(req.headers._full_items, b"host")
+        # h11's public view of the headers: (lowercased name, value) pairs
+        host = next((value for name, value in req.headers if name == b"host"), None)
         try:
             location = redirect_location(host, req.target, cfg.redirect_port)
         except HTTPError as err:
