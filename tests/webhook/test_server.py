@@ -224,7 +224,10 @@ async def test_webhook_runs_on_the_shared_runtime(pki):
     """The proxy's runtime, not a copy: /certs reports the served certificate, SIGHUP's reload path
     rebuilds it, and POST /shutdown from loopback drains the webhook until its run returns."""
     async with trio.open_nursery() as nursery:
-        webhook = await start(nursery, pki)
+        # a drain delay, so /readyz can be asked while the drain runs
+        webhook = Webhook(WebhookConfig(settings_for(pki).replace(drain_delay_s=1.0),
+                                        InjectOptions(image="tlsproxy:under-test")))
+        await nursery.start(webhook.run)
         admin = f"http://127.0.0.1:{webhook.bound_admin.port}"
         with trio.fail_after(30):
             async with httpx.AsyncClient(timeout=5) as client:
@@ -238,7 +241,7 @@ async def test_webhook_runs_on_the_shared_runtime(pki):
                 assert r.status_code == 202
                 ready = await client.get(admin + "/readyz")
                 assert ready.status_code == 503 and "drain" in ready.json()["not_ready"]
-            # drain-delay 0: the run ends by itself (the nursery has nothing else to wait for)
+            # after the drain delay the run ends by itself (the nursery has nothing else to wait for)
             while nursery.child_tasks:  # noqa: ASYNC110 - the run is the nursery's only task
                 await trio.sleep(0.05)
         with pytest.raises(OSError):
