@@ -48,3 +48,36 @@ def test_gauge_goes_both_ways_and_wrong_label_count_is_refused():
                                        {"listener": "inbound", "protocol": "http"}) == 1
     with pytest.raises(ValueError, match="2 label values expected"):
         m.connections_active.labels("inbound")
+
+
+def test_merge_expositions_adds_counts_and_keeps_shared_facts():
+    """--workers N: worker 0's /metrics is every worker's exposition merged (tlsproxy.metrics)."""
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tlsproxy.metrics import Metrics, merge_expositions
+
+    a, b = Metrics(), Metrics()
+    a.requests.labels("inbound", "2xx").inc(3)
+    b.requests.labels("inbound", "2xx").inc(4)
+    b.requests.labels("inbound", "5xx").inc()
+    a.request_duration.labels("inbound").observe(0.003)
+    b.request_duration.labels("inbound").observe(2.0)
+    a.connections_active.labels("inbound", "http").inc(2)
+    b.connections_active.labels("inbound", "http").inc(1)
+    a.cert_not_after.labels("server", "CN=x", "1").set(1000)
+    b.cert_not_after.labels("server", "CN=x", "1").set(1000)
+    a.handshake_failures.labels("inbound", "eof").inc()
+    merged = merge_expositions([generate_latest(m.registry).decode() for m in (a, b)]).decode()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(merged) for s in fam.samples}
+    assert samples[("tlsproxy_requests_total", (("code_class", "2xx"), ("listener", "inbound")))] == 7
+    assert samples[("tlsproxy_requests_total", (("code_class", "5xx"), ("listener", "inbound")))] == 1
+    assert samples[("tlsproxy_request_duration_seconds_count", (("listener", "inbound"),))] == 2
+    bucket = "tlsproxy_request_duration_seconds_bucket"
+    assert samples[(bucket, (("le", "0.005"), ("listener", "inbound")))] == 1
+    assert samples[(bucket, (("le", "+Inf"), ("listener", "inbound")))] == 2
+    assert samples[("tlsproxy_connections_active", (("listener", "inbound"), ("protocol", "http")))] == 3
+    assert samples[("tlsproxy_certificate_not_after_seconds",
+                    (("role", "server"), ("serial", "1"), ("subject", "CN=x")))] == 1000   # not doubled
+    assert samples[("tlsproxy_handshake_failures_total", (("listener", "inbound"), ("reason", "eof")))] == 1

@@ -24,14 +24,13 @@ class HTTPError(TLSProxyError):
     """A request that ends with an error response from the proxy itself.
 
     ``status`` is the response code; ``reason`` is the short plain-text body and log message;
-    ``close`` says whether the client connection must be closed afterwards.
+    ``kind`` is the metric/log label (the status when not given).
     """
 
-    def __init__(self, status: int, reason: str, *, close: bool = True, kind: str = "") -> None:
+    def __init__(self, status: int, reason: str, *, kind: str = "") -> None:
         super().__init__(f"{status} {reason}")
         self.status = status
         self.reason = reason
-        self.close = close
         self.kind = kind or str(status)
 
 

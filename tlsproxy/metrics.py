@@ -144,3 +144,48 @@ class Metrics:
                                  ["role"], registry=r)
         self.outbound_errors = Counter("tlsproxy_outbound_errors", "Outbound failures by peer",
                                        ["peer", "kind"], registry=r)
+
+
+# ---------------------------------------------------------------------------- --workers N: one /metrics
+
+_SUMMED_GAUGES = frozenset({"tlsproxy_connections_active"})   # per-process amounts: they add up
+
+
+def merge_expositions(texts: list[str]) -> bytes:
+    """Several worker processes' ``/metrics`` (text format) → one exposition of the whole set. Pure.
+
+    Counters and histograms (buckets, sums, counts) add up, and so do gauges that count something
+    per process (open connections); the other gauges are facts every worker shares (a certificate's
+    expiry, the last reload) and keep the largest value; a ``_created`` timestamp keeps the
+    earliest."""
+    from prometheus_client import generate_latest
+    from prometheus_client.metrics_core import Metric
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families: dict[str, tuple[str, str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]] = {}
+    for text in texts:
+        for fam in text_string_to_metric_families(text):
+            doc, kind, table = families.setdefault(fam.name, (fam.documentation, fam.type, {}))
+            for sample in fam.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                old = table.get(key)
+                if old is None:
+                    table[key] = sample.value
+                elif sample.name.endswith("_created"):
+                    table[key] = min(old, sample.value)
+                elif kind == "gauge" and fam.name not in _SUMMED_GAUGES:
+                    table[key] = max(old, sample.value)
+                else:
+                    table[key] = old + sample.value
+
+    class _Merged:
+        def collect(self):
+            for name, (doc, kind, table) in families.items():
+                metric = Metric(name, doc, kind)
+                for (sample_name, labels), value in table.items():
+                    metric.add_sample(sample_name, dict(labels), value)
+                yield metric
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Merged())
+    return generate_latest(registry)

@@ -1,4 +1,5 @@
-"""Sockets: binding listeners and the accept loop every listener (TLS, plain, admin) shares.
+"""Sockets: binding listeners, the one serve function and accept loop every listener (TLS, plain,
+outbound, admin, webhook) shares, dialling, and the connection streams (:class:`FdStream`).
 
 The accept loop is deliberately separate from the handlers it starts: it runs in the caller's
 *accept* nursery and starts each handler in a *handler* nursery it is given, so a drain can close
@@ -12,6 +13,7 @@ import errno
 import ipaddress
 import socket
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -94,7 +96,7 @@ Handler = Callable[[socket.socket, Any], Awaitable[None]]
 class _Acceptor:
     """Accepts on a listening socket taken out of its trio wrapper and hands out plain stdlib
     socket objects (blocking mode; each handler sets the mode it needs). The TLS listener wraps
-    the socket in an ``SSLSocket`` as it is; the others ask :func:`socket_stream` for a trio
+    the socket in an ``SSLSocket`` as it is; the others ask :func:`socket_stream` for a
     stream. A TLS connection so costs one Python socket object, not three (trio's wrapper, the
     stdlib socket under it, and the copy the handler detached from it): two ``getsockname`` calls
     (CPython checks every socket built from a descriptor) and two ``ioctl`` calls fewer."""
@@ -117,9 +119,13 @@ class _Acceptor:
         self.sock.close()
 
 
-def socket_stream(sock: socket.socket) -> trio.SocketStream:
-    """A trio stream over an accepted socket (plain listeners, outbound, admin)."""
-    return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+def socket_stream(sock: socket.socket) -> PlainStream:
+    """The stream of an accepted plain connection (plain listeners, outbound, admin)."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        pass    # not TCP (a test's Unix socket), or already gone: the first send says so
+    return PlainStream(sock)
 
 
 async def accept_loop(listen_sock: trio.socket.SocketType, handler: Handler, handlers: trio.Nursery,
@@ -171,16 +177,38 @@ async def _run_handler(handler: Handler, sock: socket.socket, peer: Any, slots: 
         sock.close()
 
 
-async def serve_listeners(sockets: list[trio.socket.SocketType], handler: Handler, handlers: trio.Nursery,
-                          *, name: str, max_connections: int,
-                          on_accept_error: Callable[[str], None] | None = None,
-                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    slots = trio.Semaphore(max_connections)
+@dataclass(frozen=True)
+class Listener:
+    """One listening address and what its accept loop needs to know."""
+
+    name: str                          # the ``listener`` label of metrics and logs
+    addr: HostPort
+    max_connections: int
+    reuse_port: bool = False           # --workers: every worker binds the same port
+    on_accept_error: Callable[[str], None] | None = field(default=None, compare=False)
+    log_fields: tuple[tuple[str, object], ...] = ()   # extra fields of the "listening" line
+    log_event: str = "listening"       # the admin listener says "admin listening" (a stable event name)
+
+
+async def serve(listener: Listener, handler: Handler, handlers: trio.Nursery, *,
+                sockets: list[trio.socket.SocketType] | None = None,
+                task_status: trio.TaskStatus[HostPort] = trio.TASK_STATUS_IGNORED) -> None:
+    """THE serve function of every listener (TLS, plain HTTP, outbound, admin, webhook).
+
+    Binds ``listener.addr`` (unless ``sockets`` are given), calls ``task_status.started(bound)``
+    once every socket listens, then accepts forever: each connection runs ``handler(sock, peer)``
+    in ``handlers`` (a nursery of the caller's, so a drain can cancel the accept loops — this
+    task — and give the handlers a deadline). At most ``max_connections`` handlers run at once."""
+    sockets = sockets or bind(listener.addr, reuse_port=listener.reuse_port)
+    bound = bound_address(sockets)
+    slots = trio.Semaphore(listener.max_connections)
     async with trio.open_nursery() as accepting:
         for s in sockets:
-            accepting.start_soon(lambda s=s: accept_loop(s, handler, handlers, slots, name=name,
-                                                          on_accept_error=on_accept_error))
-        task_status.started()
+            accepting.start_soon(lambda s=s: accept_loop(s, handler, handlers, slots, name=listener.name,
+                                                          on_accept_error=listener.on_accept_error))
+        log.info(listener.log_event, listener=listener.name, addr=str(listener.addr), bound=str(bound),
+                 **dict(listener.log_fields))
+        task_status.started(bound)
 
 
 def peer_host_port(peer: Any) -> tuple[str, int]:
@@ -194,7 +222,7 @@ def peer_host_port(peer: Any) -> tuple[str, int]:
 
 # ---------------------------------------------------------------------------- dialling
 
-async def connect_tcp(host: str, port: int, timeout_s: float) -> trio.SocketStream:
+async def connect_tcp(host: str, port: int, timeout_s: float) -> PlainStream:
     """A TCP stream to ``host:port`` within ``timeout_s``, or :class:`UpstreamError` naming what went
     wrong (kind ``connect_timeout``, ``resolve`` or ``connect``). IP literals — the usual localhost
     app — skip name resolution and happy eyeballs. Inbound (the app) and outbound (peers) both dial
@@ -217,54 +245,150 @@ async def connect_tcp(host: str, port: int, timeout_s: float) -> trio.SocketStre
         raise UpstreamError("connect", f"cannot connect to {peer}: {names or exc.strerror or exc}") from None
 
 
-async def _dial(host: str, port: int) -> trio.SocketStream:
+async def _dial(host: str, port: int) -> PlainStream:
     try:
         family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
     except ValueError:
-        return await trio.open_tcp_stream(host, port)
+        return _plain_stream(await trio.open_tcp_stream(host, port))
     sock = trio.socket.socket(family, socket.SOCK_STREAM)
     try:
         await sock.connect((host, port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except BaseException:
         sock.close()
         raise
-    return trio.SocketStream(sock)
+    return PlainStream(socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach()))
 
 
-class PlainStream(trio.abc.HalfCloseableStream):
-    """A trio stream over a connected non-blocking stdlib TCP socket: the upstream leg's hot path.
+class FdStream(trio.abc.Stream):
+    """What every connection stream of the proxy shares: one connected, non-blocking socket
+    descriptor that the stream owns; :class:`PlainStream` (TCP) and
+    :class:`~tlsproxy.tls.stream.TLSStream` (TLS over the same descriptor) are its two kinds.
 
-    ``trio.SocketStream`` costs about 60 Python calls per send or receive (conflict detectors as
-    generator context managers, the socket wrapper's non-blocking helper, a scheduler pass each);
-    here the system call is tried first and the task parks on ``wait_readable``/``wait_writable``
-    only when it would block, as :class:`~tlsproxy.tls.stream.TLSStream` does for TLS. A call that
-    did not block yields to the scheduler every ``YIELD_EVERY`` calls only: enough for fairness
-    (a bulk transfer cannot starve other tasks), without a scheduler pass per request (measured in
+    Theory of operation. A call tries the system call (or ``SSL_read``/``SSL_write``) first and parks
+    the task on ``wait_readable``/``wait_writable`` only when it would block. A call that did not
+    block yields to the scheduler every ``YIELD_EVERY`` calls only: enough for fairness (a bulk
+    transfer cannot starve other tasks), without a scheduler pass per request (measured in
     docs/performance.md). Every call still raises ``trio.Cancelled`` at its start if cancelled.
+
+    Closing has two forms, both here so no caller needs to ask which kind of stream it holds:
+    :meth:`close_now` (never blocks; a healthy TLS session still sends ``close_notify``) and
+    :meth:`linger_close` (after an error answer: stop writing, read and drop what the client still
+    sends for a moment, so the kernel does not answer it with a RST that destroys the answer before
+    the client read it — nginx's lingering close).
     """
 
-    YIELD_EVERY = 8
+    YIELD_EVERY = 8   # calls that did not block between two scheduler passes
 
-    def __init__(self, sock: socket.socket) -> None:
-        sock.setblocking(False)
-        self.socket = sock
-        self._fd = sock.fileno()
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
         self._closed = False
         self._receiving = False
         self._sending = False
-        self._ops = 0
-        self._sent_last = False   # the last operation was a send: see receive_some
+        self._unyielded = 0
+        self._sent_last = False   # the last operation was a send: see the receive_some methods
 
     def fileno(self) -> int:
         return self._fd
 
-    async def _after(self, blocked: bool) -> None:
-        if blocked:
-            return
-        self._ops += 1
-        if self._ops >= self.YIELD_EVERY:
-            self._ops = 0
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def _park(self, wait) -> None:
+        await park(wait, self._fd)
+
+    async def _maybe_yield(self) -> None:
+        self._unyielded += 1
+        if self._unyielded >= self.YIELD_EVERY:
+            self._unyielded = 0
             await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def _check(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("stream is closed")
+
+    async def wait_send_all_might_not_block(self) -> None:
+        self._check()
+        await trio.lowlevel.wait_writable(self._fd)
+
+    # ------------------------------------------------------------------ closing
+    def _close_descriptor(self) -> None:
+        """Close the descriptor (the subclass's socket object); called once, by :meth:`close_now`."""
+        raise NotImplementedError
+
+    def _end_writing(self) -> bool:
+        """Stop writing (TLS: ``close_notify``; then FIN). False when there is nothing to linger for."""
+        try:
+            with _borrowed(self._fd) as raw:
+                raw.shutdown(socket.SHUT_WR)
+        except OSError:
+            return False
+        return True
+
+    def close_now(self) -> None:
+        """Close at once; never blocks. Parked tasks wake with ``ClosedResourceError``."""
+        if self._closed:
+            return
+        self._closed = True
+        release_fd(self._fd)
+        self._close_descriptor()
+
+    async def aclose(self) -> None:
+        self.close_now()
+        await trio.lowlevel.checkpoint()
+
+    async def linger_close(self, timeout_s: float = 0.5, max_bytes: int = 256 * 1024) -> None:
+        """Close gracefully after an error answer (see the class docstring)."""
+        if self._closed:
+            return
+        try:
+            if self._end_writing():
+                with trio.move_on_after(timeout_s), _borrowed(self._fd) as raw:
+                    discarded = 0
+                    while discarded < max_bytes:
+                        try:
+                            await trio.lowlevel.wait_readable(self._fd)
+                            got = raw.recv(65536, socket.MSG_DONTWAIT)
+                        except (BlockingIOError, InterruptedError):
+                            continue
+                        except (OSError, trio.ClosedResourceError, trio.BusyResourceError):
+                            break
+                        if not got:
+                            break
+                        discarded += len(got)
+        finally:
+            self.close_now()
+
+
+@contextlib.contextmanager
+def _borrowed(fd: int):
+    """A stdlib socket object over ``fd`` that does not own it (detached on exit)."""
+    raw = socket.socket(fileno=fd)
+    try:
+        yield raw
+    finally:
+        raw.detach()
+
+
+class PlainStream(FdStream, trio.abc.HalfCloseableStream):
+    """A trio stream over a connected non-blocking stdlib TCP socket: accepted plain connections and
+    every dialled TCP connection (:func:`connect_tcp`).
+
+    ``trio.SocketStream`` costs about 60 Python calls per send or receive (conflict detectors as
+    generator context managers, the socket wrapper's non-blocking helper, a scheduler pass each);
+    here the system call is tried first, as :class:`FdStream` describes.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        super().__init__(sock.fileno())
+        self.socket = sock
+
+    def detach(self) -> socket.socket:
+        """Hand the socket over (to be wrapped in TLS); this stream is closed without closing it."""
+        self._closed = True
+        return self.socket
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._closed:
@@ -294,7 +418,8 @@ class PlainStream(trio.abc.HalfCloseableStream):
                     await park(trio.lowlevel.wait_readable, self._fd)
                 except OSError as exc:
                     raise trio.BrokenResourceError(f"receive: {exc}") from exc
-            await self._after(blocked)
+            if not blocked:
+                await self._maybe_yield()
             return data
         finally:
             self._receiving = False
@@ -321,14 +446,10 @@ class PlainStream(trio.abc.HalfCloseableStream):
                         raise trio.BrokenResourceError(f"send: {exc}") from exc
                     view = view[sent:]
             self._sent_last = True
-            await self._after(blocked)
+            if not blocked:
+                await self._maybe_yield()
         finally:
             self._sending = False
-
-    async def wait_send_all_might_not_block(self) -> None:
-        if self._closed:
-            raise trio.ClosedResourceError("stream is closed")
-        await trio.lowlevel.wait_writable(self._fd)
 
     async def send_eof(self) -> None:
         if self._closed:
@@ -340,15 +461,8 @@ class PlainStream(trio.abc.HalfCloseableStream):
             if exc.errno != errno.ENOTCONN:
                 raise trio.BrokenResourceError(f"shutdown: {exc}") from exc
 
-    def close_now(self) -> None:
-        if not self._closed:
-            self._closed = True
-            release_fd(self._fd)
-            self.socket.close()
-
-    async def aclose(self) -> None:
-        self.close_now()
-        await trio.lowlevel.checkpoint()
+    def _close_descriptor(self) -> None:
+        self.socket.close()
 
 
 async def park(wait, fd: int) -> None:
@@ -368,7 +482,7 @@ def release_fd(fd: int) -> None:
         pass
 
 
-def plain_stream(stream: trio.SocketStream) -> PlainStream:
+def _plain_stream(stream: trio.SocketStream) -> PlainStream:
     """Take a connected ``trio.SocketStream``'s descriptor into a :class:`PlainStream`."""
     sock = stream.socket
     return PlainStream(socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach()))

@@ -26,10 +26,6 @@ from .relay import relay
 
 access = get_logger("access")
 
-# how a relayed connection ended (the ``ended`` label and log field); the last two never relayed
-ENDED = ("client_closed", "upstream_closed", "idle_timeout", "lifetime", "error", "drain", "refused",
-         "upstream_failed")
-
 
 @dataclass(frozen=True)
 class RelayLimits:
@@ -75,10 +71,10 @@ class CountingStream(trio.abc.HalfCloseableStream):
         await self.inner.wait_send_all_might_not_block()
 
     async def send_eof(self) -> None:
-        send_eof = getattr(self.inner, "send_eof", None)
-        if send_eof is None:     # a TLS peer cannot half-close: relay.py treats this as "cannot"
-            raise trio.BrokenResourceError("upstream cannot half-close")
-        await send_eof()
+        if not isinstance(self.inner, trio.abc.HalfCloseableStream):
+            # a TLS stream cannot half-close here: relay.py treats this as "cannot"
+            raise trio.BrokenResourceError("stream cannot half-close")
+        await self.inner.send_eof()
 
     async def aclose(self) -> None:
         await self.inner.aclose()

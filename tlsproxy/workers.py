@@ -5,7 +5,7 @@ Theory of operation
 One Python process runs one trio loop on one core, so a second core needs a second process. The
 parent process forks N workers *before* any trio loop or thread exists; each worker builds its own
 :class:`~tlsproxy.app.App` and binds its own listening socket on the same address with
-``SO_REUSEPORT`` (``TLSListenerConfig.reuse_port``): the kernel then spreads new connections over
+``SO_REUSEPORT`` (``net.Listener.reuse_port``): the kernel then spreads new connections over
 the workers' accept queues by a hash of the connection's addresses. No socket is shared, so there
 is no thundering herd and no lock; a worker that is busy handshaking does not steal connections it
 cannot serve yet from the others' queues (connections are assigned at SYN time).
@@ -16,8 +16,14 @@ socket that does not listen never receives connections, yet it keeps the port fo
 What only worker 0 does: the admin listener (``--admin``: /healthz, /readyz, /metrics, /shutdown)
 and the plain-HTTP listener (``--http-listen``, usually redirects), and the outbound listeners
 (``--outbound``, ``--outbound-proxy``: fixed local ports). The other workers put their
-admin listener on an ephemeral loopback port and run no plain listener. So /metrics counts worker
-0's traffic only (about 1/N of it) — a documented limitation, see docs/performance.md.
+admin listener on an ephemeral loopback port and run no plain listener.
+
+/metrics counts every worker. The parent makes a private directory before forking
+(:class:`WorkerSet`); each worker but 0 writes its admin port there once bound. Worker 0's /metrics
+scrapes the others' admin listeners over loopback (``GET /metrics``, within
+``WORKER_SCRAPE_TIMEOUT_S``) and merges their samples with its own
+(:func:`~tlsproxy.metrics.merge_expositions`: counters and histograms add up). A worker that does
+not answer in time is left out of that one scrape, and the scrape says so in a log line.
 
 The parent does no I/O of its own: it forwards SIGTERM, SIGINT and SIGHUP to every worker, waits
 for them, and when one worker exits (a crash, or a drain started by POST /shutdown on worker 0)
@@ -32,18 +38,84 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
 
 from .config import HostPort, Settings
+from .errors import UpstreamError
 from .log import get_logger
+from .metrics import merge_expositions
+from .net import connect_tcp
 
 log = get_logger("workers")
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _PR_SET_PDEATHSIG = 1
+WORKER_SCRAPE_TIMEOUT_S = 2.0        # a worker's /metrics is a loopback call of a few milliseconds
+MAX_WORKER_METRICS_BYTES = 16 << 20  # a sane bound on one worker's exposition
+
+
+@dataclass(frozen=True)
+class WorkerSet:
+    """What one worker knows of the set: its index and the directory the workers share."""
+
+    index: int
+    share: Path
+
+    def announce_admin(self, admin: HostPort) -> None:
+        """Workers 1..N-1: tell worker 0 where this worker's /metrics is (written atomically)."""
+        if self.index == 0:
+            return
+        tmp = self.share / f".worker-{self.index}.admin"
+        tmp.write_text(str(admin.port))
+        tmp.replace(self.share / f"worker-{self.index}.admin")
+
+    async def metrics(self, own: bytes) -> bytes:
+        """Worker 0: its own exposition merged with every other worker's (see the module docstring)."""
+        texts = [own.decode()]
+        for path in sorted(self.share.glob("worker-*.admin")):
+            try:
+                port = int(path.read_text())
+            except (OSError, ValueError):
+                continue
+            text = await _scrape(port)
+            if text is None:
+                log.warning("worker metrics not scraped", file=path.name, port=port,
+                            timeout_s=WORKER_SCRAPE_TIMEOUT_S)
+                continue
+            texts.append(text)
+        return merge_expositions(texts)
+
+
+async def _scrape(port: int) -> str | None:
+    """``GET /metrics`` from a worker's loopback admin listener; None when it does not answer."""
+    with trio.move_on_after(WORKER_SCRAPE_TIMEOUT_S):
+        try:
+            stream = await connect_tcp("127.0.0.1", port, WORKER_SCRAPE_TIMEOUT_S)
+        except UpstreamError:
+            return None
+        try:
+            await stream.send_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            data = bytearray()
+            while len(data) <= MAX_WORKER_METRICS_BYTES and (chunk := await stream.receive_some(65536)):
+                data += chunk
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return None
+        finally:
+            stream.close_now()
+        head, _, body = bytes(data).partition(b"\r\n\r\n")
+        if not head.startswith((b"HTTP/1.1 200", b"HTTP/1.0 200")):
+            return None
+        return body.decode("utf-8", "replace")
+    return None
 
 
 def reserve_port(addr: HostPort) -> tuple[HostPort, list[socket.socket]]:
@@ -94,11 +166,20 @@ def _die_with_parent() -> None:
         pass   # not Linux: a SIGKILLed parent may leave workers behind
 
 
-def run_workers(settings: Settings, run_one: Callable[[Settings, int], int]) -> int:
-    """Fork ``settings.workers`` processes, each calling ``run_one(worker_settings, index)`` (which
-    runs the App and returns an exit code); supervise them as described above."""
+def run_workers(settings: Settings, run_one: Callable[[Settings, WorkerSet], int]) -> int:
+    """Fork ``settings.workers`` processes, each calling ``run_one(worker_settings, WorkerSet)``
+    (which runs the App and returns an exit code); supervise them as described above."""
     n = settings.workers
     listen, held = reserve_port(settings.listen)
+    share = Path(tempfile.mkdtemp(prefix="tlsproxy-workers-"))
+    try:
+        return _fork_and_supervise(settings, run_one, n, listen, held, share)
+    finally:
+        shutil.rmtree(share, ignore_errors=True)
+
+
+def _fork_and_supervise(settings: Settings, run_one: Callable[[Settings, WorkerSet], int], n: int,
+                        listen: HostPort, held: list[socket.socket], share: Path) -> int:
     parent = os.getpid()
     children: dict[int, int] = {}          # pid -> worker index
     sys.stdout.flush()
@@ -117,7 +198,7 @@ def run_workers(settings: Settings, run_one: Callable[[Settings, int], int]) -> 
                 for sig in FORWARDED_SIGNALS:
                     signal.signal(sig, signal.SIG_DFL)
                 log.info("worker started", worker=index, pid=os.getpid())
-                code = run_one(worker_settings(settings, index, listen), index)
+                code = run_one(worker_settings(settings, index, listen), WorkerSet(index, share))
             except SystemExit as exc:
                 code = int(exc.code or 0) if not isinstance(exc.code, str) else 1
             except BaseException as exc:   # noqa: BLE001 - a worker must never fall into the parent's code

@@ -85,17 +85,24 @@ def test_no_expiry_warning_for_a_long_lived_certificate(pki, app):
 
 
 def test_client_ca_configured_is_part_of_readiness(pki, app, tmp_path):
-    """With --client-ca the readiness check looks at what the serving context actually trusts."""
-    from tlsproxy.admin.health import ca_problem
+    """With --client-ca the readiness check looks at what the serving context actually trusts: a
+    valid client CA is ready; a bundle whose every CA has expired is not, and says so."""
+    from tlsproxy.certs.generate import make_ca
 
     with running_proxy(settings_for(pki, app.port, client_ca=pki.ca_file)) as proxy:
-        ctx = proxy.app.store.generation.context
+        assert proxy.app.store.generation.context.get_ca_certs(), "the client CA is in the context"
+        assert get_json(proxy.admin_port, "/readyz") == (200, {"ready": True})
+        # the check is registered under its name (an unknown name would be a 400)
+        assert get(proxy.admin_port, "/readyz?exclude=client_ca")[0] == 200
+    now = dt.datetime.now(dt.UTC)
+    old = make_ca("expired client CA", now=now - dt.timedelta(days=30), validity=dt.timedelta(days=1))
+    expired = tmp_path / "expired-ca.pem"
+    expired.write_bytes(old.cert_pem)
+    with running_proxy(settings_for(pki, app.port, client_ca=expired)) as proxy:
         status, body = get_json(proxy.admin_port, "/readyz")
-        # whoever builds the context decides whether it loads the client CA; readiness must agree
-        if ca_problem(ctx, dt.datetime.now(dt.UTC)) is None:
-            assert status == 200, body
-        else:
-            assert status == 503 and "client_ca" in body["not_ready"], body
+        assert status == 503, body
+        assert set(body["not_ready"]) == {"client_ca"}, body
+        assert "expired" in body["not_ready"]["client_ca"]
 
 
 def test_readiness_turns_503_when_the_drain_starts_and_listeners_close_only_after_the_delay(pki, app):

@@ -190,8 +190,8 @@ def test_rfc9440_headers_with_python_ssl_client(pki, app, tmp_path):
             assert resp.status == 200
         seen = app.seen[-1]
         assert seen.header("Client-Cert") == ":" + base64.b64encode(der_of(client)).decode() + ":"
-        # Python 3.13 (public API) or 3.10-3.12 (the same method on _sslobj): the verified chain
-        # minus the leaf, i.e. our CA. Without either the header is left out (documented).
+        # the verified chain minus the leaf, i.e. our CA (public API on 3.13; rebuilt from the
+        # context's CA certificates before it)
         ca_der = pki.ca.cert.public_bytes(Encoding.DER)
         chain = seen.header("Client-Cert-Chain")
         assert chain == ":" + base64.b64encode(ca_der).decode() + ":"
@@ -324,7 +324,8 @@ def test_verdict_edges(ca):
 
 
 def test_verified_chain_der_on_a_live_socket(pki, tmp_path):
-    """The chain getter works on this Python (public API on 3.13, _sslobj on 3.10-3.12)."""
+    """The chain getter works on this Python (public API on 3.13, rebuilt from the context's CA
+    certificates before it)."""
     from tlsproxy.certs.bundle import load_dir
     from tlsproxy.tls.contexts import ServerTLSOptions, server_context
 
@@ -370,3 +371,17 @@ def test_client_ca_configmap_rotation_is_picked_up_by_the_watcher(pki, app, tmp_
         assert wait_for(lambda: proxy.app.store.generation.number > generation, timeout=10)
         assert curl_with(pki, proxy, new_client).returncode == 0
         assert curl_with(pki, proxy, old_client).returncode != 0
+
+
+def test_chain_from_walks_issuers_by_signature_not_name_alone():
+    """The pre-3.13 rebuild of the verified chain (public API only): table of bundles."""
+    ca = generate.make_ca()
+    impostor = generate.make_ca()          # the same subject name, another key
+    assert impostor.cert.subject == ca.cert.subject
+    leaf = generate.issue(ca, "front", client=True, server=False)
+    leaf_der, ca_der, imp_der = der_of(leaf), der_of(ca), der_of(impostor)
+    assert mtls.chain_from(leaf_der, (ca_der,)) == (leaf_der, ca_der)
+    assert mtls.chain_from(leaf_der, (imp_der, ca_der)) == (leaf_der, ca_der)
+    assert mtls.chain_from(leaf_der, (imp_der,)) == ()     # name matches, signature does not
+    assert mtls.chain_from(leaf_der, ()) == ()
+    assert mtls.chain_from(b"not DER", (ca_der,)) == ()

@@ -349,6 +349,12 @@ def test_slow_peer_is_504(pki, app, tmp_path):
 
 # ---------------------------------------------------------------------------- hot reload
 
+def _reloads(proxy, result: str) -> float:
+    value = proxy.app.metrics.registry.get_sample_value(
+        "tlsproxy_certificate_reloads_total", {"role": "outbound", "result": result})
+    return value or 0.0
+
+
 def test_rotating_the_outbound_ca_file_is_picked_up(pki, tmp_path):
     new_ca = generate.make_ca("rotated CA")
     leaf = generate.issue(new_ca, "localhost", dns=("localhost",))
@@ -363,9 +369,12 @@ def test_rotating_the_outbound_ca_file_is_picked_up(pki, tmp_path):
             assert status == 502 and b"unknown CA" in body
             trust.write_bytes(pki.ca.cert_pem + new_ca.cert_pem)   # a bundle: old + new
             assert wait_for(lambda: get(port)[0] == 200, timeout=10, interval=0.3)
-            # a broken file keeps the last good context
+            # a broken file keeps the last good context: wait until it was read and refused (the
+            # failure counter moves), then the peer is still reached with the old trust
+            failed, swapped = _reloads(a, "failure"), _reloads(a, "success")
             trust.write_bytes(b"not a certificate")
-            time.sleep(1.2)
+            assert wait_for(lambda: _reloads(a, "failure") == failed + 1, timeout=10, interval=0.1)
+            assert _reloads(a, "success") == swapped
             assert get(port, "/still")[0] == 200
 
 

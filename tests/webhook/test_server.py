@@ -21,17 +21,13 @@ import kubernetes_validate
 import pytest
 import trio
 
+from tests.webhook.samples import sample_files
 from tlsproxy.certs.generate import issue, make_ca
 from tlsproxy.config import build_settings
 from tlsproxy.webhook.injector import InjectOptions
 from tlsproxy.webhook.review import MAX_REVIEW_BYTES
 from tlsproxy.webhook.server import Webhook, WebhookConfig
 
-# shared/ lies beside the checkout (CI lays a copy there too); /work/shared on a developer machine
-_CANDIDATES = (Path(__file__).resolve().parents[2].parent / "shared" / "k8s-samples",
-               Path("/work/shared/k8s-samples"))
-SAMPLES = next((p for p in _CANDIDATES if p.is_dir()), _CANDIDATES[0])
-SAMPLE_FILES = sorted(SAMPLES.glob("*.json")) if SAMPLES.is_dir() else []
 TLSPROXY = str(Path(sys.executable).parent / "tlsproxy")
 
 
@@ -69,15 +65,15 @@ def check_response(review, answer):
     return pod
 
 
-@pytest.mark.skipif(not SAMPLE_FILES, reason="no AdmissionReview samples in ../shared/k8s-samples")
 async def test_samples_over_https_one_keepalive_connection(pki):
+    samples = sample_files()
     async with trio.open_nursery() as nursery:
         webhook = await start(nursery, pki)
         url = f"https://127.0.0.1:{webhook.bound_tls.port}"
         with trio.fail_after(30):
             async with httpx.AsyncClient(verify=ssl.create_default_context(cafile=str(pki["ca_file"])),
                                          base_url=url) as client:
-                for path in SAMPLE_FILES:
+                for path in samples:
                     review = json.loads(path.read_text())
                     review.pop("response", None)
                     r = await client.post("/mutate-namespace", content=json.dumps(review),
@@ -89,14 +85,14 @@ async def test_samples_over_https_one_keepalive_connection(pki):
                     sidecar = pod["spec"]["initContainers"][0]
                     assert sidecar["name"] == "tlsproxy" and sidecar["image"] == "tlsproxy:under-test"
                 # annotated-only path: the samples carry no tlsproxy annotation -> allowed, no patch
-                review = json.loads(SAMPLE_FILES[0].read_text())
+                review = json.loads(samples[0].read_text())
                 r = await client.post("/mutate", content=json.dumps(review))
                 assert r.json()["response"] == {"uid": review["request"]["uid"], "allowed": True}
                 admin = f"http://127.0.0.1:{webhook.bound_admin.port}"
                 ready = await client.get(admin + "/readyz")
                 assert ready.status_code == 200
                 metrics = (await client.get(admin + "/metrics")).text
-                assert f'tlsproxy_webhook_reviews_total{{action="injected"}} {len(SAMPLE_FILES)}.0' in metrics
+                assert f'tlsproxy_webhook_reviews_total{{action="injected"}} {len(samples)}.0' in metrics
         nursery.cancel_scope.cancel()
 
 
@@ -173,8 +169,8 @@ def _wait_for_line(proc: subprocess.Popen, event: str, timeout_s: float) -> dict
     raise AssertionError(f"no {event!r} line; output: {buf.decode(errors='replace')[-2000:]}")
 
 
-@pytest.mark.skipif(not SAMPLE_FILES, reason="no AdmissionReview samples")
 def test_cli_webhook_process(pki):
+    samples = sample_files()
     proc = subprocess.Popen([TLSPROXY, "webhook", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
                              "--cert-dir", str(pki["dir"]), "--image", "example.registry/tlsproxy:7",
                              "--log-format", "json", "--drain-delay", "0"],
@@ -182,7 +178,7 @@ def test_cli_webhook_process(pki):
     try:
         ready = _wait_for_line(proc, "webhook ready", 20)
         port = int(ready["listen"].rsplit(":", 1)[1])
-        review = json.loads(SAMPLE_FILES[0].read_text())
+        review = json.loads(samples[0].read_text())
         with httpx.Client(verify=ssl.create_default_context(cafile=str(pki["ca_file"])), timeout=10) as c:
             r = c.post(f"https://localhost:{port}/mutate-namespace", content=json.dumps(review))
         pod = check_response(review, r.json())
@@ -202,3 +198,51 @@ def test_cli_webhook_without_certificate_is_a_one_line_error():
                        timeout=30)
     assert r.returncode == 2
     assert r.stderr.startswith("tlsproxy: error: webhook needs --cert-dir") and r.stderr.count("\n") == 1
+
+
+def test_answer_is_a_function_of_the_request():
+    """The webhook's request answering, called directly: (method, path, headers, body, client) →
+    (status, headers, body); every refusal is a status with a JSON error."""
+    from tlsproxy.metrics import Metrics
+    from tlsproxy.webhook.server import Answerer
+
+    answerer = Answerer(InjectOptions(image="tlsproxy:under-test"), Metrics())
+    review = json.loads(sample_files()[0].read_text())
+    review.pop("response", None)
+    status, headers, body = answerer.answer(b"POST", "/mutate-namespace", [], json.dumps(review).encode(),
+                                            "127.0.0.1:1")
+    assert status == 200 and (b"content-type", b"application/json") in headers
+    check_response(review, json.loads(body))
+    for method, path, payload, want in [(b"GET", "/mutate", b"", 405), (b"POST", "/validate", b"{}", 404),
+                                        (b"POST", "/mutate", b"{not json", 400),
+                                        (b"POST", "/mutate", b"x" * (MAX_REVIEW_BYTES + 1), 413)]:
+        status, headers, body = answerer.answer(method, path, [], payload, "127.0.0.1:1")
+        assert status == want and json.loads(body)["error"], (method, path, status, body)
+
+
+async def test_webhook_runs_on_the_shared_runtime(pki):
+    """The proxy's runtime, not a copy: /certs reports the served certificate, SIGHUP's reload path
+    rebuilds it, and POST /shutdown from loopback drains the webhook until its run returns."""
+    async with trio.open_nursery() as nursery:
+        # a drain delay, so /readyz can be asked while the drain runs
+        webhook = Webhook(WebhookConfig(settings_for(pki).replace(drain_delay_s=1.0),
+                                        InjectOptions(image="tlsproxy:under-test")))
+        await nursery.start(webhook.run)
+        admin = f"http://127.0.0.1:{webhook.bound_admin.port}"
+        with trio.fail_after(30):
+            async with httpx.AsyncClient(timeout=5) as client:
+                certs = (await client.get(admin + "/certs")).json()
+                assert certs["generation"] == 1
+                assert certs["certificates"][0]["serial"] == format(pki["leaf"].cert.serial_number, "x")
+                await webhook.runtime.on_sighup()          # what SIGHUP does: a forced rebuild
+                assert (await client.get(admin + "/certs")).json()["generation"] == 2
+                assert (await client.get(admin + "/readyz")).json() == {"ready": True}
+                r = await client.post(admin + "/shutdown")
+                assert r.status_code == 202
+                ready = await client.get(admin + "/readyz")
+                assert ready.status_code == 503 and "drain" in ready.json()["not_ready"]
+            # after the drain delay the run ends by itself (the nursery has nothing else to wait for)
+            while nursery.child_tasks:  # noqa: ASYNC110 - the run is the nursery's only task
+                await trio.sleep(0.05)
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", webhook.bound_tls.port), timeout=2).close()

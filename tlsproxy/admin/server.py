@@ -72,26 +72,26 @@ class AdminRoutes:
         return await handler(req)
 
 
-async def serve_admin(addr: HostPort, routes: AdminRoutes, *,
-                      task_status: trio.TaskStatus[HostPort] = trio.TASK_STATUS_IGNORED) -> None:
-    sockets = net.bind(addr)
-    bound = net.bound_address(sockets)
+def admin_listener(addr: HostPort) -> net.Listener:
+    """What ``net.serve`` binds for the admin endpoints."""
+    return net.Listener("admin", addr, MAX_ADMIN_CONNECTIONS, log_event="admin listening")
 
+
+def admin_handler(routes: AdminRoutes) -> net.Handler:
+    """The connection handler of the admin listener (run it with ``net.serve``)."""
     async def handle(sock: socket.socket, peer) -> None:
         stream = net.socket_stream(sock)
         client_ip, _ = net.peer_host_port(peer)
-        with trio.move_on_after(ADMIN_TIMEOUT_S):
-            await _serve_conn(stream, routes, client_ip)
+        try:
+            with trio.move_on_after(ADMIN_TIMEOUT_S):
+                await _serve_conn(stream, routes, client_ip)
+        finally:
+            stream.close_now()
 
-    async with trio.open_nursery() as handlers:
-        await handlers.start(lambda task_status: net.serve_listeners(
-            sockets, handle, handlers, name="admin", max_connections=MAX_ADMIN_CONNECTIONS,
-            task_status=task_status))
-        log.info("admin listening", addr=str(addr), bound=str(bound))
-        task_status.started(bound)
+    return handle
 
 
-async def _serve_conn(stream: trio.SocketStream, routes: AdminRoutes, client_ip: str) -> None:
+async def _serve_conn(stream: net.PlainStream, routes: AdminRoutes, client_ip: str) -> None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_ADMIN_HEAD)
     while True:
         try:
@@ -131,7 +131,7 @@ def _reason(status: int) -> bytes:
         return b""
 
 
-async def _read_request(stream: trio.SocketStream, conn: h11.Connection):
+async def _read_request(stream: net.PlainStream, conn: h11.Connection):
     req = None
     body = bytearray()
     while True:

@@ -70,7 +70,7 @@ class Material:
         """Validate every pair (raises CertError naming the file). The first bundle carries the
         client CA (when ``--client-ca`` is given) as its CA, replacing any ``ca.crt``."""
         bundles = [p.validate(now) for p in self.pairs]
-        if self.client_ca_pem is not None:
+        if self.client_ca_pem is not None and bundles:
             path = self.client_ca_path or "client CA"
             _bundle.parse_pem_certs(self.client_ca_pem, path, "client CA bundle")
             bundles[0] = dataclasses.replace(bundles[0], ca_pem=self.client_ca_pem, ca_path=path)
@@ -83,6 +83,11 @@ class Material:
 
 @dataclass(frozen=True)
 class CertSource:
+    """Where one TLS identity's files are. A server source names a pair (``cert_dir``, or ``cert``
+    + ``key``); a client source may name none (an outbound CA bundle alone: no client certificate).
+    ``client_ca`` is the CA file of the source: the CA that verifies clients (server), or the trust
+    bundle (client)."""
+
     cert_dir: Path | None = None
     cert: Path | None = None
     key: Path | None = None
@@ -117,8 +122,7 @@ class CertSource:
                 pairs.append(PairBytes(read(CERT2_FILE, "second certificate"),
                                        read(KEY2_FILE, "second private key"),
                                        str(d / CERT2_FILE), str(d / KEY2_FILE)))
-        else:
-            assert self.cert is not None and self.key is not None
+        elif self.cert is not None and self.key is not None:
             pairs.append(PairBytes(_bundle.read_file(self.cert, "certificate"),
                                    _bundle.read_file(self.key, "private key"), str(self.cert), str(self.key)))
         if self.cert2 is not None and self.key2 is not None:
@@ -133,19 +137,18 @@ class CertSource:
     def load_all(self, now: dt.datetime | None = None) -> tuple[Bundle, ...]:
         return self.read().bundles(now)
 
-    def load(self) -> Bundle:
-        return self.load_all()[0]
-
     @property
     def watch_paths(self) -> tuple[Path, ...]:
         """Directories to watch (never the files: kubelet swaps a symlinked directory)."""
         extra = tuple(p.parent for p in (self.cert2, self.key2, self.client_ca) if p is not None)
         if self.cert_dir is not None:
             return tuple(dict.fromkeys((self.cert_dir, *extra)))
-        assert self.cert is not None and self.key is not None
-        return tuple(dict.fromkeys((self.cert.parent, self.key.parent, *extra)))
+        pair = tuple(p.parent for p in (self.cert, self.key) if p is not None)
+        return tuple(dict.fromkeys((*pair, *extra)))
 
     def describe(self) -> str:
+        if self.cert_dir is None and self.cert is None:
+            return f"CA {self.client_ca}" if self.client_ca is not None else "no files"
         text = str(self.cert_dir) if self.cert_dir else f"{self.cert} + {self.key}"
         if self.cert2 is not None:
             text += f" + {self.cert2} + {self.key2}"

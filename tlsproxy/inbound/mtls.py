@@ -17,37 +17,43 @@ Two halves, both driven by :class:`MTLSConfig` (built once from settings):
 
 * **The verdict** (ours). After a successful handshake :func:`make_policy`'s callable runs once per
   connection: the peer's DER → :class:`~tlsproxy.tls.identity.Identity` → the ``--allow-*`` rules
-  → a :class:`~tlsproxy.inbound.server.PeerVerdict` carrying the identity for logs, the
+  → a :class:`~tlsproxy.accept.PeerVerdict` carrying the identity for logs, the
   ``X-Forwarded-Client-Cert`` / RFC 9440 headers for the app, or a 403 for every request of a
   client outside the rules. Client-sent identity headers are stripped by ``http/headers.py`` on
   every request, mTLS or not; the ones here are added after that.
 
 ``Client-Cert-Chain`` needs the verified chain. ``SSLSocket.get_verified_chain()`` is public from
-Python 3.13; on 3.10-3.12 the same method exists on the private ``_sslobj`` and is used when present.
-Without either, the header is left out (RFC 9440 forbids putting the leaf in it).
+Python 3.13; before it the chain is rebuilt from the peer certificate and the CA certificates of the
+context that verified it (:func:`chain_from`, public API only). When it cannot be rebuilt (the client
+sent an intermediate the CA bundle lacks), the header is left out (RFC 9440 forbids putting the leaf
+in it, and a partial chain would mislead).
 """
 
 from __future__ import annotations
 
 import functools
 import ssl
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+
+from ..accept import PeerPolicy, PeerVerdict
 from ..certs.bundle import Bundle
 from ..config import Settings
 from ..errors import CertError, HTTPError
 from ..log import get_logger
 from ..tls import identity as ident
 from ..tls.stream import TLSStream
-from .server import PeerPolicy, PeerVerdict
 
 log = get_logger("inbound.mtls")
 
 XFCC = b"X-Forwarded-Client-Cert"
 CLIENT_CERT = b"Client-Cert"
 CLIENT_CERT_CHAIN = b"Client-Cert-Chain"
-HEADER_MODES = ("xfcc", "rfc9440", "both", "none")
 DENIED_KIND = "client_identity"          # HTTPError kind: metric/log label of the 403
 # Verdicts are cached by certificate (DER + chain): a fleet of clients reconnects with a handful of
 # certificates, and parsing one costs ~70 us per connection (measured here); a hit, under 1 us.
@@ -133,18 +139,52 @@ def identity_headers(mode: str, who: ident.Identity, chain_der: Sequence[bytes] 
 # ---------------------------------------------------------------------------- the policy (I/O edge)
 
 def verified_chain_der(sock: ssl.SSLSocket) -> list[bytes]:
-    """The verified chain, leaf first, as DER; empty when this Python cannot tell."""
-    getter = getattr(sock, "get_verified_chain", None)           # Python >= 3.13
-    if getter is None:
-        getter = getattr(getattr(sock, "_sslobj", None), "get_verified_chain", None)  # 3.10-3.12
-    if getter is None:
+    """The verified chain, leaf first, as DER; empty when it cannot be told.
+
+    Python 3.13 has ``SSLSocket.get_verified_chain()``. Before it, the chain is rebuilt from public
+    values: the peer's certificate and the CA certificates of the context that verified it
+    (``SSLContext.get_ca_certs``), walking issuer to issuer (:func:`chain_from`)."""
+    if sys.version_info >= (3, 13):
+        try:
+            return [bytes(c) for c in sock.get_verified_chain()]   # type: ignore[attr-defined]
+        except (ValueError, ssl.SSLError):
+            return []
+    leaf = sock.getpeercert(binary_form=True)
+    if not leaf:
         return []
+    return list(chain_from(leaf, tuple(sock.context.get_ca_certs(binary_form=True))))
+
+
+@functools.lru_cache(maxsize=VERDICT_CACHE_SIZE)
+def chain_from(leaf_der: bytes, ca_ders: tuple[bytes, ...]) -> tuple[bytes, ...]:
+    """``leaf_der`` and its issuers out of ``ca_ders``, up to a self-issued root: the chain OpenSSL
+    verified when the client sent no intermediates the CA bundle lacks. Each link is checked by
+    signature (``verify_directly_issued_by``), not by name alone. Empty when the leaf's issuer is
+    not in the bundle (the client sent an intermediate of its own: the chain is unknown here, and
+    RFC 9440 says to leave the header out rather than send a partial one). Pure; cached."""
     try:
-        chain = getter() or []
-        return [c if isinstance(c, bytes) else c.public_bytes(ssl._ssl.ENCODING_DER)  # type: ignore[attr-defined]
-                for c in chain]
-    except (AttributeError, ValueError, ssl.SSLError):
-        return []
+        cert = x509.load_der_x509_certificate(leaf_der)
+        cas = [x509.load_der_x509_certificate(d) for d in ca_ders]
+    except ValueError:
+        return ()
+    chain = [cert]
+    while cert.issuer != cert.subject and len(chain) <= len(cas):
+        issuer = next((ca for ca in cas if ca.subject == cert.issuer and _issued_by(cert, ca)), None)
+        if issuer is None:
+            return ()
+        chain.append(issuer)
+        cert = issuer
+    if cert.issuer != cert.subject:
+        return ()      # no root in reach (or a loop of cross-signed CAs): unknown
+    return tuple(c.public_bytes(serialization.Encoding.DER) for c in chain)
+
+
+def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 def make_policy(cfg: MTLSConfig) -> PeerPolicy | None:

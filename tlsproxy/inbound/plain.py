@@ -10,8 +10,8 @@
     :class:`~tlsproxy.http.forward.Route` named ``http``: the app sees ``X-Forwarded-Proto: http``
     and the access log line carries ``scheme=http``.
 
-(``off`` means the App never starts this listener.) Both modes share the accept loop of
-:mod:`tlsproxy.net`, so a drain closes this listener together with the TLS one.
+(``off`` means the App never starts this listener.) Both modes are served by ``net.serve``, the
+serve function of every listener, so a drain closes this listener together with the TLS one.
 """
 
 from __future__ import annotations
@@ -65,6 +65,16 @@ class PlainHandler:
         self._active = metrics.connections_active.labels(cfg.name, "http")
         self._accepted = metrics.connections.labels(cfg.name, "http")
 
+    def listener(self) -> net.Listener:
+        """What ``net.serve`` binds for this handler."""
+        cfg = self.cfg
+        errors = self.metrics.accept_errors
+        extra: tuple[tuple[str, object], ...] = (("mode", cfg.mode),)
+        if cfg.mode == "redirect":
+            extra += (("redirect_port", cfg.redirect_port),)
+        return net.Listener(cfg.name, cfg.addr, cfg.max_connections, log_fields=extra,
+                            on_accept_error=lambda err: errors.labels(cfg.name, err).inc())
+
     async def __call__(self, sock: socket.socket, peer) -> None:
         ip, port = net.peer_host_port(peer)
         self._accepted.inc()
@@ -83,7 +93,7 @@ class PlainHandler:
             self._active.dec()
             await trio.aclose_forcefully(stream)
 
-    async def _redirect(self, stream: trio.SocketStream, client: str) -> None:
+    async def _redirect(self, stream: net.PlainStream, client: str) -> None:
         cfg = self.cfg
         t0 = time.perf_counter()
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=cfg.max_head_bytes)
@@ -97,7 +107,8 @@ class PlainHandler:
                 return
         if req is None:
             return      # EOF, or the head did not arrive in time: nothing to answer
-        host = hdr.header_value(req.headers._full_items, b"host")
+        # h11's public view of the headers: (lowercased name, value) pairs
+        host = next((value for name, value in req.headers if name == b"host"), None)
         try:
             location = redirect_location(host, req.target, cfg.redirect_port)
         except HTTPError as err:
@@ -111,35 +122,25 @@ class PlainHandler:
         self._log(client, req.method, req.target, 301, t0, location=location.decode("ascii", "replace"))
         await self._linger(stream)
 
-    async def _answer(self, stream: trio.SocketStream, client: str, method: bytes, target: bytes,
+    async def _answer(self, stream: net.PlainStream, client: str, method: bytes, target: bytes,
                       err: HTTPError, t0: float) -> None:
         self.metrics.client_errors.labels(self.cfg.name, str(err.status)).inc()
         await self._send(stream, hdr.error_response(err.status, err.reason))
         self._log(client, method, target, err.status, t0, note=err.kind)
         await self._linger(stream)
 
-    async def _send(self, stream: trio.SocketStream, data: bytes) -> None:
+    async def _send(self, stream: net.PlainStream, data: bytes) -> None:
         try:
             with trio.move_on_after(self.cfg.head_timeout_s):
                 await stream.send_all(data)
-                await stream.send_eof()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
 
     @staticmethod
-    async def _linger(stream: trio.SocketStream) -> None:
+    async def _linger(stream: net.PlainStream) -> None:
         """Closing with unread request bytes would reset the connection and could destroy the
-        answer before the client reads it: read and drop a little first."""
-        try:
-            with trio.move_on_after(LINGER_S):
-                drained = 0
-                while drained < LINGER_BYTES:
-                    chunk = await stream.receive_some(16384)
-                    if not chunk:
-                        break
-                    drained += len(chunk)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass
+        answer before the client reads it: the stream's lingering close reads and drops a little."""
+        await stream.linger_close(LINGER_S, LINGER_BYTES)
 
     def _log(self, client: str, method: bytes, target: bytes, status: int, t0: float, **extra: str) -> None:
         duration = time.perf_counter() - t0
@@ -152,7 +153,7 @@ class PlainHandler:
                         duration_ms=round(duration * 1000, 3), **extra)
 
 
-async def _read_head(stream: trio.SocketStream, conn: h11.Connection) -> h11.Request | None:
+async def _read_head(stream: net.PlainStream, conn: h11.Connection) -> h11.Request | None:
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
@@ -167,18 +168,3 @@ async def _read_head(stream: trio.SocketStream, conn: h11.Connection) -> h11.Req
         if isinstance(event, h11.Request):
             return event
         return None
-
-
-async def serve_plain(cfg: PlainListenerConfig, handler: PlainHandler, handlers: trio.Nursery, *,
-                      task_status: trio.TaskStatus[HostPort] = trio.TASK_STATUS_IGNORED) -> None:
-    """Bind and accept forever; each connection's handler runs in ``handlers``."""
-    sockets = net.bind(cfg.addr)
-    bound = net.bound_address(sockets)
-    on_error = lambda err: handler.metrics.accept_errors.labels(cfg.name, err).inc()  # noqa: E731
-    async with trio.open_nursery() as nursery:
-        await nursery.start(lambda task_status: net.serve_listeners(
-            sockets, handler, handlers, name=cfg.name, max_connections=cfg.max_connections,
-            on_accept_error=on_error, task_status=task_status))
-        log.info("listening", listener=cfg.name, addr=str(cfg.addr), bound=str(bound), mode=cfg.mode,
-                 **({"redirect_port": cfg.redirect_port} if cfg.mode == "redirect" else {}))
-        task_status.started(bound)

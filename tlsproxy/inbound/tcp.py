@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-``server.ConnectionHandler`` does the accept, the handshake under its deadline and the mTLS verdict,
+``accept.ConnectionHandler`` does the accept, the handshake under its deadline and the mTLS verdict,
 exactly as in HTTP mode; :func:`make_serve` builds the ``serve(stream, facts)`` it then calls:
 
 1. A client outside the ``--allow-*`` rules is refused: there is no HTTP status to send, so the

@@ -6,7 +6,7 @@ import trio
 
 from ..config import Upstream
 from ..errors import UpstreamError
-from ..net import PlainStream, connect_tcp, plain_stream
+from ..net import PlainStream, connect_tcp
 
 
 def tcp_opener(upstream: Upstream, connect_timeout_s: float):
@@ -14,7 +14,7 @@ def tcp_opener(upstream: Upstream, connect_timeout_s: float):
     host, port = upstream.host, upstream.port
 
     async def open_stream() -> PlainStream:
-        return plain_stream(await connect_tcp(host, port, connect_timeout_s))
+        return await connect_tcp(host, port, connect_timeout_s)
 
     return open_stream
 

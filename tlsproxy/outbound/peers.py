@@ -7,11 +7,12 @@ file (``--outbound-ca``, or a route's ``ca``) and a client-certificate Secret di
 (``--outbound-cert-dir``, or a route's ``cert_dir``). The trust bundle is, in order: the CA file;
 else the ``ca.crt`` of the certificate directory; else the system trust store.
 
-Hot reload is the inbound one (``certs/watch.py`` + ``tls/reload.py``): the directories holding
-the files are watched, with a periodic re-check as a backstop (``--reload-check-interval``); a
-change reads every file once, hashes the bytes, and only new bytes are validated and built into a
-*new* context that replaces the store's reference (new handshakes use it, open and pooled
-connections keep theirs). On failure the old context is kept and the failure logged once.
+Hot reload is the inbound one (``tls/served.py``: ``certs/source.py`` reads, ``tls/reload.py``
+builds and swaps, ``certs/watch.py`` watches): the directories holding the files are watched,
+with a periodic re-check as a backstop (``--reload-check-interval``); a change reads every file
+once, hashes the bytes, and only new bytes are validated and built into a *new* context that
+replaces the store's reference (new handshakes use it, open and pooled connections keep theirs).
+On failure the old context is kept and the failure logged once.
 
 :class:`PeerOpener` is a :class:`~tlsproxy.http.pool.Pool` opener. Each failure becomes an
 :class:`~tlsproxy.errors.UpstreamError` whose ``reason`` is the 502/504 body and log line: a rejected
@@ -21,26 +22,24 @@ or unresolvable peer says so, and a slow connect or handshake is ``connect_timeo
 
 from __future__ import annotations
 
-import hashlib
 import ssl
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import trio
 
 from ..certs import bundle as _bundle
-from ..errors import CertError, UpstreamError
+from ..certs.source import CertSource, Material
+from ..errors import UpstreamError
 from ..http.pool import Pool
 from ..log import get_logger
 from ..metrics import Metrics
 from ..net import connect_tcp
 from ..tls.contexts import ALPN_HTTP1, ClientTLSOptions, client_context
 from ..tls.identity import AllowRules, Identity
-from ..tls.listener import stdlib_socket
-from ..tls.reload import Reloader
-from ..tls.store import ContextStore, Generation
+from ..tls.served import ServedTLS
+from ..tls.store import Generation
 from ..tls.stream import TLSStream
 
 log = get_logger("outbound")
@@ -50,39 +49,21 @@ MAX_PEER_POOLS = 256     # forward proxy: pools kept for distinct destinations (
 
 # ---------------------------------------------------------------------------- client TLS material
 
-@dataclass(frozen=True)
-class _Snapshot:
-    """The bytes of every file of one source, read once; ``digest`` says whether anything changed."""
-
-    ca: bytes | None
-    crt: bytes | None
-    key: bytes | None
-    dir_ca: bytes | None
-
-    @property
-    def digest(self) -> str:
-        h = hashlib.sha256()
-        for part in (self.ca, self.crt, self.key, self.dir_ca):
-            h.update(b"-" if part is None else len(part).to_bytes(8, "big") + part)
-        return h.hexdigest()
-
-
 class ClientTLS:
-    """The current client context for one (CA file, client-certificate directory) pair.
-
-    The build-validate-swap and its rules (on failure the old context is kept, a failure is logged
-    once) are ``tls/reload.py``'s; this class says how to read the files and build the context."""
+    """The current client context for one (CA file, client-certificate directory) pair: one
+    :class:`~tlsproxy.tls.served.ServedTLS` (read, validate, build, store, reload — the inbound
+    machinery) whose build makes a client context."""
 
     def __init__(self, ca: Path | None, cert_dir: Path | None, metrics: Metrics | None = None, *,
                  alpn: tuple[str, ...] = ALPN_HTTP1) -> None:
         self.ca = ca
         self.cert_dir = cert_dir
         self.alpn = alpn
-        self.store = ContextStore()
-        self.reloader = Reloader(self.store, self._read, self._build, metrics, role="outbound",
-                                 describe=self.describe())
+        self.served = ServedTLS(CertSource(cert_dir=cert_dir, client_ca=ca), self._build, metrics,
+                                role="outbound", describe=self.describe())
+        self.store = self.served.store
         self.trust = self._describe_trust(False)
-        self.store.subscribe(self._on_swap)
+        self.served.subscribe(self._on_swap)
 
     def describe(self) -> str:
         parts = [f"ca={self.ca}" if self.ca else "", f"cert_dir={self.cert_dir}" if self.cert_dir else ""]
@@ -98,49 +79,30 @@ class ClientTLS:
     @property
     def watch_paths(self) -> tuple[Path, ...]:
         """Directories to watch (never the files: kubelet swaps a symlinked directory)."""
-        paths = [self.ca.parent] if self.ca is not None else []
-        if self.cert_dir is not None:
-            paths.append(self.cert_dir)
-        return tuple(dict.fromkeys(paths))
+        return self.served.watch_paths
 
     def load(self) -> None:
         """First load: raises :class:`CertError` (the proxy refuses to start on bad material)."""
-        self.reloader.load_now()
+        self.served.load_now()
 
     def current(self) -> ssl.SSLContext:
         """The context for a new handshake."""
-        return self.store.current
+        return self.served.current()
 
     @property
     def client_bundle(self) -> _bundle.Bundle | None:
         gen = self.store.generation
         return gen.bundles[0] if gen is not None and gen.bundles else None
 
-    def _read(self) -> _Snapshot:
-        ca = crt = key = dir_ca = None
-        if self.ca is not None:
-            ca = _bundle.read_file(self.ca, "CA bundle")
-        if self.cert_dir is not None:
-            if not self.cert_dir.is_dir():
-                raise CertError(self.cert_dir, "is not a directory")
-            base = _bundle.resolve_secret_dir(self.cert_dir)
-            crt = _bundle.read_file(base / _bundle.CERT_FILE, "certificate")
-            key = _bundle.read_file(base / _bundle.KEY_FILE, "private key")
-            if (base / _bundle.CA_FILE).exists():
-                dir_ca = _bundle.read_file(base / _bundle.CA_FILE, "CA bundle")
-        return _Snapshot(ca, crt, key, dir_ca)
-
-    def _build(self, snap: _Snapshot) -> tuple[ssl.SSLContext, list[_bundle.Bundle]]:
-        client: _bundle.Bundle | None = None
-        if self.cert_dir is not None:
-            d = self.cert_dir
-            client = _bundle.build(snap.crt or b"", snap.key or b"", snap.dir_ca,
-                                   str(d / _bundle.CERT_FILE), str(d / _bundle.KEY_FILE),
-                                   str(d / _bundle.CA_FILE) if snap.dir_ca else None)
+    def _build(self, material: Material) -> tuple[ssl.SSLContext, list[_bundle.Bundle]]:
+        pair = material.pairs[0] if material.pairs else None
+        client = pair.validate() if pair is not None else None
         # An explicit CA file always wins; the Secret's ca.crt is the trust bundle only without one.
-        trust = snap.ca if self.ca is not None else snap.dir_ca
+        if self.ca is not None:
+            trust, where = material.client_ca_pem, str(self.ca)
+        else:
+            trust, where = (pair.ca_pem, pair.ca_path or "") if pair is not None else (None, "")
         if trust is not None:
-            where = str(self.ca) if self.ca is not None else str(self.cert_dir / _bundle.CA_FILE)
             _bundle.parse_pem_certs(trust, where, "CA bundle")
         ctx = client_context(ClientTLSOptions(ca_pem=trust, client_bundle=client, alpn=self.alpn))
         return ctx, [client] if client is not None else []
@@ -295,7 +257,7 @@ class PeerOpener:
         except LookupError:   # never loaded: Outbound loads every source before it binds
             raise UpstreamError("tls_config", "outbound TLS material not loaded") from None
         tcp = await connect_tcp(self.host, self.port, self.connect_timeout_s)
-        raw = stdlib_socket(tcp.socket)
+        raw = tcp.detach()
         try:
             stream = PeerStream(raw, ctx, server_side=False, server_hostname=self.server_name)
         except (OSError, ValueError) as exc:

@@ -38,7 +38,6 @@ from ..metrics import Metrics
 from ..net import connect_tcp
 from ..relay import relay
 from ..tls.identity import AllowRules
-from ..tls.reload import serve_reloads
 from . import routes as _routes
 from .peers import ClientTLS, PeerOpener, PeerPools
 
@@ -105,9 +104,8 @@ class Outbound:
         # in-flight requests keep the last good context for their remaining seconds).
         for tls in self._tls.values():
             if tls.watch_paths:
-                await accepting.start(lambda task_status, tls=tls: serve_reloads(
-                    tls.reloader, tls.watch_paths, interval_s=s.reload_check_interval_s,
-                    task_status=task_status))
+                await accepting.start(lambda task_status, tls=tls: tls.served.serve_reloads(
+                    s.reload_check_interval_s, task_status=task_status))
         for i, r in enumerate(self.routes):
             tls = self.tls_for(r.ca, r.cert_dir, r.alpn)
             opener = self._opener(r.host, r.port, tls, r.server_name, r.pin)
@@ -123,7 +121,7 @@ class Outbound:
                               upstream_label=f"https://{r.authority}")
                 handler = PlainHandler(route.name, Forwarder(route, self.metrics, self.drain), self.metrics)
             bound[f"outbound/{i}"] = await accepting.start(
-                serve_plain, r.label, r.listen, handler, handlers, s.max_connections)
+                net.serve, net.Listener(r.label, r.listen, s.max_connections), handler, handlers)
             log.info("outbound route", listen=str(bound[f"outbound/{i}"]), peer=f"{r.scheme}://{r.authority}",
                      server_name=r.name_checked, trust=tls.trust,
                      client_cert=str(r.cert_dir or s.outbound_cert_dir or "-"),
@@ -135,7 +133,8 @@ class Outbound:
             proxy = ForwardProxy(self.allow, self._peer_pools, self.limits, self.metrics, self.drain,
                                  access_log=s.access_log, connect_timeout_s=s.upstream_connect_timeout_s)
             bound[PROXY_LISTENER] = await accepting.start(
-                serve_plain, PROXY_LISTENER, self.proxy_addr, proxy.handle, handlers, s.max_connections)
+                net.serve, net.Listener(PROXY_LISTENER, self.proxy_addr, s.max_connections), proxy.handle,
+                handlers)
             log.info("outbound forward proxy", listen=str(bound[PROXY_LISTENER]), allow=",".join(self.allow))
         self.started = True
         return bound
@@ -155,20 +154,6 @@ def _flush_on_reload(tls: ClientTLS, close_idle: Callable[[], None]) -> None:
     the new material (a rotated client certificate is presented at once, not after the idle
     timeout). Requests in flight finish on the connection they have."""
     tls.store.subscribe(lambda old, new: close_idle() if old is not None else None)
-
-
-async def serve_plain(name: str, addr: HostPort, handler: Callable, handlers: trio.Nursery,
-                      max_connections: int, *,
-                      task_status: trio.TaskStatus[HostPort] = trio.TASK_STATUS_IGNORED) -> None:
-    """Bind a plain TCP listener and accept forever; connections run in ``handlers``."""
-    sockets = net.bind(addr)
-    bound = net.bound_address(sockets)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(lambda task_status: net.serve_listeners(
-            sockets, handler, handlers, name=name, max_connections=max_connections,
-            task_status=task_status))
-        log.info("listening", listener=name, addr=str(addr), bound=str(bound))
-        task_status.started(bound)
 
 
 def _facts(peer) -> ConnFacts:
@@ -273,7 +258,8 @@ class ForwardProxy:
     async def handle(self, sock: socket.socket, peer) -> None:
         self._accepted.inc()
         self._active.inc()
-        stream = net.socket_stream(sock)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        stream = _Replay(sock)
         try:
             buf = await self._peek(stream)
             if buf is None:
@@ -281,12 +267,13 @@ class ForwardProxy:
             if buf.startswith(_CONNECT):
                 await self._connect(stream, buf, _facts(peer))
             else:
-                await self.forwarder.serve(_Replay(stream, bytes(buf)), _facts(peer))
+                stream.replay(bytes(buf))
+                await self.forwarder.serve(stream, _facts(peer))
         finally:
             self._active.dec()
-            await trio.aclose_forcefully(stream)
+            stream.close_now()
 
-    async def _peek(self, stream: trio.SocketStream) -> bytearray | None:
+    async def _peek(self, stream: net.PlainStream) -> bytearray | None:
         """Enough of the first request to tell CONNECT apart: the whole head for a CONNECT, the first
         bytes for anything else (the engine reads the rest, with its own limits)."""
         buf = bytearray()
@@ -311,7 +298,7 @@ class ForwardProxy:
         await _answer(stream, 408, "request head not received in time")
         return None
 
-    async def _connect(self, stream: trio.SocketStream, buf: bytearray, facts: ConnFacts) -> None:
+    async def _connect(self, stream: net.PlainStream, buf: bytearray, facts: ConnFacts) -> None:
         t0 = time.perf_counter()
         end = hdr.find_head_end(buf)
         head, rest = bytes(buf[:end]), bytes(buf[end:])
@@ -374,33 +361,23 @@ async def _answer(stream: trio.abc.Stream, status: int, reason: str) -> None:
         pass
 
 
-class _Replay(trio.abc.HalfCloseableStream):
-    """A stream whose first ``receive_some`` returns bytes already read from it."""
+class _Replay(net.PlainStream):
+    """The forward proxy's client stream: after :meth:`replay`, the next ``receive_some`` returns the
+    bytes the proxy already read to tell CONNECT apart, then the socket's own."""
 
-    def __init__(self, inner: trio.SocketStream, prefix: bytes) -> None:
-        self._inner = inner
+    _prefix = b""
+
+    def replay(self, prefix: bytes) -> None:
         self._prefix = prefix
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if self._prefix:
-            data = self._prefix
-            if max_bytes is not None and len(data) > max_bytes:
-                self._prefix = data[max_bytes:]
-                data = data[:max_bytes]
-            else:
-                self._prefix = b""
-            await trio.lowlevel.checkpoint()
-            return data
-        return await self._inner.receive_some(max_bytes)
-
-    async def send_all(self, data) -> None:
-        await self._inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self._inner.wait_send_all_might_not_block()
-
-    async def send_eof(self) -> None:
-        await self._inner.send_eof()
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
+        if not self._prefix:
+            return await super().receive_some(max_bytes)
+        data = self._prefix
+        if max_bytes is not None and len(data) > max_bytes:
+            self._prefix = data[max_bytes:]
+            data = data[:max_bytes]
+        else:
+            self._prefix = b""
+        await trio.lowlevel.checkpoint()
+        return data

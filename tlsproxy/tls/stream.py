@@ -20,21 +20,24 @@ Rules that keep it correct:
   leaves OpenSSL expecting that retry, so the stream is marked broken.
 * Every operation checks for cancellation at its start. One that had to wait has been through the
   scheduler; one that did not yields every ``YIELD_EVERY`` calls, not every time (a scheduler pass
-  per send was a measurable share of a keep-alive request; fairness needs only a bound).
-* ``aclose`` sends ``close_notify`` (best effort, never blocking) and closes the descriptor.
+  per send was a measurable share of a keep-alive request; fairness needs only a bound). That, the
+  readiness waits and the two ways of closing are :class:`~tlsproxy.net.FdStream`'s, shared with
+  the plain TCP stream.
+* ``close_now``/``aclose`` send ``close_notify`` (best effort, never blocking) and close the
+  descriptor; ``linger_close`` sends it, then FIN, and drops what the client still sends a moment.
+* Only ``ssl.SSLSocket``'s public methods are called (``read``, ``write``, ``do_handshake``,
+  ``pending``): no private attribute of the ``ssl`` module.
 """
 
 from __future__ import annotations
 
-import errno
 import socket
 import ssl
 
 import trio
 
-from ..net import park, release_fd
+from ..net import FdStream
 
-YIELD_EVERY = 8              # calls that did not block between two scheduler passes
 RECEIVE_SIZE = 256 * 1024   # OpenSSL hands back at most one 16 KiB record per SSL_read; we loop up to this
 
 _wait_readable = trio.lowlevel.wait_readable
@@ -42,10 +45,8 @@ _wait_writable = trio.lowlevel.wait_writable
 _checkpoint_if_cancelled = trio.lowlevel.checkpoint_if_cancelled
 _cancel_shielded_checkpoint = trio.lowlevel.cancel_shielded_checkpoint
 
-_BROKEN_ERRNOS = {errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT, errno.ECONNABORTED}
 
-
-class TLSStream(trio.abc.Stream):
+class TLSStream(FdStream):
     """A TLS connection over a connected socket. Call :meth:`do_handshake` first."""
 
     def __init__(self, sock: socket.socket, context: ssl.SSLContext, *, server_side: bool,
@@ -54,24 +55,11 @@ class TLSStream(trio.abc.Stream):
             sock.setblocking(False)      # an ioctl: skipped when the caller already did it
         self._ssl = context.wrap_socket(sock, server_side=server_side, server_hostname=server_hostname,
                                         do_handshake_on_connect=False, suppress_ragged_eofs=True)
-        self._fd = self._ssl.fileno()
-        # The C-level SSL object under ssl.SSLSocket: calling its do_handshake/read/write/pending
-        # skips ssl.py's wrappers (recv -> read -> _checkClosed; do_handshake's getpeername and
-        # two ioctl calls to restore a timeout we never set). ssl.py's one translation, a ragged
-        # EOF read as b"" (suppress_ragged_eofs), is done in receive_some. Falls back to the
-        # public methods if a future CPython drops the attribute.
-        obj = getattr(self._ssl, "_sslobj", None)
-        api = obj if obj is not None else self._ssl
-        self._handshake = api.do_handshake
-        self._read = api.read
-        self._write = api.write
-        self._pending = api.pending
-        self._closed = False
+        super().__init__(self._ssl.fileno())
+        self._read = self._ssl.read
+        self._write = self._ssl.write
+        self._pending = self._ssl.pending
         self._broken = False
-        self._receiving = False
-        self._sending = False
-        self._unyielded = 0
-        self._sent_last = False   # the last operation was a send: see receive_some
         self._full = False        # the last SSL_read got all it asked for: see receive_some
 
     # ------------------------------------------------------------------ facts about the connection
@@ -91,9 +79,6 @@ class TLSStream(trio.abc.Stream):
     def session_reused(self) -> bool:
         return bool(self._ssl.session_reused)
 
-    def fileno(self) -> int:
-        return self._fd
-
     # ------------------------------------------------------------------ operations
     def _check(self) -> None:
         if self._closed:
@@ -109,7 +94,7 @@ class TLSStream(trio.abc.Stream):
         blocked = False
         while True:
             try:
-                self._handshake()
+                self._ssl.do_handshake()
                 break
             except ssl.SSLWantReadError:
                 blocked = True
@@ -125,18 +110,6 @@ class TLSStream(trio.abc.Stream):
                 raise trio.BrokenResourceError(f"handshake: {exc}") from exc
         if not blocked:
             await _cancel_shielded_checkpoint()
-
-    async def _maybe_yield(self) -> None:
-        # A call that did not block yields to the scheduler only every YIELD_EVERY calls: a bulk
-        # transfer cannot starve other tasks, and a keep-alive request does not pay a scheduler
-        # pass per send (docs/performance.md).
-        self._unyielded += 1
-        if self._unyielded >= YIELD_EVERY:
-            self._unyielded = 0
-            await _cancel_shielded_checkpoint()
-
-    async def _park(self, wait) -> None:
-        await park(wait, self._fd)
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         self._check()
@@ -258,19 +231,11 @@ class TLSStream(trio.abc.Stream):
         finally:
             self._sending = False
 
-    async def wait_send_all_might_not_block(self) -> None:
-        self._check()
-        await _wait_writable(self._fd)
-
-    def close_now(self) -> None:
-        """Send close_notify if the session is healthy, then close the descriptor. Never blocks."""
-        if self._closed:
-            return
-        self._closed = True
-        release_fd(self._fd)
+    # ------------------------------------------------------------------ closing
+    def _close_descriptor(self) -> None:
         if not self._broken:
             try:
-                self._ssl.unwrap()
+                self._ssl.unwrap()       # close_notify, never blocking (the socket is non-blocking)
             except (ssl.SSLError, OSError, ValueError):
                 pass   # WANT_READ after our close_notify went out, or the peer is gone: both fine
         try:
@@ -278,45 +243,12 @@ class TLSStream(trio.abc.Stream):
         except OSError:
             pass
 
-    async def aclose(self) -> None:
-        self.close_now()
-        await trio.lowlevel.checkpoint()
-
-    async def linger_close(self, timeout_s: float = 0.5, max_bytes: int = 256 * 1024) -> None:
-        """Close gracefully after an error response: stop writing, read and discard what the client
-        still sends for a moment, so the kernel does not answer it with a RST that destroys the
-        response before the client has read it (nginx's lingering close)."""
-        if self._closed:
-            return
-        if not self._broken:
-            try:
-                self._ssl.unwrap()
-            except (ssl.SSLError, OSError, ValueError):
-                pass
-            try:
-                raw = socket.socket(fileno=self._fd)
-                try:
-                    raw.shutdown(socket.SHUT_WR)
-                finally:
-                    raw.detach()
-            except OSError:
-                pass
-            with trio.move_on_after(timeout_s):
-                discarded = 0
-                while discarded < max_bytes:
-                    try:
-                        await _wait_readable(self._fd)
-                        chunk = socket.socket(fileno=self._fd)
-                        try:
-                            got = chunk.recv(65536, socket.MSG_DONTWAIT)
-                        finally:
-                            chunk.detach()
-                    except (BlockingIOError, InterruptedError):
-                        continue
-                    except (OSError, trio.ClosedResourceError, trio.BusyResourceError):
-                        break
-                    if not got:
-                        break
-                    discarded += len(got)
-            self._broken = True
-        self.close_now()
+    def _end_writing(self) -> bool:
+        if self._broken:
+            return False
+        try:
+            self._ssl.unwrap()
+        except (ssl.SSLError, OSError, ValueError):
+            pass
+        self._broken = True          # close_notify is out: close_now must not send another
+        return super()._end_writing()

@@ -83,8 +83,8 @@ def _webhook_args(parser: argparse.ArgumentParser) -> None:
 
 def _webhook_run(ns: argparse.Namespace) -> int:
     from .. import log as logging_setup
-    from ..app import run_main
     from ..errors import CertError
+    from ..runtime import run_main
     from .server import Webhook, WebhookConfig
 
     settings = _cli.settings_from_args(ns)

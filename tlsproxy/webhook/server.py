@@ -1,45 +1,44 @@
-"""``tlsproxy webhook``: the mutating admission webhook, served over tlsproxy's own TLS stack.
+"""``tlsproxy webhook``: the mutating admission webhook, a program of the shared runtime.
 
-Theory of operation. The pieces are the proxy's: ``net.bind`` + ``inbound.server.serve_tls`` accept
-and handshake each connection with the *current* context of a ``ContextStore``; the certificate comes
-from a ``CertSource`` (``--cert-dir`` or ``--cert/--key``) and is reloaded by the proxy's
-``tls.reload`` service (directory watch plus a periodic re-check): a changed pair becomes a new
-context swapped in one reference; on failure the old one keeps serving, and the error is logged and
-counted. The admin listener is the proxy's
-(``/healthz``, ``/readyz``, ``/metrics``).
+Theory of operation. Everything but the answer is the proxy's own machinery: the runtime
+(``runtime.py``: root nursery, admin listener with ``/healthz``, ``/readyz``, ``/metrics``,
+``/certs``, ``/shutdown``, reloads, signals, drain), one served TLS identity (``tls/served.py``:
+``--cert-dir`` or ``--cert/--key`` → validated bundle → context → store → reloader; on failure the
+old context keeps serving, the error is logged and counted) and the TLS connection handler every
+TLS listener uses (``accept.py``: the *current* context per accept, the handshake under its
+timeout).
 
-What differs is the connection handler: a small h11 loop that accepts ``POST /mutate`` and
-``POST /mutate-namespace`` with a bounded JSON body and answers with :func:`review.handle` — a pure
-function. One log line per review (action, pod, reason, uid).
-
-Nursery layout: root (admin, reload loop, signals) → handlers (connections; deadline on drain) →
-accepting (cancelled first on drain), as in ``app.py``.
+What is the webhook's own is :func:`answer`: (method, path, headers, body, client) → (status,
+headers, body), a function of the request alone around the pure :func:`review.handle`, with one log
+line per review (action, pod, reason, uid). Until the forward engine serves local handlers, a small
+h11 loop here reads each request (bounded JSON body) and writes the answer.
 """
 
 from __future__ import annotations
 
 import json
-import signal
+from collections.abc import Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 
 import h11
 import trio
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
+from prometheus_client import Counter
 
+from .. import net
+from ..accept import ConnectionHandler, TLSListenerConfig
 from ..admin.health import Health
-from ..admin.server import AdminRequest, AdminRoutes, Reply, serve_admin
 from ..certs.bundle import Bundle
 from ..certs.source import CertSource, Material
 from ..config import Settings
 from ..errors import ConfigError
 from ..http.forward import ConnFacts
-from ..inbound.server import ConnectionHandler, TLSListenerConfig, serve_tls
 from ..log import get_logger
 from ..metrics import Metrics
+from ..runtime import Runtime
 from ..tls.contexts import ServerTLSOptions, server_context
-from ..tls.reload import Reloader, serve_reloads
-from ..tls.store import ContextStore, Generation
+from ..tls.served import ServedTLS
+from ..tls.store import Generation
 from ..tls.stream import TLSStream
 from .injector import InjectOptions
 from .review import MAX_REVIEW_BYTES, PATHS, ReviewError, handle
@@ -50,6 +49,9 @@ MAX_HEAD_BYTES = 16 * 1024         # the API server sends a short head; node's d
 READ_CHUNK = 65536
 LINGER_S = 2.0                     # after a 413, drain the client's in-flight body this long at most
 
+Headers = Sequence[tuple[bytes, bytes]]
+JSON = ((b"content-type", b"application/json"),)
+
 
 @dataclass(frozen=True)
 class WebhookConfig:
@@ -58,32 +60,67 @@ class WebhookConfig:
     reload_check_s: float | None = None       # None: --reload-interval (the proxy's own setting)
 
 
+class Answerer:
+    """:meth:`answer`: one webhook request → its response; counts reviews by outcome."""
+
+    def __init__(self, options: InjectOptions, metrics: Metrics) -> None:
+        self.options = options
+        self.reviews = Counter("tlsproxy_webhook_reviews", "AdmissionReviews answered, by outcome",
+                               ["action"], registry=metrics.registry)
+
+    def answer(self, method: bytes, path: str, headers: Headers, body: bytes,
+               client: str) -> tuple[int, Headers, bytes]:
+        """(method, path, headers, body, client) → (status, headers, body). Never raises for a bad
+        request: every refusal is a status with a JSON ``{"error": ...}`` body."""
+        del headers   # the review is in the body; Content-Type is not required (the API server sets it)
+        if method != b"POST":
+            return 405, (*JSON, (b"allow", b"POST")), _json({"error": "POST an AdmissionReview"})
+        if len(body) > MAX_REVIEW_BYTES:
+            return 413, JSON, _json({"error": f"body larger than {MAX_REVIEW_BYTES} bytes"})
+        try:
+            outcome = handle(path, body, self.options)
+        except ReviewError as exc:
+            self.reviews.labels("error").inc()
+            log.warning("admission review refused", path=path, client=client, status=exc.status,
+                        reason=exc.reason)
+            return exc.status, JSON, _json({"error": exc.reason})
+        self.reviews.labels(outcome.action).inc()
+        log.info("admission review", path=path, action=outcome.action, pod=outcome.pod,
+                 reason=outcome.reason, uid=outcome.response["response"]["uid"])
+        return 200, JSON, _json(outcome.response)
+
+
 class Webhook:
     def __init__(self, cfg: WebhookConfig) -> None:
         s = cfg.settings
         if s.cert_dir is None and s.cert is None:
             raise ConfigError("webhook needs --cert-dir DIR or --cert FILE --key FILE: the API server "
                               "only calls a webhook whose certificate its caBundle trusts")
+        if cfg.reload_check_s:
+            s = s.replace(reload_check_interval_s=cfg.reload_check_s)
         self.cfg = cfg
+        self.settings = s
         self.source = CertSource(cert_dir=s.cert_dir, cert=s.cert, key=s.key)
-        self.store = ContextStore()
-        self.store.subscribe(self._on_swap)
         self.metrics = Metrics()
-        self.reviews = Counter("tlsproxy_webhook_reviews", "AdmissionReviews answered, by outcome",
-                               ["action"], registry=self.metrics.registry)
+        self.served = ServedTLS(self.source, self._build, self.metrics)
+        self.store = self.served.store
+        self.reloader = self.served.reloader
         self.health = Health()
-        self.routes = AdminRoutes()
-        self.bound_tls = None
-        self.bound_admin = None
-        self._drain = trio.Event()
-        self.reloader = Reloader(self.store, self.source.read, self._build, self.metrics,
-                                 describe=self.source.describe())
-        self._install_admin()
+        self.runtime = Runtime(s, self.served, self.metrics, self.health, name="webhook")
+        self.answerer = Answerer(cfg.options, self.metrics)
+
+    @property
+    def bound_tls(self):
+        return self.runtime.bound.tls
+
+    @property
+    def bound_admin(self):
+        return self.runtime.bound.admin
 
     # ------------------------------------------------------------------ certificates
     def _build(self, material: Material) -> tuple[object, list[Bundle]]:
         """Material → a *new* context (the reloader calls this off the event loop). Raises CertError."""
-        s = self.cfg.settings
+        s = self.settings
         bundles = list(material.bundles())
         ctx = server_context(bundles, ServerTLSOptions(min_version=s.tls_min_version,
                                                        session_tickets=s.tls_session_tickets))
@@ -91,91 +128,32 @@ class Webhook:
 
     def load_certificates(self) -> Generation:
         """Startup load through the reloader; raises CertError and changes nothing then."""
-        return self.reloader.load_now()
+        return self.served.load_now()
 
-    def _on_swap(self, old: Generation | None, new: Generation) -> None:
-        info = new.bundles[0].info
-        self.metrics.cert_not_after.labels("server", info.subject, info.serial).set(
-            info.not_after.timestamp())
-        self.metrics.last_reload.labels("server").set(new.loaded_at)
-        log.info("certificate loaded" if old is None else "certificate reloaded",
-                 source=self.source.describe(), serial=info.serial, subject=info.subject,
-                 not_after=info.not_after.isoformat(), generation=new.number)
+    # ------------------------------------------------------------------ the program
+    def request_drain(self, reason: str = "signal") -> None:
+        self.runtime.request_drain(reason)
 
-    # ------------------------------------------------------------------ admin
-    def _install_admin(self) -> None:
-        async def healthz(_req: AdminRequest) -> Reply:
-            return Reply.text(200, "ok")
-
-        async def readyz(_req: AdminRequest) -> Reply:
-            problems = await self.health.not_ready()
-            if problems:
-                return Reply.json(503, {"ready": False, "not_ready": problems})
-            return Reply.json(200, {"ready": True})
-
-        async def metrics(_req: AdminRequest) -> Reply:
-            return Reply(200, generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST)
-
-        async def cert_check() -> str | None:
-            return None if self.store.ready else "no valid certificate loaded"
-
-        async def listener_check() -> str | None:
-            return None if self.bound_tls is not None else "TLS listener not bound yet"
-
-        self.routes.add("/healthz", healthz)
-        self.routes.add("/readyz", readyz)
-        self.routes.add("/metrics", metrics)
-        self.health.add_check("certificate", cert_check)
-        self.health.add_check("listeners", listener_check)
-
-    # ------------------------------------------------------------------ running
-    def request_drain(self) -> None:
-        self.health.draining = True
-        self._drain.set()
-
-    async def run(self, *, task_status: trio.TaskStatus[Webhook] = trio.TASK_STATUS_IGNORED) -> None:
-        s = self.cfg.settings
-        if not self.store.ready:
-            self.load_certificates()
+    async def start_listeners(self, accepting: trio.Nursery, handlers: trio.Nursery) -> None:
+        s = self.settings
         tls_cfg = TLSListenerConfig(name="webhook", addr=s.listen, handshake_timeout_s=s.handshake_timeout_s,
                                     max_connections=s.max_connections)
         handler = ConnectionHandler(tls_cfg, self.store, self.metrics, self._serve_connection)
-        async with trio.open_nursery() as root:
-            self.bound_admin = await root.start(serve_admin, s.admin, self.routes)
-            interval = self.cfg.reload_check_s or s.reload_check_interval_s
-            await root.start(lambda task_status: serve_reloads(
-                self.reloader, self.source.watch_paths, interval_s=interval, task_status=task_status))
-            async with trio.open_nursery() as handlers:
-                async with trio.open_nursery() as accepting:
-                    self.bound_tls = await accepting.start(serve_tls, tls_cfg, handler, handlers)
-                    log.info("webhook ready", listen=str(self.bound_tls), paths=list(PATHS),
-                             image=self.cfg.options.image)
-                    task_status.started(self)
-                    await self._drain.wait()
-                    # readiness is already 503: let endpoints stop routing here, then stop accepting
-                    await trio.sleep(min(s.drain_delay_s, s.drain_timeout_s))
-                    accepting.cancel_scope.cancel()
-                handlers.cancel_scope.deadline = trio.current_time() + s.drain_timeout_s
-            root.cancel_scope.cancel()
+        self.runtime.bound.tls = await accepting.start(net.serve, handler.listener(), handler, handlers)
+        log.info("webhook ready", listen=str(self.bound_tls), paths=list(PATHS), image=self.cfg.options.image)
+
+    def on_drain(self) -> None:
+        pass    # no pools; idle keep-alive connections end with the handlers' deadline
+
+    async def run(self, *, task_status: trio.TaskStatus[Webhook] = trio.TASK_STATUS_IGNORED) -> None:
+        await self.runtime.run(self, task_status=task_status)
 
     async def run_with_signals(self) -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._signals, nursery.cancel_scope)
-            await self.run()
-            nursery.cancel_scope.cancel()
+        await self.runtime.run_with_signals(self.run)
 
-    async def _signals(self, scope: trio.CancelScope) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for signum in signals:
-                if self._drain.is_set():
-                    scope.cancel()
-                    raise SystemExit(1)
-                log.info("signal received; draining", signal=signal.Signals(signum).name)
-                self.request_drain()
-
-    # ------------------------------------------------------------------ one connection
+    # ------------------------------------------------------------------ one connection (HTTP/1.1)
     async def _serve_connection(self, stream: TLSStream, facts: ConnFacts) -> None:
-        s = self.cfg.settings
+        s = self.settings
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
         first = True
         while True:
@@ -201,28 +179,14 @@ class Webhook:
             except trio.TooSlowError:
                 return
             first = False
-            status, payload = self._answer(request, body, facts)
-            await _send(stream, conn, status, payload)
+            path = request.target.decode("ascii", "replace")
+            status, headers, payload = self.answerer.answer(request.method, path, request.headers, body,
+                                                            facts.client)
+            await _send(stream, conn, status, payload, headers)
             if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
                 conn.start_next_cycle()
             else:
                 return
-
-    def _answer(self, request: h11.Request, body: bytes, facts: ConnFacts) -> tuple[int, bytes]:
-        path = request.target.decode("ascii", "replace")
-        if request.method != b"POST":
-            return 405, _json({"error": "POST an AdmissionReview"})
-        try:
-            outcome = handle(path, body, self.cfg.options)
-        except ReviewError as exc:
-            self.reviews.labels("error").inc()
-            log.warning("admission review refused", path=path, client=facts.client, status=exc.status,
-                        reason=exc.reason)
-            return exc.status, _json({"error": exc.reason})
-        self.reviews.labels(outcome.action).inc()
-        log.info("admission review", path=path, action=outcome.action, pod=outcome.pod,
-                 reason=outcome.reason, uid=outcome.response["response"]["uid"])
-        return 200, _json(outcome.response)
 
 
 class _TooLarge(Exception):
@@ -262,10 +226,11 @@ async def _read_body(stream: TLSStream, conn: h11.Connection, timeout_s: float) 
             return bytes(body)
 
 
-async def _send(stream: TLSStream, conn: h11.Connection, status: int, payload: bytes) -> None:
-    headers = [("Content-Type", "application/json"), ("Content-Length", str(len(payload)))]
+async def _send(stream: TLSStream, conn: h11.Connection, status: int, payload: bytes,
+                headers: Headers = JSON) -> None:
+    head = [*headers, (b"content-length", str(len(payload)).encode())]
     # head + body in one write: TLS records are costly in small pieces
-    data = conn.send(h11.Response(status_code=status, headers=headers))
+    data = conn.send(h11.Response(status_code=status, headers=head))
     data += conn.send(h11.Data(data=payload)) + conn.send(h11.EndOfMessage())
     with trio.fail_after(30):
         await stream.send_all(data)

@@ -1,29 +1,29 @@
-"""Inbound: TLS listeners in front of the local app.
+"""The connection handler of every TLS listener (the inbound proxy, the webhook).
 
-accept → wrap with the store's *current* context → handshake under ``handshake_timeout_s`` →
-connection facts (client address, TLS version, verified identity) → the forward engine.
+accept (``net.serve``) → wrap with the store's *current* context → handshake under
+``handshake_timeout_s`` → connection facts (client address, TLS version, verified identity, from
+the optional peer policy) → ``serve(stream, facts)``: the forward engine, tcp mode's relay, or the
+webhook. The stream is closed when ``serve`` returns (whoever opened it closes it).
 """
 
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import trio
+from . import net
+from .config import HostPort
+from .errors import HTTPError
+from .http import headers as hdr
+from .http.forward import ConnFacts
+from .log import get_logger
+from .metrics import Metrics
+from .tls.listener import HandshakeFailed, handshake
+from .tls.store import ContextStore
+from .tls.stream import TLSStream
 
-from .. import net
-from ..config import HostPort
-from ..errors import HTTPError
-from ..http import headers as hdr
-from ..http.forward import ConnFacts, Forwarder
-from ..log import get_logger
-from ..metrics import Metrics
-from ..tls.listener import HandshakeFailed, handshake
-from ..tls.store import ContextStore
-from ..tls.stream import TLSStream
-
-log = get_logger("inbound")
+log = get_logger("inbound")   # the logger name operators filter on (docs/operations.md)
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class ConnectionHandler:
     """Turns an accepted socket into a handshaken TLS stream and hands it to ``serve``."""
 
     def __init__(self, cfg: TLSListenerConfig, store: ContextStore, metrics: Metrics,
-                 serve: Callable[[TLSStream, ConnFacts], object],
+                 serve: Callable[[TLSStream, ConnFacts], Awaitable[None]],
                  peer_policy: PeerPolicy | None = None, protocol: str = "http") -> None:
         self.cfg = cfg
         self.store = store
@@ -63,6 +63,13 @@ class ConnectionHandler:
         self._active = metrics.connections_active.labels(cfg.name, protocol)
         self._accepted = metrics.connections.labels(cfg.name, protocol)
         self._handshakes: dict[tuple[str, str], object] = {}
+
+    def listener(self) -> net.Listener:
+        """What ``net.serve`` binds for this handler."""
+        cfg = self.cfg
+        errors = self.metrics.accept_errors
+        return net.Listener(cfg.name, cfg.addr, cfg.max_connections, reuse_port=cfg.reuse_port,
+                            on_accept_error=lambda err: errors.labels(cfg.name, err).inc())
 
     async def __call__(self, sock: socket.socket, peer) -> None:
         ip, port = net.peer_host_port(peer)
@@ -93,25 +100,3 @@ class ConnectionHandler:
                 stream.close_now()
         finally:
             self._active.dec()
-
-
-async def serve_tls(cfg: TLSListenerConfig, handler: ConnectionHandler, handlers: trio.Nursery, *,
-                    sockets: list[trio.socket.SocketType] | None = None,
-                    task_status: trio.TaskStatus[HostPort] = trio.TASK_STATUS_IGNORED) -> None:
-    """Bind (unless ``sockets`` are given) and accept forever; handlers run in ``handlers``."""
-    sockets = sockets or net.bind(cfg.addr, reuse_port=cfg.reuse_port)
-    bound = net.bound_address(sockets)
-    on_error = lambda err: handler.metrics.accept_errors.labels(cfg.name, err).inc()  # noqa: E731
-    async with trio.open_nursery() as nursery:
-        await nursery.start(lambda task_status: net.serve_listeners(
-            sockets, handler, handlers, name=cfg.name, max_connections=cfg.max_connections,
-            on_accept_error=on_error, task_status=task_status))
-        log.info("listening", listener=cfg.name, addr=str(cfg.addr), bound=str(bound))
-        task_status.started(bound)
-
-
-def forwarder_serve(forwarder: Forwarder):
-    async def serve(stream: TLSStream, facts: ConnFacts) -> None:
-        await forwarder.serve(stream, facts)
-
-    return serve
