@@ -100,7 +100,7 @@ class App:
             return CertSource(cert=s.cert, key=s.key, client_ca=s.client_ca, cert2=s.cert2, key2=s.key2)
         state = s.state_dir or devca.default_state_dir(self._state_env)
         try:
-            directory, _created = devca.ensure(state)
+            directory, _created = devca.ensure(state, s.dev_ca_names)
         except OSError as exc:
             raise ConfigError(f"--state-dir: cannot create the development CA in {state}: "
                               f"{exc.strerror or exc}") from None
