@@ -364,8 +364,9 @@ class App:
         ca = self.standalone_dir / "ca.crt"
         bound = self.bound.tls
         port = bound.port if bound else self.settings.listen.port
-        print(f"tlsproxy: standalone mode: development CA at {ca}\n"
-              f"tlsproxy: try: curl --cacert {ca} https://localhost:{port}/", flush=True)
+        # the person-facing lines were printed first by the CLI (firstrun.py); this is the record
+        log.info("standalone mode", ca=str(ca), url=f"https://localhost:{port}/",
+                 **{"try": f"curl --cacert {ca} https://localhost:{port}/"}, trust="tlsproxy trust")
 
     async def run_with_signals(self) -> None:
         async with trio.open_nursery() as nursery:

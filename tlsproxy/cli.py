@@ -10,6 +10,7 @@ only when that command runs, so ``tlsproxy serve`` loads none of the others' cod
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,10 +40,24 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
     add_settings_arguments(parser)
 
 
+def _first_lines(settings: Settings, command: str) -> None:
+    """The "try this" lines, first of all output, when a person reads it (``firstrun.py``)."""
+    from . import firstrun
+    from .log import resolve_format
+
+    wanted = command == "demo" or firstrun.is_standalone(settings)
+    banner = firstrun.lines(settings, command) if wanted else []
+    if banner and resolve_format(settings.log_format) == "text":
+        sys.stdout.write("\n".join(banner) + "\n")
+        sys.stdout.flush()
+
+
 def _serve_run(ns: argparse.Namespace) -> int:
+    settings = settings_from_args(ns)
+    _first_lines(settings, "serve")
     from .app import main_serve
 
-    return main_serve(settings_from_args(ns))
+    return main_serve(settings)
 
 
 def _demo_args(parser: argparse.ArgumentParser) -> None:
@@ -52,9 +67,15 @@ def _demo_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _demo_run(ns: argparse.Namespace) -> int:
+    # A person stops the demo with Ctrl-C: no load balancer to wait for, so no drain delay unless
+    # one is asked for (flag or environment).
+    if not hasattr(ns, "opt:drain-delay") and "TLSPROXY_DRAIN_DELAY" not in os.environ:
+        setattr(ns, "opt:drain-delay", "0")
+    settings = settings_from_args(ns)
+    _first_lines(settings, "demo")
     from .demo import main_demo
 
-    return main_demo(settings_from_args(ns), app_port=ns.app_port)
+    return main_demo(settings, app_port=ns.app_port)
 
 
 # ---------------------------------------------------------------------------- the table
