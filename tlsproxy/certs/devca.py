@@ -24,12 +24,14 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from typing import TYPE_CHECKING
 
 from ..log import get_logger
-from . import generate
+
+if TYPE_CHECKING:    # cryptography and generate load only when a CA is checked or made
+    from cryptography import x509
+
+    from . import generate
 
 log = get_logger("devca")
 
@@ -66,6 +68,8 @@ def _normal(name: str) -> str:
 
 
 def _general_name(text: str) -> x509.GeneralName:
+    from cryptography import x509
+
     try:
         return x509.IPAddress(ipaddress.ip_network(text, strict=False))
     except ValueError:
@@ -73,11 +77,15 @@ def _general_name(text: str) -> x509.GeneralName:
 
 
 def _text(name: x509.GeneralName) -> str:
+    from cryptography import x509
+
     return str(name.value) if isinstance(name, x509.IPAddress) else _normal(str(name.value))
 
 
 def ca_constraints(cert: x509.Certificate) -> tuple[str, ...] | None:
     """The permitted subtrees of a CA certificate as text, or None when it has no name constraints."""
+    from cryptography import x509
+
     try:
         nc = cert.extensions.get_extension_for_class(x509.NameConstraints).value
     except x509.ExtensionNotFound:
@@ -126,6 +134,8 @@ def ensure_ca(state_dir: Path, names: Sequence[str] = ()) -> DevCA:
 
     An existing CA is reused only when its name constraints are exactly ``permitted_names(names)``;
     otherwise it is replaced (logged as a warning). Raises OSError when the directory is unusable."""
+    from . import generate
+
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     ca_crt, ca_key = state_dir / "ca.crt", state_dir / "ca.key"
     wanted = permitted_names(names)
@@ -168,6 +178,9 @@ def ensure(state_dir: Path, names: Sequence[str] = ()) -> tuple[Path, bool]:
 
 
 def _leaf_fresh(path: Path, ca: generate.Issued, dns: tuple[str, ...], ips: tuple[str, ...]) -> bool:
+    from cryptography import x509
+    from cryptography.exceptions import InvalidSignature
+
     try:
         cert = x509.load_pem_x509_certificate(path.read_bytes())
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
