@@ -2,6 +2,8 @@
 
 ``python -m bench.footprint [--starts N] [--json]``
 
+``--tlsproxy PATH`` (repeatable) picks the installs to start, in turn (A B A B…).
+
 - **start-up**: ``N`` times (default 10), exec ``tlsproxy serve --cert-dir DIR`` and measure the time
   from ``Popen`` to the first completed TLS 1.3 handshake on its port (a connect is retried every
   couple of milliseconds, so the figure includes at most that much polling slack), then to the
@@ -173,68 +175,82 @@ def _import_cost(modules: tuple[str, ...], base: tuple[str, ...]) -> tuple[float
     return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
 
 
-def measure(starts: int = STARTS, tlsproxy: str = TLSPROXY) -> dict:
+def _summary(tlsproxy: str, tls: list[float], ready: list[float], cpu: list[float], rss_kib: int) -> dict:
+    delays = [r - t for t, r in zip(tls, ready, strict=True)]
+    return {
+        "tlsproxy": tlsproxy,
+        "starts": len(tls),
+        "first_tls_ms_median": round(statistics.median(tls) * 1000, 1),
+        "first_tls_ms_max": round(max(tls) * 1000, 1),
+        "first_tls_cpu_ms_median": round(statistics.median(cpu) * 1000),
+        "ready_after_tls_ms_median": round(statistics.median(delays) * 1000, 1),
+        "ready_after_tls_ms_max": round(max(delays) * 1000, 1),
+        "idle_rss_mib": round(rss_kib / 1024, 1),
+    }
+
+
+def measure(starts: int = STARTS, installs: tuple[str, ...] = (TLSPROXY,), deps: bool = True) -> dict:
+    """Start each install ``starts`` times, interleaved (A B A B…: load from other jobs falls on all
+    alike), then the dependency costs."""
     app = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _App)
     threading.Thread(target=app.serve_forever, daemon=True).start()
+    runs = {t: ([], [], [], 0) for t in installs}
     try:
         with tempfile.TemporaryDirectory(prefix="footprint-") as tmp:
             work = Path(tmp)
             certs, ca = _pki(work)
             ctx = ssl.create_default_context(cafile=str(ca))
-            tls_times, ready_times, cpu_times = [], [], []
-            rss = None
             for i in range(starts):
-                serve = _Serve(certs, app.server_address[1], work, tlsproxy)
-                try:
-                    tls_s, ready_s, cpu_s = serve.wait(ctx)
-                    tls_times.append(tls_s)
-                    cpu_times.append(cpu_s)
-                    ready_times.append(ready_s)
-                    if i == starts - 1:      # the last one also gives the idle memory
-                        assert _get(serve.port, "/", ctx) == 200, "a proxied request failed"
-                        time.sleep(IDLE_S)
-                        rss = _rss_kib(serve.proc.pid)
-                finally:
-                    serve.stop()
+                for tlsproxy in installs:
+                    tls_times, ready_times, cpu_times, rss = runs[tlsproxy]
+                    serve = _Serve(certs, app.server_address[1], work, tlsproxy)
+                    try:
+                        tls_s, ready_s, cpu_s = serve.wait(ctx)
+                        tls_times.append(tls_s)
+                        ready_times.append(ready_s)
+                        cpu_times.append(cpu_s)
+                        if i == starts - 1:      # the last start also gives the idle memory
+                            assert _get(serve.port, "/", ctx) == 200, "a proxied request failed"
+                            time.sleep(IDLE_S)
+                            runs[tlsproxy] = (tls_times, ready_times, cpu_times, _rss_kib(serve.proc.pid))
+                    finally:
+                        serve.stop()
     finally:
         app.shutdown()
-    deps = {}
-    for label, modules in DEPENDENCIES:
-        base = tuple(m for m in BASE_MODULES if m not in modules and not (label == "trio" and m == "h11"))
-        if label == "trio":
-            base = ()
+    costs = {}
+    for label, modules in DEPENDENCIES if deps else ():
+        base = () if label == "trio" else tuple(m for m in BASE_MODULES if m not in modules)
         mib, ms = _import_cost(modules, base)
-        deps[label] = {"rss_mib": round(mib, 1), "import_ms": round(ms, 1)}
+        costs[label] = {"rss_mib": round(mib, 1), "import_ms": round(ms, 1)}
     bare = subprocess.run([sys.executable, "-c", "print([l for l in open('/proc/self/status') "
                            "if l.startswith('VmRSS')][0].split()[1])"], capture_output=True, text=True)
-    delays = [r - t for t, r in zip(tls_times, ready_times, strict=True)]
     return {
-        "starts": starts,
-        "first_tls_ms_median": round(statistics.median(tls_times) * 1000, 1),
-        "first_tls_ms_max": round(max(tls_times) * 1000, 1),
-        "first_tls_cpu_ms_median": round(statistics.median(cpu_times) * 1000),
-        "ready_after_tls_ms_median": round(statistics.median(delays) * 1000, 1),
-        "ready_after_tls_ms_max": round(max(delays) * 1000, 1),
-        "idle_rss_mib": round((rss or 0) / 1024, 1),
+        "installs": [_summary(t, *runs[t]) for t in installs],
         "python_rss_mib": round(int(bare.stdout) / 1024, 1),
-        "dependencies": deps,
-        "tlsproxy": tlsproxy,
+        "dependencies": costs,
         "python": sys.version.split()[0],
-        "loadavg": os.getloadavg()[0],
+        "loadavg": round(os.getloadavg()[0], 2),
     }
 
 
 def render(r: dict) -> str:
-    lines = [
-        f"start-up ({r['starts']} starts): first TLS 1.3 handshake {r['first_tls_ms_median']} ms median "
-        f"({r['first_tls_ms_max']} ms worst), having used {r['first_tls_cpu_ms_median']} ms of CPU; "
-        f"/readyz 200 {r['ready_after_tls_ms_median']} ms later ({r['ready_after_tls_ms_max']} ms worst)",
-        f"idle RSS of tlsproxy serve: {r['idle_rss_mib']} MiB (a bare python: {r['python_rss_mib']} MiB)",
+    lines = []
+    for i in r["installs"]:
+        lines += [
+            f"{i['tlsproxy']} ({i['starts']} starts):",
+            f"  first TLS 1.3 handshake {i['first_tls_ms_median']} ms median ({i['first_tls_ms_max']} ms "
+            f"worst), {i['first_tls_cpu_ms_median']} ms of CPU by then",
+            f"  /readyz 200 {i['ready_after_tls_ms_median']} ms later "
+            f"({i['ready_after_tls_ms_max']} ms worst)",
+            f"  idle RSS {i['idle_rss_mib']} MiB",
+        ]
+    lines += [
+        f"a bare python: {r['python_rss_mib']} MiB",
         "dependency             RSS MiB  import ms   (on top of trio, h11 and ssl; trio on a bare python)",
     ]
     for name, d in r["dependencies"].items():
         lines.append(f"{name:<22} {d['rss_mib']:>7}  {d['import_ms']:>9}")
-    lines.append(f"{r['tlsproxy']}; python {r['python']}, load average {r['loadavg']:.2f}")
+    lines.append(f"python {r['python']}, load average {r['loadavg']:.2f}")
     return "\n".join(lines) + "\n"
 
 
@@ -242,13 +258,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.footprint", description=__doc__.split("\n")[0])
     p.add_argument("--starts", type=int, default=STARTS, help=f"starts to time [default: {STARTS}]")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--tlsproxy", default=TLSPROXY, metavar="PATH",
-                   help="the tlsproxy to start, e.g. one installed as the image installs it "
-                   f"[default: {TLSPROXY}]")
+    p.add_argument("--no-deps", action="store_true", help="skip the per-dependency costs")
+    p.add_argument("--tlsproxy", action="append", metavar="PATH",
+                   help="a tlsproxy to start, e.g. one installed as the image installs it; repeat it "
+                   f"to compare installs, started in turn [default: {TLSPROXY}]")
     ns = p.parse_args(argv)
     if ns.starts < 1:
         p.error("--starts must be at least 1")
-    r = measure(ns.starts, ns.tlsproxy)
+    r = measure(ns.starts, tuple(ns.tlsproxy or (TLSPROXY,)), deps=not ns.no_deps)
     sys.stdout.write(json.dumps(r, indent=2) + "\n" if ns.json else render(r))
     return 0
 
