@@ -477,8 +477,9 @@ class Settings:
     # logging
     access_log: bool = opt(True, parse_on_off, "one line per request: on or off", metavar="on|off",
                            group="logging")
-    log_format: str = opt("auto", choice("auto", "json", "text"), "json, text, or auto (json when "
-                          "stderr is not a terminal)", metavar="FORMAT", group="logging")
+    log_format: str = opt("auto", choice("auto", "json", "text"), "json, text, or auto (text for a "
+                          "person: stdout and stderr both terminals; json otherwise)", metavar="FORMAT",
+                          group="logging")
     log_level: str = opt("info", choice("debug", "info", "warning", "error"), "lowest level logged",
                          metavar="LEVEL", group="logging")
     config: Path | None = opt(None, parse_path, "YAML file of settings (keys are the flag names)",
