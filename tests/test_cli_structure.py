@@ -93,3 +93,21 @@ def test_help_defaults_match_the_implementations():
     assert certs_cli.DEFAULT_DAYS == bootstrap.DEFAULT_DAYS
     assert certs_cli.MAX_DAYS == bootstrap.MAX_DAYS
     assert default_image() == f"tlsproxy:{__version__}"
+
+
+def test_small_modules_stay_small():
+    """What the command line and the serve path lean on imports little of tlsproxy (and der.py and
+    trust.py no third-party code), so they stay cheap to load."""
+    allowed = {
+        "args.py": {"tlsproxy.config", "tlsproxy.errors"},
+        "firstrun.py": {"tlsproxy.config", "tlsproxy.certs.devca"},
+        "certs/der.py": set(),
+        "certs/trust.py": {"tlsproxy.errors"},
+    }
+    for rel, ok in allowed.items():
+        mine = {m for m in _imported(PKG / rel) if m.startswith("tlsproxy")}
+        names = {m.rsplit(".", 1)[0] if m.rsplit(".", 1)[0] in ok else m for m in mine}
+        assert names <= ok | {"tlsproxy"}, f"{rel}: {sorted(names - ok)}"
+    for rel in ("certs/der.py", "certs/trust.py", "args.py", "firstrun.py"):
+        third = {m.split(".")[0] for m in _imported(PKG / rel) if not m.startswith("tlsproxy")}
+        assert not third & {"cryptography", "trio", "yaml", "prometheus_client", "h11", "watchfiles"}, rel
