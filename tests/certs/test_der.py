@@ -137,6 +137,13 @@ def test_bundle_refusals(tmp_path):
     assert reason(b"-----BEGIN CERTIFICATE-----\n!!\n-----END CERTIFICATE-----\n", leaf.key_pem) \
         .startswith("certificate does not parse")
     assert reason(leaf.cert_pem, leaf.key_pem, b"nope") == "CA bundle is empty or not PEM"
+    weak = rsa.generate_private_key(65537, 1024)          # OpenSSL reads it, and will not serve it
+    weak_cert = _odd_cert(weak, x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "weak")]), [], 1,
+                          dt.datetime(2049, 1, 1, tzinfo=dt.UTC))
+    assert reason(weak_cert.public_bytes(serialization.Encoding.PEM),
+                  weak.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                     serialization.NoEncryption())) \
+        == "OpenSSL refused the certificate/key: EE_KEY_TOO_SMALL"
     expired = generate.issue(ca, "old", dns=("old",), not_before=dt.datetime(2020, 1, 1, tzinfo=dt.UTC),
                              not_after=dt.datetime(2021, 1, 1, tzinfo=dt.UTC))
     assert reason(expired.cert_pem, expired.key_pem).startswith("certificate expired at 2021-01-01")

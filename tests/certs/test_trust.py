@@ -202,3 +202,24 @@ def _wait_ready(admin: int, proc: subprocess.Popen) -> None:
             pass
         time.sleep(0.1)
     raise AssertionError("tlsproxy demo never became ready")
+
+
+def test_redhat_layout_and_macos_are_handled(tmp_path):
+    root = tmp_path / "root"
+    (root / "etc/pki/ca-trust/source/anchors").mkdir(parents=True)
+    (tmp_path / "home").mkdir()
+    r = _trust(tmp_path, "--no-nss")                 # detected from the layout
+    assert r.returncode == 0, r.stderr
+    (copy,) = (root / "etc/pki/ca-trust/source/anchors").glob("tlsproxy-dev-ca-*.pem")
+    assert copy.read_bytes() == (tmp_path / "state/tlsproxy/ca.crt").read_bytes()
+    assert "update-ca-trust skipped" in r.stdout     # never run on a sandbox root
+    assert _trust(tmp_path, "--no-nss", "--uninstall").returncode == 0
+    assert not list((root / "etc/pki/ca-trust/source/anchors").iterdir())
+
+    mac = _trust(tmp_path, "--no-nss", "--system", "macos")
+    assert mac.returncode == 0
+    ca = tmp_path / "state/tlsproxy/ca.crt"
+    assert (f"sudo security add-trusted-cert -d -r trustRoot -k /Library/Keychains/System.keychain {ca}"
+            in mac.stdout)
+    gone = _trust(tmp_path, "--no-nss", "--system", "macos", "--uninstall")
+    assert "sudo security delete-certificate -c 'tlsproxy development CA'" in gone.stdout

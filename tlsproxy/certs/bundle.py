@@ -217,7 +217,8 @@ def _key_problem(cert_pem: bytes, key_pem: bytes, cert_path: str) -> str | None:
         if reason == "KEY_VALUES_MISMATCH":
             return f"private key does not match the certificate in {cert_path}"
         if reason.endswith(("TOO_SMALL", "TOO_WEAK")) or "UNSUPPORTED" in reason:
-            return f"private key unusable: {reason}"       # OpenSSL read it, but will not use it
+            # read, but refused (an RSA key under 2048 bits, a SHA-1 signature…)
+            return f"OpenSSL refused the certificate/key: {reason}"
         return "private key does not parse as a PEM private key"
     finally:
         if fd >= 0:
