@@ -56,8 +56,8 @@ def _trust(tmp: Path, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120, env=_env(tmp))
 
 
-def _nss_nicks(tmp: Path) -> list[str]:
-    out = subprocess.run(["certutil", "-L", "-d", f"sql:{tmp / 'home/.pki/nssdb'}"], capture_output=True,
+def _nss_nicks(tmp: Path, db: str = "home/.pki/nssdb") -> list[str]:
+    out = subprocess.run(["certutil", "-L", "-d", f"sql:{tmp / db}"], capture_output=True,
                          text=True, timeout=30, check=True).stdout
     return [line for line in out.splitlines() if line.startswith(NICK)]
 
@@ -83,6 +83,10 @@ def test_print_changes_nothing(tmp_path):
 @needs_certutil
 def test_install_then_uninstall_removes_every_copy(tmp_path):
     _sandbox(tmp_path)
+    firefox = "home/.mozilla/firefox/abcd1234.default-release"
+    (tmp_path / firefox).mkdir(parents=True)
+    subprocess.run(["certutil", "-N", "-d", f"sql:{tmp_path / firefox}", "--empty-password"], check=True,
+                   capture_output=True, timeout=30)
     r = _trust(tmp_path)
     assert r.returncode == 0, r.stderr
     ca = (tmp_path / "state/tlsproxy/ca.crt").read_bytes()
@@ -90,7 +94,7 @@ def test_install_then_uninstall_removes_every_copy(tmp_path):
     assert len(copies) == 1 and copies[0].read_bytes() == ca
     # update-ca-certificates really ran on the sandbox: the bundle holds the CA
     assert ca.decode().strip() in _bundle(tmp_path)
-    assert len(_nss_nicks(tmp_path)) == 1
+    assert len(_nss_nicks(tmp_path)) == 1 and _nss_nicks(tmp_path, firefox) == _nss_nicks(tmp_path)
     # OpenSSL verifies the standalone leaf with the sandbox's bundle alone: the system store works
     leaf = tmp_path / "state/tlsproxy/tls.crt"
     bundle = tmp_path / "root/etc/ssl/certs/ca-certificates.crt"
@@ -106,7 +110,7 @@ def test_install_then_uninstall_removes_every_copy(tmp_path):
     assert not list((tmp_path / "root/etc/ssl/certs").glob("tlsproxy-dev-ca-*"))
     assert ca.decode().strip() not in _bundle(tmp_path)
     assert (tmp_path / "root/usr/local/share/ca-certificates/other-corp-ca.crt").exists()
-    assert _nss_nicks(tmp_path) == []
+    assert _nss_nicks(tmp_path) == [] and _nss_nicks(tmp_path, firefox) == []
     # the other CA stays in the rebuilt bundle
     other = (tmp_path / "root/usr/local/share/ca-certificates/other-corp-ca.crt").read_text().strip()
     assert other in _bundle(tmp_path)
