@@ -72,7 +72,8 @@ def test_print_changes_nothing(tmp_path):
     before = sorted(p.relative_to(root) for p in root.rglob("*"))
     r = _trust(tmp_path, "--print")
     assert r.returncode == 0, r.stderr
-    assert "would: system store (debian): write" in r.stdout
+    assert "would: make the development CA" in r.stdout
+    assert "would: system store (debian): write" in r.stdout and "tlsproxy-dev-ca-<new>.crt" in r.stdout
     assert "would: system store (debian): run update-ca-certificates" in r.stdout
     assert f"would: NSS {tmp_path / 'home/.pki/nssdb'}: add" in r.stdout
     assert sorted(p.relative_to(root) for p in root.rglob("*")) == before

@@ -270,34 +270,39 @@ def run_trust(ns: argparse.Namespace) -> int:
     if not root.is_dir():
         raise ConfigError(f"--system-root {root}: no such directory")
     opts = tr.Options(ca_file=state / "ca.crt", root=root, system=system, nss=not ns.no_nss)
+    if ns.print_only:
+        return _print_trust(opts, state, settings.dev_ca_names, ns.uninstall)
     pem = None
     if not ns.uninstall:
+        try:
+            made = devca.ensure_ca(state, settings.dev_ca_names)
+        except OSError as exc:
+            raise ConfigError(f"--state-dir: cannot create the development CA in {state}: "
+                              f"{exc.strerror or exc}") from None
+        pem = made.ca_file.read_bytes()
         names = devca.permitted_names(settings.dev_ca_names)
-        if ns.print_only:
-            sys.stdout.write(f"development CA: {opts.ca_file} (made or replaced as needed; permitted: "
-                             f"{', '.join(names)})\n")
-        else:
-            try:
-                made = devca.ensure_ca(state, settings.dev_ca_names)
-            except OSError as exc:
-                raise ConfigError(f"--state-dir: cannot create the development CA in {state}: "
-                                  f"{exc.strerror or exc}") from None
-            pem = made.ca_file.read_bytes()
-            sys.stdout.write(f"development CA: {made.ca_file} ({'new; ' if made.created else ''}"
-                             f"permitted: {', '.join(names)})\n")
-    steps = tr.plan(opts, pem if not ns.print_only else _current_pem(opts.ca_file, ns.uninstall))
-    if ns.print_only:
-        for step in steps:
-            sys.stdout.write(("would: " if step.run else "") + step.what + "\n")
-        return EXIT_OK
-    tr.carry_out(steps)
+        sys.stdout.write(f"development CA: {made.ca_file} ({'new; ' if made.created else ''}"
+                         f"permitted: {', '.join(names)})\n")
+    tr.carry_out(tr.plan(opts, pem))
     return EXIT_OK
 
 
-def _current_pem(ca_file: Path, uninstall: bool) -> bytes | None:
-    if uninstall:
-        return None
-    try:
-        return ca_file.read_bytes()
-    except OSError:
-        return b"(the CA to be made)"
+def _print_trust(opts, state: Path, names: tuple[str, ...], uninstall: bool) -> int:
+    """``--print``: the steps, and nothing done (not even making the CA)."""
+    from . import devca
+    from . import trust as tr
+
+    pem = None
+    if not uninstall:
+        problem = devca.check_ca(state, names)
+        permitted = ", ".join(devca.permitted_names(names))
+        if problem is None:
+            pem = opts.ca_file.read_bytes()
+            sys.stdout.write(f"development CA: {opts.ca_file} (permitted: {permitted})\n")
+        else:
+            pem = tr.NEW_CA
+            why = "" if problem == "missing" else f", replacing the one there: {problem}"
+            sys.stdout.write(f"would: make the development CA {opts.ca_file} (permitted: {permitted}{why})\n")
+    for step in tr.plan(opts, pem):
+        sys.stdout.write(("would: " if step.run else "") + step.what + "\n")
+    return EXIT_OK

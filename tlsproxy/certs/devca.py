@@ -129,6 +129,26 @@ class DevCA:
         return self.dir / "ca.crt"
 
 
+def check_ca(state_dir: Path, names: Sequence[str] = ()) -> str | None:
+    """Why the CA in ``state_dir`` cannot be reused for ``names`` ("missing", or why it would be
+    replaced), or None when it can. Reads only."""
+    from cryptography import x509
+
+    ca_crt, ca_key = state_dir / "ca.crt", state_dir / "ca.key"
+    if not (ca_crt.exists() and ca_key.exists()):
+        return "missing"
+    wanted = permitted_names(names)
+    try:
+        have = ca_constraints(x509.load_pem_x509_certificate(ca_crt.read_bytes()))
+    except ValueError:
+        return "it does not parse"
+    if have is None:
+        return "it has no name constraints, so trusting it would trust any name"
+    if set(have) != set(wanted):
+        return f"its permitted names ({', '.join(have)}) differ from the wanted ({', '.join(wanted)})"
+    return None
+
+
 def ensure_ca(state_dir: Path, names: Sequence[str] = ()) -> DevCA:
     """Make (or reuse) the name-constrained CA and a current leaf in ``state_dir``.
 
@@ -139,21 +159,11 @@ def ensure_ca(state_dir: Path, names: Sequence[str] = ()) -> DevCA:
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     ca_crt, ca_key = state_dir / "ca.crt", state_dir / "ca.key"
     wanted = permitted_names(names)
-    ca, replaced = None, None
-    if ca_crt.exists() and ca_key.exists():
-        existing = generate.Issued(ca_crt.read_bytes(), ca_key.read_bytes())
-        try:
-            have = ca_constraints(existing.cert)
-        except ValueError:
-            have, replaced = None, "it does not parse"
-        if have is None:
-            replaced = replaced or "it has no name constraints, so trusting it would trust any name"
-        elif set(have) != set(wanted):
-            replaced = f"its permitted names ({', '.join(have)}) differ from the wanted ({', '.join(wanted)})"
-        else:
-            ca = existing
-    created = ca is None
-    if ca is None:
+    problem = check_ca(state_dir, names)
+    replaced = problem if problem not in (None, "missing") else None
+    if problem is None:
+        ca = generate.Issued(ca_crt.read_bytes(), ca_key.read_bytes())
+    else:
         ca = generate.make_ca(CA_NAME, permitted=tuple(_general_name(n) for n in wanted))
         _write(ca_key, ca.key_pem, 0o600)
         _write(ca_crt, ca.cert_pem, 0o644)
@@ -161,6 +171,7 @@ def ensure_ca(state_dir: Path, names: Sequence[str] = ()) -> DevCA:
             log.warning("development CA replaced", ca=str(ca_crt), reason=replaced,
                         permitted=",".join(wanted),
                         hint="a trusted copy of the old CA is useless now: run tlsproxy trust again")
+    created = problem is not None
     leaf_crt, leaf_key = state_dir / "tls.crt", state_dir / "tls.key"
     dns, ips = leaf_names(names)
     if created or not _leaf_fresh(leaf_crt, ca, dns, ips):

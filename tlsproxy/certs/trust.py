@@ -36,6 +36,7 @@ from ..errors import ConfigError
 FILE_PREFIX = "tlsproxy-dev-ca"
 NICK_PREFIX = "tlsproxy development CA"
 COMMAND_TIMEOUT_S = 60.0
+NEW_CA = b"(the development CA to be made)"   # stands for it in --print's plan
 SYSTEMS = ("auto", "debian", "redhat", "macos", "none")
 DEBIAN_DIR = "usr/local/share/ca-certificates"
 REDHAT_DIR = "etc/pki/ca-trust/source/anchors"
@@ -64,6 +65,8 @@ class Step:
 
 def ca_id(pem: bytes) -> str:
     """The short id in file names and nicknames: the first 8 hex digits of the PEM's SHA-256."""
+    if pem == NEW_CA:
+        return "<new>"
     return hashlib.sha256(pem).hexdigest()[:8]
 
 
