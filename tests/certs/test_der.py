@@ -147,3 +147,20 @@ def test_bundle_refusals(tmp_path):
     expired = generate.issue(ca, "old", dns=("old",), not_before=dt.datetime(2020, 1, 1, tzinfo=dt.UTC),
                              not_after=dt.datetime(2021, 1, 1, tzinfo=dt.UTC))
     assert reason(expired.cert_pem, expired.key_pem).startswith("certificate expired at 2021-01-01")
+
+
+def test_mutated_certificates_parse_or_raise_value_error_only():
+    """Every single-byte change and every truncation of a real certificate: ValueError or a result,
+    never another exception (bounded: one certificate, ~ a few thousand variants)."""
+    ca = generate.make_ca()
+    leaf = generate.issue(ca, "x", dns=("x.example",), ips=("10.0.0.1",), uris=("spiffe://a/b",))
+    (d,) = der.pem_certificates(leaf.cert_pem)
+    variants = [d[:n] for n in range(len(d))]
+    for i in range(len(d)):
+        for flip in (0x01, 0x80, 0xFF):
+            variants.append(d[:i] + bytes([d[i] ^ flip]) + d[i + 1:])
+    for v in variants:
+        try:
+            der.parse(v)
+        except ValueError:
+            pass

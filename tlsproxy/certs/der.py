@@ -172,6 +172,13 @@ class Cert:
 
 def parse(der: bytes) -> Cert:
     """Read one DER certificate; ValueError when it is not one."""
+    try:
+        return _parse(der)
+    except (IndexError, TypeError, UnicodeDecodeError, OverflowError) as exc:   # a short or odd field
+        raise ValueError(f"malformed certificate ({type(exc).__name__})") from None
+
+
+def _parse(der: bytes) -> Cert:
     tag, cert, end = _read(der, 0)
     if tag != 0x30 or end != len(der):
         raise ValueError("not a DER certificate")
