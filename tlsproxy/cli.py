@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from . import __version__
@@ -26,7 +26,7 @@ __all__ = ["EXIT_USAGE", "SUBCOMMANDS", "build_parser", "main", "parse_serve_set
            "settings_from_args"]
 
 
-def parse_serve_settings(argv: Sequence[str], env=None) -> Settings:
+def parse_serve_settings(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Settings:
     """Parse ``tlsproxy serve`` arguments into Settings (the injector's tests use this too)."""
     parser = Parser(prog="tlsproxy serve")
     add_settings_arguments(parser)

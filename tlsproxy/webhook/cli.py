@@ -1,6 +1,8 @@
 """``tlsproxy inject`` (offline, like ``linkerd inject``) and ``tlsproxy webhook`` (the admission server).
 
-Both take ``--image``; both go through :func:`tlsproxy.webhook.injector.decide`.
+Both take ``--image``; both go through :func:`tlsproxy.webhook.injector.decide`. The argument
+definitions here are cheap; the injector, the YAML reader and the webhook server are imported by the
+run functions, only for these commands.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from ..errors import ConfigError
 
 def _image_argument(parser: argparse.ArgumentParser) -> None:
     # The default is injector.default_image(), resolved in _options (the injector loads only for
-    # these commands); tests/webhook/test_inject_cli.py holds this help text to it.
+    # these commands); tests/test_cli_structure.py holds this help text to it.
     parser.add_argument("--image", default=None, metavar="IMAGE",
                         help=f"image of the injected tlsproxy container [default: tlsproxy:{__version__}]")
     parser.add_argument("--image-pull-policy", default="IfNotPresent",
