@@ -8,6 +8,7 @@ Headless Chromium (apt package chromium) then loads the demo over HTTPS with no 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -152,37 +153,29 @@ def test_an_unwritable_store_is_one_line_exit_2(tmp_path):
     assert r.returncode == 2 and "cannot write" in r.stderr and r.stderr.count("\n") == 1
 
 
-@needs_certutil
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium missing (apt-get install chromium)")
-def test_chromium_loads_the_demo_after_trust_and_not_after_uninstall(tmp_path):
-    _sandbox(tmp_path)
-    r = _trust(tmp_path, "--system", "none")
-    assert r.returncode == 0, r.stderr
+needs_chromium = pytest.mark.skipif(shutil.which("chromium") is None,
+                                    reason="chromium missing (apt-get install chromium)")
+
+
+def _chromium(tmp: Path, url: str, *extra: str) -> subprocess.CompletedProcess:
+    """Headless Chromium, a fresh profile, HOME (and so the NSS database) of the sandbox."""
+    profile = tmp / f"chrome-{time.monotonic_ns()}"
+    return subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={profile}", *extra, "--dump-dom", url],
+        capture_output=True, text=True, timeout=90, env=_env(tmp))
+
+
+@contextlib.contextmanager
+def _demo(tmp: Path, *args: str):
     port, admin = free_port(), free_port()
-    env = _env(tmp_path)
     demo = subprocess.Popen([TLSPROXY, "demo", "--listen", f"127.0.0.1:{port}", "--admin",
-                             f"127.0.0.1:{admin}", "--log-format", "json"], env=env,
+                             f"127.0.0.1:{admin}", "--log-format", "json", *args], env=_env(tmp),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         _wait_ready(admin, demo)
-
-        def chromium() -> subprocess.CompletedProcess:
-            profile = tmp_path / f"chrome-{time.monotonic_ns()}"
-            return subprocess.run(
-                ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", f"--user-data-dir={profile}", "--dump-dom",
-                 f"https://localhost:{port}/from-chromium"],
-                capture_output=True, text=True, timeout=90, env=env)
-
-        seen = chromium()
-        assert '"path": "/from-chromium"' in seen.stdout, seen.stderr[-2000:]
-        assert '"x-forwarded-proto": "https"' in seen.stdout
-
-        assert _trust(tmp_path, "--uninstall", "--system", "none").returncode == 0
-        refused = chromium()
-        assert "/from-chromium" not in refused.stdout
-        assert "ERR_CERT_AUTHORITY_INVALID" in refused.stderr, refused.stderr[-2000:]
+        yield port
     finally:
         os.killpg(demo.pid, signal.SIGTERM)
         try:
@@ -190,6 +183,53 @@ def test_chromium_loads_the_demo_after_trust_and_not_after_uninstall(tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(demo.pid, signal.SIGKILL)
             demo.wait(10)
+
+
+@needs_certutil
+@needs_chromium
+def test_chromium_loads_the_demo_after_trust_and_not_after_uninstall(tmp_path):
+    _sandbox(tmp_path)
+    r = _trust(tmp_path, "--system", "none")
+    assert r.returncode == 0, r.stderr
+    with _demo(tmp_path) as port:
+        seen = _chromium(tmp_path, f"https://localhost:{port}/from-chromium")
+        assert '"path": "/from-chromium"' in seen.stdout, seen.stderr[-2000:]
+        assert '"x-forwarded-proto": "https"' in seen.stdout
+
+        assert _trust(tmp_path, "--uninstall", "--system", "none").returncode == 0
+        refused = _chromium(tmp_path, f"https://localhost:{port}/from-chromium")
+        assert "/from-chromium" not in refused.stdout
+        assert "ERR_CERT_AUTHORITY_INVALID" in refused.stderr, refused.stderr[-2000:]
+
+
+@needs_certutil
+@needs_chromium
+def test_chromium_refuses_a_real_domain_signed_with_the_trusted_dev_ca_key(tmp_path):
+    """The browser side of the name constraints: with the development CA trusted, a certificate for
+    example.com made with its key is refused, while the same certificate from an unconstrained CA
+    trusted the same way is accepted (so the constraints are what refuses it)."""
+    _sandbox(tmp_path)
+    assert _trust(tmp_path, "--system", "none").returncode == 0
+    state = tmp_path / "state/tlsproxy"
+    dev = generate.Issued((state / "ca.crt").read_bytes(), (state / "ca.key").read_bytes())
+    unconstrained = generate.make_ca("some unconstrained CA")
+    (tmp_path / "unconstrained.crt").write_bytes(unconstrained.cert_pem)
+    subprocess.run(["certutil", "-A", "-d", f"sql:{tmp_path / 'home/.pki/nssdb'}", "-t", "C,,", "-n",
+                    "unconstrained", "-i", str(tmp_path / "unconstrained.crt")], check=True,
+                   capture_output=True, timeout=30)
+    for name, ca, ok in (("dev", dev, False), ("unconstrained", unconstrained, True)):
+        leaf = generate.issue(ca, "example.com", dns=("example.com",))
+        (tmp_path / f"{name}.crt").write_bytes(leaf.cert_pem)
+        (tmp_path / f"{name}.key").write_bytes(leaf.key_pem)
+        with _demo(tmp_path, "--cert", str(tmp_path / f"{name}.crt"), "--key",
+                   str(tmp_path / f"{name}.key")) as port:
+            seen = _chromium(tmp_path, f"https://example.com:{port}/real-domain",
+                             "--host-resolver-rules=MAP example.com 127.0.0.1")
+        if ok:
+            assert '"path": "/real-domain"' in seen.stdout, seen.stderr[-2000:]
+        else:
+            assert "/real-domain" not in seen.stdout
+            assert "ERR_CERT_INVALID" in seen.stderr, seen.stderr[-2000:]
 
 
 def _wait_ready(admin: int, proc: subprocess.Popen) -> None:
