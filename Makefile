@@ -8,7 +8,7 @@
 # (docs/performance.md). Any other Python >= 3.11: make PYTHON=/path/to/python3 test
 PYTHON ?= $(shell test -x /usr/bin/python3 && /usr/bin/python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null && echo /usr/bin/python3 || echo python3)
 VENV ?= .venv
-APT_PACKAGES = python3-venv curl openssl nginx wrk nghttp2-client testssl.sh procps buildah debootstrap chromium
+APT_PACKAGES = python3-venv curl openssl nginx wrk nghttp2-client testssl.sh procps buildah debootstrap libnss3-tools chromium
 PYTEST_ARGS ?=
 
 .PHONY: demo test deps apt venv lint bench bench-smoke soak clean

@@ -31,6 +31,30 @@ A bad value stops tlsproxy with one line naming the key and the problem, and exi
 """
 
 
+FOOTER = """
+## Commands with flags of their own
+
+`tlsproxy demo` takes every setting above, plus `--app-port PORT` (the built-in app's port on
+127.0.0.1; default any free port); its `--drain-delay` defaults to `0` (a person stops it with Ctrl-C),
+unless given as a flag or `TLSPROXY_DRAIN_DELAY`.
+
+`tlsproxy trust` installs the standalone development CA in the system store and the NSS databases
+(Chromium, Firefox), or removes it (docs/certificates.md). It takes `--state-dir`, `--dev-ca-name` and
+`--config` as above, and:
+
+| flag | environment | default | meaning |
+|---|---|---|---|
+| `--print` | — | off | show what would be done; change nothing |
+| `--uninstall` | — | off | remove every copy of the development CA (current or older) instead |
+| `--system auto\\|debian\\|redhat\\|macos\\|none` | `TLSPROXY_TRUST_SYSTEM` | `auto` | \
+which system store to use; `none` skips it |
+| `--system-root DIR` | `TLSPROXY_TRUST_ROOT` | `/` | put every system-store path under DIR (a sandbox) |
+| `--no-nss` | — | off | leave the NSS databases (Chromium, Firefox) alone |
+
+`tlsproxy certs …`, `inject` and `webhook` flags: docs/certificates.md and docs/kubernetes.md.
+"""
+
+
 def _default(o) -> str:
     d = o.default
     if o.repeat:
@@ -56,7 +80,7 @@ def render() -> str:
             env = "—" if o.repeat else f"`{o.env}`"
             meaning = o.help.replace("|", "\\|")
             out.append(f"| {flag} | {env} | {_default(o)} | {meaning} |")
-    return "\n".join(out) + "\n"
+    return "\n".join(out) + "\n" + FOOTER
 
 
 if __name__ == "__main__":

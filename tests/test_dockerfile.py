@@ -11,6 +11,7 @@ itself stays standard.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -31,7 +32,10 @@ from tlsproxy.certs.generate import issue, make_ca
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
 BASE_IMAGE = "docker.io/library/debian:bookworm-slim"
-TEST_IMAGE = "localhost/tlsproxy:test"
+# Per-process tags: several checkouts may build on one machine (one buildah store) at once.
+TEST_IMAGE = f"localhost/tlsproxy:test-{os.getpid()}"
+BASE_TAG = f"localhost/tlsproxy-python:test-{os.getpid()}"
+MAX_LAYERS_ABOVE_BASE = 25_000_000     # issue 19: the venv layer(s) above Debian's python3, bytes
 HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
 STORAGE = ["--storage-driver", "vfs"]
 
@@ -48,11 +52,15 @@ def test_hadolint_passes():
 
 def test_dockerfile_shape():
     text = DOCKERFILE.read_text()
-    froms = [line.split()[1] for line in text.splitlines() if line.startswith("FROM ")]
-    assert froms == ["debian:bookworm-slim", "debian:bookworm-slim"]          # multi-stage, slim base
+    froms = [line.split()[1:] for line in text.splitlines() if line.startswith("FROM ")]
+    # a Python base on bookworm-slim, a build stage on it, the final stage on the same base
+    assert froms == [["debian:bookworm-slim", "AS", "python"], ["python", "AS", "build"], ["python"]]
     assert "USER 65532:65532" in text                                         # non-root, numeric
     assert 'ENTRYPOINT ["tlsproxy"]' in text
-    assert "python3 -m venv" in text and "pip install --no-cache-dir /src" in text
+    assert "python3 -m venv" in text and "pip install --no-cache-dir --no-compile /src" in text
+    assert "pip uninstall -y -q pip setuptools" in text                       # nothing to install with
+    assert "compileall" in text and "unchecked-hash" in text                  # bytecode made at build
+    assert text.count("rm -rf /var/lib/apt/lists/*") == 2                     # no apt lists kept
     ignore = (ROOT / ".dockerignore").read_text()
     assert ignore.splitlines()[1] == "*"       # context limited to what the image needs
 
@@ -114,16 +122,67 @@ def test_image_builds_and_serves_tls13(tmp_path):
         pytest.fail("README.md is missing: the Dockerfile installs the package, which needs it")
     _ensure_base_image(tmp_path)
 
-    build = ["build", "--pull=never", "--network", "host", "-t", TEST_IMAGE]
+    build = ["build", "--pull=never", "--layers", "--network", "host"]
     if HOST_CA.exists():
         pip_conf = tmp_path / "pip.conf"
         pip_conf.write_text("[global]\ncert = /etc/ssl/host-ca.crt\n")
         build += ["-v", f"{HOST_CA}:/etc/ssl/host-ca.crt:ro", "-v", f"{pip_conf}:/etc/pip.conf:ro"]
-    _buildah(*build, "-f", str(DOCKERFILE), str(ROOT), timeout=1800)
+    try:
+        _buildah(*build, "--target", "python", "-t", BASE_TAG, "-f", str(DOCKERFILE), str(ROOT),
+                 timeout=1800)
+        _buildah(*build, "-t", TEST_IMAGE, "-f", str(DOCKERFILE), str(ROOT), timeout=1800)
+        _check_image(tmp_path)
+        _serve_tls13_from_the_image(tmp_path)
+    finally:
+        _buildah("rmi", TEST_IMAGE, BASE_TAG, check=False)
+
+
+def _layers(image: str, work: Path) -> list[tuple[str, int]]:
+    """(diff id, uncompressed size in bytes) of each layer, base first."""
+    diff_ids = _buildah("inspect", "--type", "image", "--format", "{{.OCIv1.RootFS.DiffIDs}}",
+                        image).stdout.strip().strip("[]").split()
+    out = work / image.rsplit(":", 1)[1].replace("/", "_")
+    _buildah("push", "--disable-compression", image, f"dir:{out}")
+    manifest = json.loads((out / "manifest.json").read_text())
+    sizes = [layer["size"] for layer in manifest["layers"]]
+    assert len(sizes) == len(diff_ids)
+    return list(zip(diff_ids, sizes, strict=True))
+
+
+def _check_image(work: Path) -> None:
     inspect = _buildah("inspect", "--type", "image", "--format",
                        "{{.OCIv1.Config.User}} {{.OCIv1.Config.Entrypoint}}", TEST_IMAGE).stdout
     assert inspect.split()[0] == "65532:65532" and "tlsproxy" in inspect
+    base, final = _layers(BASE_TAG, work), _layers(TEST_IMAGE, work)
+    assert final[:len(base)] == base, "the final image does not sit on the python stage"
+    above = sum(size for _digest, size in final[len(base):])
+    sys.stderr.write(f"image layers (bytes, base first): {[size for _d, size in final]}; "
+                     f"above the Python base: {above}\n")
+    assert above <= MAX_LAYERS_ABOVE_BASE, f"{above} bytes above the Python base"
+    # only what runs: no pip or setuptools, every module already compiled, no apt lists
+    probe = (
+        "import importlib, importlib.util, pkgutil, sys, pathlib, tlsproxy\n"
+        "bad = [m for m in ('pip', 'setuptools', 'wheel') if importlib.util.find_spec(m)]\n"
+        "for m in pkgutil.walk_packages(tlsproxy.__path__, 'tlsproxy.'):\n"
+        "    if m.name != 'tlsproxy.__main__': importlib.import_module(m.name)\n"
+        "import trio, watchfiles, yaml, prometheus_client, cryptography.x509\n"
+        "from cryptography.hazmat.primitives.asymmetric import ec, rsa, ed25519\n"
+        "site = pathlib.Path(tlsproxy.__file__).parent.parent\n"
+        "uncompiled = [str(p) for p in site.rglob('*.py') if not importlib.util.cache_from_source(str(p))"
+        " or not pathlib.Path(importlib.util.cache_from_source(str(p))).exists()]\n"
+        "lists = [p.name for p in pathlib.Path('/var/lib/apt/lists').glob('*') if p.is_file()]\n"
+        "print(bad, len(uncompiled), uncompiled[:3], lists)\n"
+    )
+    ctr = _buildah("from", "--pull=never", TEST_IMAGE).stdout.strip()
+    try:
+        r = _buildah("run", "--isolation", "chroot", "--network", "host", ctr, "--",
+                     "/opt/tlsproxy/bin/python", "-c", probe)
+    finally:
+        _buildah("rm", ctr, check=False)
+    assert r.stdout.strip() == "[] 0 [] []", r.stdout + r.stderr
 
+
+def _serve_tls13_from_the_image(tmp_path: Path) -> None:
     certs = tmp_path / "certs"
     certs.mkdir(mode=0o755)
     tmp_path.chmod(0o755)

@@ -16,7 +16,8 @@ new module is given its place in the map when it is written). The units, from th
     runtime workers                      root nursery, signals, drain; --workers N
     inbound outbound webhook             the programs' parts (never each other)
     app demo                             ``tlsproxy serve``; the demo upstream
-    cli __main__                         argument parsing, subcommands
+    args firstrun                        argument helpers; the "try this" lines
+    cli __main__                         the subcommand table (imports each shell explicitly)
 
 The subcommand shells ``certs/cli.py`` and ``webhook/cli.py`` are units of the CLI layer, not of
 their package: they parse arguments and call down (``certs check`` builds a real TLS context as a
@@ -58,12 +59,12 @@ ALLOWED: dict[str, set[str]] = {
     "app": _CORE | {"accept", "admin", "certs", "http", "inbound", "net", "outbound", "runtime", "tls",
                     "workers"},
     "demo": _CORE | {"app", "net", "runtime"},
-    # the CLI layer. The shells' "cli" entry is the argument helpers of cli.py; the import cycle
-    # that made (cli loading the shells by name) is guarded by test_no_import_cycles once cli.py
-    # imports the shells explicitly.
-    "certs.cli": _CORE | {"certs", "tls", "cli"},
-    "webhook.cli": _CORE | {"__init__", "webhook", "runtime", "cli"},
-    "cli": _CORE | {"__init__", "app", "demo", "certs.cli", "webhook.cli"},
+    # the CLI layer: argument helpers, the first-run lines, the subcommand shells, the table
+    "args": {"config", "errors"},
+    "firstrun": {"config", "certs"},
+    "certs.cli": _CORE | {"args", "certs", "tls"},
+    "webhook.cli": _CORE | {"__init__", "args", "webhook", "runtime"},
+    "cli": _CORE | {"__init__", "args", "app", "demo", "firstrun", "certs.cli", "webhook.cli"},
     "__main__": {"cli"},
 }
 
@@ -87,6 +88,12 @@ def _module_unit(parts: list[str]) -> str:
     return head if is_module else "__init__"     # `from tlsproxy import __version__`
 
 
+def _from_unit(module: list[str], name: str) -> str:
+    """The unit of ``from <module> import <name>``: the shell itself when ``name`` is one."""
+    shell = "/".join(module + [name]) + ".py"
+    return SHELLS[shell] if shell in SHELLS else _module_unit(module)
+
+
 def _imports(path: Path) -> set[str]:
     return _imports_of(path.read_text(), list(path.relative_to(PKG).parts))
 
@@ -103,14 +110,14 @@ def _imports_of(source: str, rel_parts: list[str]) -> set[str]:
             base = rel_parts[:depth_of_pkg - up]
             target = base + (node.module.split(".") if node.module else [])
             if node.module:
-                found.add(_module_unit(target))
+                found.update(_from_unit(target, alias.name) for alias in node.names)
             else:
                 found.update(_module_unit(target + [alias.name]) for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and \
                 (node.module == "tlsproxy" or node.module.startswith("tlsproxy.")):
             parts = node.module.split(".")[1:]
             if parts:
-                found.add(_module_unit(parts))
+                found.update(_from_unit(parts, alias.name) for alias in node.names)
             else:
                 found.update(_module_unit([alias.name]) for alias in node.names)
         elif isinstance(node, ast.Import):

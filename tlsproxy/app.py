@@ -87,7 +87,7 @@ class App:
             return CertSource(cert=s.cert, key=s.key, client_ca=s.client_ca, cert2=s.cert2, key2=s.key2)
         state = s.state_dir or devca.default_state_dir(self._state_env)
         try:
-            directory, _created = devca.ensure(state)
+            directory, _created = devca.ensure(state, s.dev_ca_names)
         except OSError as exc:
             raise ConfigError(f"--state-dir: cannot create the development CA in {state}: "
                               f"{exc.strerror or exc}") from None
@@ -235,8 +235,9 @@ class App:
         ca = self.standalone_dir / "ca.crt"
         bound = self.bound.tls
         port = bound.port if bound else self.settings.listen.port
-        print(f"tlsproxy: standalone mode: development CA at {ca}\n"
-              f"tlsproxy: try: curl --cacert {ca} https://localhost:{port}/", flush=True)
+        # the person-facing lines were printed first by the CLI (firstrun.py); this is the record
+        log.info("standalone mode", ca=str(ca), url=f"https://localhost:{port}/",
+                 **{"try": f"curl --cacert {ca} https://localhost:{port}/"}, trust="tlsproxy trust")
 
 
 def main_serve(settings: Settings) -> int:

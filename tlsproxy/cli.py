@@ -1,8 +1,10 @@
-"""Command line: ``tlsproxy serve|demo|certs|webhook|inject``.
+"""Command line: ``tlsproxy serve|demo|trust|certs|inject|webhook``.
 
 Parsing happens once, here; every bad value ends as one line ``tlsproxy: error: ...`` on stderr and
-exit code 2. Subcommands that are not the proxy itself live in their own modules and register a
-``(add_arguments, run)`` pair in :data:`SUBCOMMANDS`, so this module stays a thin table.
+exit code 2. :data:`SUBCOMMANDS` is the whole table: each entry names a small argument-definition
+function and a run function. Argument definitions are cheap and imported statically; each run
+function imports its implementation (the proxy runtime, the webhook, certificate tooling, YAML)
+only when that command runs, so ``tlsproxy serve`` loads none of the others' code.
 """
 
 from __future__ import annotations
@@ -11,72 +13,51 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
 
 from . import __version__
-from .config import Settings, build_settings, options
+from .args import EXIT_USAGE, Parser, add_settings_arguments, settings_from_args
+from .certs import cli as certs_cli
+from .config import Settings
 from .errors import ConfigError, TLSProxyError
+from .webhook import cli as webhook_cli
 
-EXIT_USAGE = 2
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports errors as one line and exit code 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        sys.stderr.write(f"tlsproxy: error: {message}\n")
-        raise SystemExit(EXIT_USAGE)
-
-
-def add_settings_arguments(parser: argparse.ArgumentParser, groups: Sequence[str] | None = None,
-                           flags: Sequence[str] | None = None) -> None:
-    """Add every setting of the table as a flag (or only those of ``groups``, or only ``flags``).
-    Values stay raw strings; ``build_settings`` parses."""
-    seen: dict[str, argparse._ArgumentGroup] = {}
-    for o in options():
-        if groups is not None and o.group not in groups:
-            continue
-        if flags is not None and o.flag not in flags:
-            continue
-        group = seen.setdefault(o.group, parser.add_argument_group(o.group))
-        help_text = o.help
-        if o.repeat:
-            help_text += " (repeatable)"
-        elif o.default not in (None, (), ""):
-            shown = o.default
-            if isinstance(shown, bool):
-                shown = "on" if shown else "off"
-            help_text += f" [default: {shown}]"
-        help_text += f"; env {o.env}" if not o.repeat else ""
-        group.add_argument(f"--{o.flag}", dest=f"opt:{o.flag}", metavar=o.metavar or "VALUE",
-                           action="append" if o.repeat else "store", default=argparse.SUPPRESS,
-                           help=help_text.replace("%", "%%"))
-
-
-def settings_from_args(ns: argparse.Namespace, env: Mapping[str, str] | None = None,
-                       base: Settings | None = None) -> Settings:
-    flags = {k[4:]: v for k, v in vars(ns).items() if k.startswith("opt:")}
-    return build_settings(flags, os.environ if env is None else env, base)
+__all__ = ["EXIT_USAGE", "SUBCOMMANDS", "build_parser", "main", "parse_serve_settings",
+           "settings_from_args"]
 
 
 def parse_serve_settings(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Settings:
     """Parse ``tlsproxy serve`` arguments into Settings (the injector's tests use this too)."""
-    parser = _Parser(prog="tlsproxy serve")
+    parser = Parser(prog="tlsproxy serve")
     add_settings_arguments(parser)
     ns = parser.parse_args(list(argv))
     return settings_from_args(ns, env)
 
 
-# ---------------------------------------------------------------------------- subcommands
+# ---------------------------------------------------------------------------- serve and demo
 
 def _serve_args(parser: argparse.ArgumentParser) -> None:
     add_settings_arguments(parser)
 
 
+def _first_lines(settings: Settings, command: str) -> None:
+    """The "try this" lines, first of all output, when a person reads it (``firstrun.py``)."""
+    from . import firstrun
+    from .log import resolve_format
+
+    wanted = command == "demo" or firstrun.is_standalone(settings)
+    banner = firstrun.lines(settings, command) if wanted else []
+    if banner and resolve_format(settings.log_format) == "text":
+        sys.stdout.write("\n".join(banner) + "\n")
+        sys.stdout.flush()
+
+
 def _serve_run(ns: argparse.Namespace) -> int:
+    settings = settings_from_args(ns)
+    _first_lines(settings, "serve")
     from .app import main_serve
 
-    return main_serve(settings_from_args(ns))
+    return main_serve(settings)
 
 
 def _demo_args(parser: argparse.ArgumentParser) -> None:
@@ -86,43 +67,47 @@ def _demo_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _demo_run(ns: argparse.Namespace) -> int:
+    # A person stops the demo with Ctrl-C: no load balancer to wait for, so no drain delay unless
+    # one is asked for (flag or environment).
+    if not hasattr(ns, "opt:drain-delay") and "TLSPROXY_DRAIN_DELAY" not in os.environ:
+        setattr(ns, "opt:drain-delay", "0")
+    settings = settings_from_args(ns)
+    _first_lines(settings, "demo")
     from .demo import main_demo
 
-    return main_demo(settings_from_args(ns), app_port=ns.app_port)
+    return main_demo(settings, app_port=ns.app_port)
 
 
-# name -> (help, add_arguments, run). Other modules append here via register().
-SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
-                             Callable[[argparse.Namespace], int]]] = {
-    "serve": ("terminate TLS and forward to the app (the sidecar)", _serve_args, _serve_run),
-    "demo": ("run a built-in demo app behind the proxy, with a development certificate", _demo_args,
-             _demo_run),
+# ---------------------------------------------------------------------------- the table
+
+@dataclass(frozen=True)
+class Subcommand:
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {
+    "serve": Subcommand("terminate TLS and forward to the app (the sidecar)", _serve_args, _serve_run),
+    "demo": Subcommand("run a built-in demo app behind the proxy, with a development certificate",
+                       _demo_args, _demo_run),
+    "trust": Subcommand("install (or --uninstall) the development CA in the system and browser trust "
+                        "stores", certs_cli.add_trust_arguments, certs_cli.run_trust),
+    "certs": Subcommand("make (bootstrap), dry-run reload (check) and describe (inspect) certificates",
+                        certs_cli.add_arguments, certs_cli.run),
+    "inject": Subcommand("add the tlsproxy sidecar to workloads in YAML (offline, like the webhook)",
+                         webhook_cli.add_inject_arguments, webhook_cli.run_inject),
+    "webhook": Subcommand("serve the mutating admission webhook (/mutate, /mutate-namespace) over HTTPS",
+                          webhook_cli.add_webhook_arguments, webhook_cli.run_webhook),
 }
-
-# Modules that register further subcommands when imported (kept lazy-safe: each import is cheap).
-_PLUGINS = ("tlsproxy.certs.cli", "tlsproxy.webhook.cli")
-
-
-def register(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None],
-             run: Callable[[argparse.Namespace], int]) -> None:
-    SUBCOMMANDS[name] = (help, add_arguments, run)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import importlib
-
-    for module in _PLUGINS:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-    parser = _Parser(prog="tlsproxy", description="A TLS 1.3 sidecar for plain-HTTP apps.")
+    parser = Parser(prog="tlsproxy", description="A TLS 1.3 sidecar for plain-HTTP apps.")
     parser.add_argument("--version", action="version", version=f"tlsproxy {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for name, (help_text, add_arguments, _run) in SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        add_arguments(p)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    for name, command in SUBCOMMANDS.items():
+        command.add_arguments(sub.add_parser(name, help=command.help, description=command.help))
     return parser
 
 
@@ -132,18 +117,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not ns.command:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    _help, _add, run = SUBCOMMANDS[ns.command]
     try:
-        return run(ns)
-    except ConfigError as exc:
-        sys.stderr.write(f"tlsproxy: error: {exc}\n")
-        return EXIT_USAGE
-    except TLSProxyError as exc:
+        return SUBCOMMANDS[ns.command].run(ns)
+    except (ConfigError, TLSProxyError) as exc:
         sys.stderr.write(f"tlsproxy: error: {exc}\n")
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
-
-
-def run_cli(argv: Sequence[str]) -> Any:  # pragma: no cover - convenience for `python -m`
-    return main(argv)

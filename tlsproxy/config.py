@@ -113,6 +113,23 @@ def parse_on_off(raw: Any) -> bool:
     raise ValueError(f"{raw!r} is not on or off")
 
 
+_DNS_LABEL_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+def parse_dev_ca_name(raw: Any) -> str:
+    """A name the development CA may sign for: a DNS name (``myapp.test``: it and the names under
+    it), ``.suffix`` (only the names under it), an IP address or a network (``10.0.0.0/8``)."""
+    text = str(raw).strip().lower()
+    try:
+        return str(ipaddress.ip_network(text, strict=False))
+    except ValueError:
+        pass
+    labels = text.removeprefix(".").split(".")
+    if not text or len(text) > 253 or not all(_DNS_LABEL_RE.match(label) for label in labels):
+        raise ValueError(f"{raw!r} is not a DNS name, .suffix, IP address or network")
+    return text
+
+
 def choice(*allowed: str) -> Callable[[Any], str]:
     def parse(raw: Any) -> str:
         text = str(raw).strip().lower()
@@ -324,6 +341,12 @@ class Settings:
     state_dir: Path | None = opt(None, parse_path, "where standalone mode keeps its development CA "
                                  "(default: $XDG_STATE_HOME/tlsproxy or ~/.local/state/tlsproxy)",
                                  metavar="DIR", group="certificates")
+    dev_ca_names: tuple[str, ...] = opt((), parse_dev_ca_name, "standalone mode: a further name the "
+                                        "development CA may sign for and its certificate covers (a DNS "
+                                        "name, .suffix, IP address or network); the CA is otherwise "
+                                        "limited to localhost, *.localhost, 127.0.0.0/8 and ::1",
+                                        flag="dev-ca-name", metavar="NAME", repeat=True,
+                                        group="certificates")
     cert2: Path | None = opt(None, parse_path, "a second certificate chain PEM of the other key type "
                              "(RSA beside ECDSA), with --key2; default: tls2.crt in --cert-dir if present",
                              metavar="FILE", group="certificates")
@@ -454,8 +477,9 @@ class Settings:
     # logging
     access_log: bool = opt(True, parse_on_off, "one line per request: on or off", metavar="on|off",
                            group="logging")
-    log_format: str = opt("auto", choice("auto", "json", "text"), "json, text, or auto (json when "
-                          "stderr is not a terminal)", metavar="FORMAT", group="logging")
+    log_format: str = opt("auto", choice("auto", "json", "text"), "json, text, or auto (text for a "
+                          "person: stdout and stderr both terminals; json otherwise)", metavar="FORMAT",
+                          group="logging")
     log_level: str = opt("info", choice("debug", "info", "warning", "error"), "lowest level logged",
                          metavar="LEVEL", group="logging")
     config: Path | None = opt(None, parse_path, "YAML file of settings (keys are the flag names)",

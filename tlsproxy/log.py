@@ -72,10 +72,26 @@ def get_logger(name: str = "") -> Logger:
     return Logger(name)
 
 
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):    # no isatty, or a closed stream
+        return False
+
+
+def resolve_format(fmt: str = "auto", stream: Any = None, stdout: Any = None) -> str:
+    """``auto`` is text for a person at a terminal (stdout and the log stream both terminals) and
+    JSON otherwise (a pod, a pipe, a file); ``text`` and ``json`` are taken as given."""
+    if fmt != "auto":
+        return fmt
+    stream = stream or sys.stderr
+    stdout = stdout or sys.stdout
+    return "text" if _isatty(stdout) and _isatty(stream) else "json"
+
+
 def setup(fmt: str = "auto", level: str = "info", stream: Any = None) -> None:
     stream = stream or sys.stderr
-    if fmt == "auto":
-        fmt = "text" if getattr(stream, "isatty", lambda: False)() else "json"
+    fmt = resolve_format(fmt, stream)
     handler = logging.StreamHandler(stream)
     handler.setFormatter(_Formatter(fmt))
     root = logging.getLogger(_ROOT)

@@ -15,14 +15,18 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import os
+import ssl
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import NameOID
+from typing import TYPE_CHECKING
 
 from ..errors import CertError
+from . import der
+
+if TYPE_CHECKING:      # cryptography is loaded only by the tools that make or inspect certificates
+    from cryptography import x509
 
 CERT_FILE = "tls.crt"
 KEY_FILE = "tls.key"
@@ -45,24 +49,18 @@ class CertInfo:
     fingerprint_sha256: str
 
     @classmethod
+    def from_der(cls, cert: der.Cert) -> CertInfo:
+        return cls(subject=cert.subject, issuer=cert.issuer, serial=format(cert.serial, "x"),
+                   not_before=cert.not_before, not_after=cert.not_after, dns_names=cert.dns_names,
+                   ip_addresses=cert.ip_addresses, uris=cert.uris, key_type=cert.key_type,
+                   fingerprint_sha256=cert.fingerprint_sha256)
+
+    @classmethod
     def of(cls, cert: x509.Certificate) -> CertInfo:
-        try:
-            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-            dns = tuple(san.get_values_for_type(x509.DNSName))
-            ips = tuple(str(i) for i in san.get_values_for_type(x509.IPAddress))
-            uris = tuple(san.get_values_for_type(x509.UniformResourceIdentifier))
-        except x509.ExtensionNotFound:
-            dns, ips, uris = (), (), ()
-        return cls(
-            subject=cert.subject.rfc4514_string(),
-            issuer=cert.issuer.rfc4514_string(),
-            serial=format(cert.serial_number, "x"),
-            not_before=cert.not_valid_before_utc,
-            not_after=cert.not_valid_after_utc,
-            dns_names=dns, ip_addresses=ips, uris=uris,
-            key_type=key_type_of(cert),
-            fingerprint_sha256=cert.fingerprint(_sha256()).hex(),
-        )
+        """The same description of a cryptography certificate (tools and tests)."""
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        return cls.from_der(der.parse(cert.public_bytes(Encoding.DER)))
 
     def as_dict(self) -> dict:
         return {
@@ -78,23 +76,11 @@ class CertInfo:
         return self.subject
 
 
-def _sha256():
-    from cryptography.hazmat.primitives import hashes
-
-    return hashes.SHA256()
-
-
 def key_type_of(cert: x509.Certificate) -> str:
-    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+    """``ecdsa``, ``rsa``, ``ed25519``… of a cryptography certificate."""
+    from cryptography.hazmat.primitives.serialization import Encoding
 
-    pub = cert.public_key()
-    if isinstance(pub, ec.EllipticCurvePublicKey):
-        return "ecdsa"
-    if isinstance(pub, rsa.RSAPublicKey):
-        return "rsa"
-    if isinstance(pub, ed25519.Ed25519PublicKey):
-        return "ed25519"
-    return type(pub).__name__
+    return der.parse(cert.public_bytes(Encoding.DER)).key_type
 
 
 @dataclass(frozen=True)
@@ -108,8 +94,15 @@ class Bundle:
     key_path: str
     ca_path: str | None
     info: CertInfo
-    chain: tuple[x509.Certificate, ...] = field(repr=False)
+    certs: tuple[der.Cert, ...] = field(repr=False)
     warnings: tuple[str, ...] = ()
+
+    @property
+    def chain(self) -> tuple[x509.Certificate, ...]:
+        """The chain as cryptography certificates (for the inspection tools; loads cryptography)."""
+        from cryptography import x509
+
+        return tuple(x509.load_der_x509_certificate(c.der) for c in self.certs)
 
     @property
     def digest(self) -> str:
@@ -162,16 +155,75 @@ def load_files(cert: Path, key: Path, ca: Path | None = None, *, now: dt.datetim
     return build(cert_pem, key_pem, ca_pem, str(cert), str(key), str(ca) if ca else None, now=now)
 
 
-def parse_pem_certs(pem: bytes, path: str, what: str = "certificate") -> tuple[x509.Certificate, ...]:
+def parse_pem_certs(pem: bytes, path: str, what: str = "certificate") -> tuple[der.Cert, ...]:
+    """Every certificate of a PEM bundle, read (``der.py``); CertError naming ``what`` otherwise."""
     if b"-----BEGIN" not in pem:
         raise CertError(path, f"{what} is empty or not PEM" if pem.strip() else f"{what} is empty")
     try:
-        certs = tuple(x509.load_pem_x509_certificates(pem))
-    except ValueError as exc:
+        certs = tuple(der.parse(d) for d in der.pem_certificates(pem))
+    except (ValueError, UnicodeDecodeError) as exc:
         raise CertError(path, f"{what} does not parse: {exc}") from None
     if not certs:
         raise CertError(path, f"no certificate in {what}")
     return certs
+
+
+def load_x509(pem: bytes, path: str, what: str = "certificate") -> tuple[x509.Certificate, ...]:
+    """``parse_pem_certs``'s checks, then the certificates as cryptography objects (tools only)."""
+    from cryptography import x509
+
+    parse_pem_certs(pem, path, what)
+    try:
+        return tuple(x509.load_pem_x509_certificates(pem))
+    except ValueError as exc:
+        raise CertError(path, f"{what} does not parse: {exc}") from None
+
+
+def _no_password() -> bytes:
+    raise _Encrypted
+
+
+class _Encrypted(Exception):
+    pass
+
+
+def _key_problem(cert_pem: bytes, key_pem: bytes, cert_path: str) -> str | None:
+    """Why OpenSSL would not serve this key with this certificate, or None. (The same loader the
+    TLS context uses, with a password callback that refuses instead of prompting on a terminal.)"""
+    if not key_pem.strip():
+        return "private key is empty"
+    if b"ENCRYPTED" in key_pem.split(b"\n\n", 1)[0] and b"PRIVATE KEY-----" in key_pem:
+        return "private key is encrypted; tlsproxy needs an unencrypted key"
+    if b"PRIVATE KEY-----" not in key_pem:
+        return "private key does not parse as a PEM private key"
+    data = cert_pem.rstrip(b"\n") + b"\n" + key_pem
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    fd = -1
+    try:
+        if hasattr(os, "memfd_create"):       # the key never touches disk
+            fd = os.memfd_create("tlsproxy-check", os.MFD_CLOEXEC)
+            os.write(fd, data)
+            ctx.load_cert_chain(f"/proc/self/fd/{fd}", password=_no_password)
+        else:
+            with tempfile.NamedTemporaryFile(prefix="tlsproxy-", suffix=".pem") as f:
+                os.chmod(f.name, 0o600)
+                f.write(data)
+                f.flush()
+                ctx.load_cert_chain(f.name, password=_no_password)
+    except _Encrypted:
+        return "private key is encrypted; tlsproxy needs an unencrypted key"
+    except ssl.SSLError as exc:
+        reason = exc.reason or ""
+        if reason == "KEY_VALUES_MISMATCH":
+            return f"private key does not match the certificate in {cert_path}"
+        if reason.endswith(("TOO_SMALL", "TOO_WEAK")) or "UNSUPPORTED" in reason:
+            # read, but refused (an RSA key under 2048 bits, a SHA-1 signature…)
+            return f"OpenSSL refused the certificate/key: {reason}"
+        return "private key does not parse as a PEM private key"
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    return None
 
 
 def build(cert_pem: bytes, key_pem: bytes, ca_pem: bytes | None, cert_path: str, key_path: str,
@@ -180,30 +232,15 @@ def build(cert_pem: bytes, key_pem: bytes, ca_pem: bytes | None, cert_path: str,
     now = now or dt.datetime.now(dt.UTC)
     chain = parse_pem_certs(cert_pem, cert_path)
     leaf = chain[0]
-    try:
-        key = serialization.load_pem_private_key(key_pem, password=None)
-    except TypeError:
-        raise CertError(key_path, "private key is encrypted; tlsproxy needs an unencrypted key") from None
-    except ValueError:
-        what = "is empty" if not key_pem.strip() else "does not parse as a PEM private key"
-        raise CertError(key_path, f"private key {what}") from None
-    except Exception as exc:  # unsupported algorithm and the like
-        raise CertError(key_path, f"private key unusable: {exc}") from None
-    pub = serialization.PublicFormat.SubjectPublicKeyInfo
-    if (key.public_key().public_bytes(serialization.Encoding.DER, pub)
-            != leaf.public_key().public_bytes(serialization.Encoding.DER, pub)):
-        raise CertError(key_path, f"private key does not match the certificate in {cert_path}")
-    if leaf.not_valid_after_utc <= now:
-        raise CertError(cert_path, f"certificate expired at {leaf.not_valid_after_utc.isoformat()}")
+    problem = _key_problem(cert_pem, key_pem, cert_path)
+    if problem is not None:
+        raise CertError(key_path, problem)
+    if leaf.not_after <= now:
+        raise CertError(cert_path, f"certificate expired at {leaf.not_after.isoformat()}")
     warnings = []
-    if leaf.not_valid_before_utc > now:
-        warnings.append(f"certificate is not valid before {leaf.not_valid_before_utc.isoformat()}")
+    if leaf.not_before > now:
+        warnings.append(f"certificate is not valid before {leaf.not_before.isoformat()}")
     if ca_pem is not None:
         parse_pem_certs(ca_pem, ca_path or "ca.crt", "CA bundle")
-    return Bundle(cert_pem, key_pem, ca_pem, cert_path, key_path, ca_path, CertInfo.of(leaf), chain,
+    return Bundle(cert_pem, key_pem, ca_pem, cert_path, key_path, ca_path, CertInfo.from_der(leaf), chain,
                   tuple(warnings))
-
-
-def common_name(cert: x509.Certificate) -> str | None:
-    attrs = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    return str(attrs[0].value) if attrs else None

@@ -55,12 +55,15 @@ def _name(cn: str, org: str | None = None, ou: str | None = None) -> x509.Name:
 
 
 def make_ca(cn: str = "tlsproxy development CA", *, key_type: str = "ecdsa",
-            validity: dt.timedelta = CA_VALIDITY, now: dt.datetime | None = None) -> Issued:
+            validity: dt.timedelta = CA_VALIDITY, now: dt.datetime | None = None,
+            permitted: tuple[x509.GeneralName, ...] = ()) -> Issued:
+    """A self-signed CA. ``permitted`` makes it name-constrained (RFC 5280 §4.2.1.10, critical): a
+    verifier then refuses any leaf it signs for a name outside those subtrees."""
     key = new_key(key_type)
     now = now or dt.datetime.now(dt.UTC)
     name = _name(cn, "tlsproxy")
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-    cert = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(name).issuer_name(name)
         .public_key(key.public_key())
@@ -72,8 +75,11 @@ def make_ca(cn: str = "tlsproxy development CA", *, key_type: str = "ecdsa",
                                      data_encipherment=False, key_agreement=False,
                                      encipher_only=False, decipher_only=False), critical=True)
         .add_extension(ski, critical=False)
-        .sign(key, hashes.SHA256())
     )
+    if permitted:
+        builder = builder.add_extension(x509.NameConstraints(permitted_subtrees=list(permitted),
+                                                             excluded_subtrees=None), critical=True)
+    cert = builder.sign(key, hashes.SHA256())
     return Issued(cert.public_bytes(serialization.Encoding.PEM), key_pem(key))
 
 

@@ -22,7 +22,7 @@ from .bundle import (
     KEY_FILE,
     Bundle,
     CertInfo,
-    parse_pem_certs,
+    load_x509,
     read_file,
     resolve_secret_dir,
 )
@@ -114,7 +114,7 @@ def inspect_path(path: Path) -> Inspection:
         if not cert_file.exists() and (base / CA_FILE).exists():
             cert_file = base / CA_FILE         # a CA-only directory (e.g. bootstrap --ca-dir)
         cert_pem = read_file(cert_file, "certificate")
-        certs = parse_pem_certs(cert_pem, str(path / cert_file.name))
+        certs = load_x509(cert_pem, str(path / cert_file.name))
         key = None
         key_file = base / (KEY_FILE if cert_file.name == CERT_FILE else "ca.key")
         if key_file.exists():
@@ -123,12 +123,12 @@ def inspect_path(path: Path) -> Inspection:
         ca_path = None
         if cert_file.name != CA_FILE and (base / CA_FILE).exists():
             ca_path = str(path / CA_FILE)
-            ca_certs = parse_pem_certs(read_file(base / CA_FILE, "CA bundle"), ca_path, "CA bundle")
+            ca_certs = load_x509(read_file(base / CA_FILE, "CA bundle"), ca_path, "CA bundle")
         return Inspection(str(path), str(path / cert_file.name), certs, key, ca_path, ca_certs)
     if not path.exists():
         raise CertError(path, "does not exist")
     pem = read_file(path, "certificate")
-    certs = parse_pem_certs(pem, str(path))
+    certs = load_x509(pem, str(path))
     key = None
     if b"PRIVATE KEY-----" in pem:
         key = check_key(pem, str(path), certs[0])

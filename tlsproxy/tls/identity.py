@@ -33,11 +33,12 @@ import base64
 import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-
-from cryptography import x509
-from cryptography.x509.oid import NameOID
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
+
+if TYPE_CHECKING:     # cryptography loads with the first client certificate (issue 19: memory)
+    from cryptography import x509
 
 XFCC_HEADER = "x-forwarded-client-cert"
 CLIENT_CERT_HEADER = "client-cert"              # RFC 9440 section 2.2
@@ -64,6 +65,8 @@ class Identity:
     def from_der(cls, der: bytes) -> Identity:
         """Parse a DER certificate. Raises ``ValueError`` (only) if it, its subject or its SAN
         extension does not parse (cryptography also raises e.g. ``DuplicateExtension``)."""
+        from cryptography import x509
+
         try:
             return cls.from_certificate(x509.load_der_x509_certificate(der), der)
         except ValueError:
@@ -73,7 +76,9 @@ class Identity:
 
     @classmethod
     def from_certificate(cls, cert: x509.Certificate, der: bytes | None = None) -> Identity:
+        from cryptography import x509
         from cryptography.hazmat.primitives.serialization import Encoding
+        from cryptography.x509.oid import NameOID
 
         der = der if der is not None else cert.public_bytes(Encoding.DER)
         subject = cert.subject

@@ -1,6 +1,8 @@
 """``tlsproxy inject`` (offline, like ``linkerd inject``) and ``tlsproxy webhook`` (the admission server).
 
-Both take ``--image``; both go through :func:`tlsproxy.webhook.injector.decide`.
+Both take ``--image``; both go through :func:`tlsproxy.webhook.injector.decide`. The argument
+definitions here are cheap; the injector, the YAML reader and the webhook server are imported by the
+run functions, only for these commands.
 """
 
 from __future__ import annotations
@@ -9,21 +11,25 @@ import argparse
 import sys
 from pathlib import Path
 
-from .. import cli as _cli
+from .. import __version__
+from ..args import add_settings_arguments, settings_from_args
 from ..errors import ConfigError
-from .injector import Injected, InjectOptions, Skipped, default_image
 
 
 def _image_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--image", default=default_image(), metavar="IMAGE",
-                        help=f"image of the injected tlsproxy container [default: {default_image()}]")
+    # The default is injector.default_image(), resolved in _options (the injector loads only for
+    # these commands); tests/test_cli_structure.py holds this help text to it.
+    parser.add_argument("--image", default=None, metavar="IMAGE",
+                        help=f"image of the injected tlsproxy container [default: tlsproxy:{__version__}]")
     parser.add_argument("--image-pull-policy", default="IfNotPresent",
                         choices=("IfNotPresent", "Always", "Never"),
                         help="imagePullPolicy of the injected container [default: IfNotPresent]")
 
 
-def _options(ns: argparse.Namespace) -> InjectOptions:
-    image = ns.image.strip()
+def _options(ns: argparse.Namespace):
+    from .injector import InjectOptions, default_image
+
+    image = (ns.image if ns.image is not None else default_image()).strip()
     if not image or any(ch.isspace() for ch in image):
         raise ConfigError(f"--image: {ns.image!r} is not an image reference")
     return InjectOptions(image=image, image_pull_policy=ns.image_pull_policy)
@@ -31,14 +37,15 @@ def _options(ns: argparse.Namespace) -> InjectOptions:
 
 # ---------------------------------------------------------------------------- inject
 
-def _inject_args(parser: argparse.ArgumentParser) -> None:
+def add_inject_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-f", "--filename", required=True, metavar="FILE",
                         help="multi-document YAML to rewrite, or - for standard input")
     _image_argument(parser)
     parser.add_argument("-q", "--quiet", action="store_true", help="no per-workload summary on stderr")
 
 
-def _inject_run(ns: argparse.Namespace) -> int:
+def run_inject(ns: argparse.Namespace) -> int:
+    from .injector import Injected, Skipped
     from .k8s_yaml import inject_text
 
     options = _options(ns)
@@ -63,8 +70,6 @@ def _inject_run(ns: argparse.Namespace) -> int:
     return 0
 
 
-_cli.register("inject", "add the tlsproxy sidecar to workloads in YAML (offline, like the webhook)",
-              _inject_args, _inject_run)
 
 
 # ---------------------------------------------------------------------------- webhook
@@ -76,18 +81,18 @@ WEBHOOK_FLAGS = (
     "idle-timeout", "drain-timeout", "drain-delay", "log-format", "log-level", "config",
 )
 
-def _webhook_args(parser: argparse.ArgumentParser) -> None:
-    _cli.add_settings_arguments(parser, flags=WEBHOOK_FLAGS)
+def add_webhook_arguments(parser: argparse.ArgumentParser) -> None:
+    add_settings_arguments(parser, flags=WEBHOOK_FLAGS)
     _image_argument(parser)
 
 
-def _webhook_run(ns: argparse.Namespace) -> int:
+def run_webhook(ns: argparse.Namespace) -> int:
     from .. import log as logging_setup
     from ..errors import CertError
     from ..runtime import run_main
     from .server import Webhook, WebhookConfig
 
-    settings = _cli.settings_from_args(ns)
+    settings = settings_from_args(ns)
     logging_setup.setup(settings.log_format, settings.log_level)
     webhook = Webhook(WebhookConfig(settings, _options(ns)))
     try:
@@ -97,5 +102,3 @@ def _webhook_run(ns: argparse.Namespace) -> int:
     return run_main(webhook.run_with_signals)
 
 
-_cli.register("webhook", "serve the mutating admission webhook (/mutate, /mutate-namespace) over HTTPS",
-              _webhook_args, _webhook_run)
