@@ -32,7 +32,8 @@ from .certs.source import CertSource, Material
 from .config import HostPort, Settings
 from .errors import CertError, ConfigError
 from .http.deadlines import tick_for
-from .http.forward import Drain, Forwarder, Limits, Route
+from .http.exchange import Drain, Limits, Route
+from .http.forward import Forwarder
 from .http.pool import Pool
 from .inbound import mtls
 from .inbound import tcp as tcp_mode

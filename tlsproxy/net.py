@@ -346,6 +346,29 @@ class PlainStream(trio.abc.HalfCloseableStream):
             release_fd(self._fd)
             self.socket.close()
 
+    async def linger_close(self, timeout_s: float = 0.5, max_bytes: int = 256 * 1024) -> None:
+        """Close after an answer: send FIN, read and drop what the client still sends for a
+        moment (a close with unread bytes would reset the connection and could destroy the
+        answer before the client read it), then close."""
+        if self._closed:
+            return
+        try:
+            self.socket.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.close_now()
+            return
+        with trio.move_on_after(timeout_s):
+            discarded = 0
+            while discarded < max_bytes:
+                try:
+                    got = await self.receive_some(65536)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    break
+                if not got:
+                    break
+                discarded += len(got)
+        self.close_now()
+
     async def aclose(self) -> None:
         self.close_now()
         await trio.lowlevel.checkpoint()

@@ -18,7 +18,7 @@ from ..errors import HTTPError
 Triple = tuple[bytes, bytes, bytes]
 
 # RFC 9110 §7.6.1 plus the de-facto ones (Keep-Alive, Proxy-Connection). Transfer-Encoding is
-# re-framed by h11 on each leg; Content-Length is kept (it is end-to-end).
+# re-framed on each leg; Content-Length is kept (it is end-to-end).
 HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
     b"upgrade", b"proxy-authenticate", b"proxy-authorization",
@@ -308,7 +308,8 @@ def _port_of(host: bytes) -> bytes | None:
     return port if sep and port.isdigit() else None
 
 
-def rewrite_request(full_items: list[Triple], facts: ForwardFacts, *, host_override: bytes | None = None
+def rewrite_request(full_items: list[Triple], facts: ForwardFacts, *, host_override: bytes | None = None,
+                    expect_continue: bool = False, te_trailers: bool = False
                     ) -> tuple[list[Triple], bytes, bytes | None]:
     """Headers for the upstream leg, the request id, and the Upgrade value (when upgrading).
 
@@ -318,7 +319,10 @@ def rewrite_request(full_items: list[Triple], facts: ForwardFacts, *, host_overr
     - ``X-Forwarded-For`` gets the client address appended; ``X-Forwarded-Proto/Host/Port`` are set;
     - ``X-Request-Id`` is kept when sane, otherwise generated;
     - ``Host`` is kept, or replaced by ``host_override`` (outbound: the peer's authority);
-    - ``Expect: 100-continue`` is answered by the proxy itself, so it is not passed on.
+    - ``Expect`` is dropped, unless ``expect_continue``: then ``Expect: 100-continue`` goes to the app,
+      whose own ``100`` (or early final answer) comes back to the client;
+    - ``TE`` is hop-by-hop; ``te_trailers`` sends ``TE: trailers`` on (the client takes trailers, and
+      some apps, gRPC among them, send them only then).
     """
     tokens: set[bytes] = set()
     upgrade: bytes | None = None
@@ -356,6 +360,10 @@ def rewrite_request(full_items: list[Triple], facts: ForwardFacts, *, host_overr
         # an HTTP/1.0 client may omit Host; the upstream leg is HTTP/1.1, which needs one:
         # empty, as RFC 9112 §3.2 says for a target without an authority
         out.insert(0, (b"Host", b"host", b""))
+    if expect_continue:
+        out.append((b"Expect", b"expect", b"100-continue"))
+    if te_trailers:
+        out.append((b"TE", b"te", b"trailers"))
     if upgrade is not None:
         out.append((b"Connection", b"connection", b"upgrade"))
         out.append((b"Upgrade", b"upgrade", upgrade))

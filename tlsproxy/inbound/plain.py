@@ -27,7 +27,8 @@ from .. import net
 from ..config import HostPort
 from ..errors import HTTPError
 from ..http import headers as hdr
-from ..http.forward import ConnFacts, Forwarder
+from ..http.exchange import ConnFacts
+from ..http.forward import Forwarder
 from ..http.redirect import redirect_location
 from ..log import get_logger
 from ..metrics import Metrics
@@ -69,7 +70,7 @@ class PlainHandler:
         ip, port = net.peer_host_port(peer)
         self._accepted.inc()
         self._active.inc()
-        stream = net.socket_stream(sock)
+        stream = net.PlainStream(sock)
         try:
             if self.cfg.mode == "forward":
                 assert self.forwarder is not None
@@ -97,7 +98,7 @@ class PlainHandler:
                 return
         if req is None:
             return      # EOF, or the head did not arrive in time: nothing to answer
-        host = hdr.header_value(req.headers._full_items, b"host")
+        host = dict(req.headers).get(b"host")
         try:
             location = redirect_location(host, req.target, cfg.redirect_port)
         except HTTPError as err:

@@ -16,7 +16,8 @@ from .. import net
 from ..config import HostPort
 from ..errors import HTTPError
 from ..http import headers as hdr
-from ..http.forward import ConnFacts, Forwarder
+from ..http.exchange import ConnFacts
+from ..http.forward import Forwarder
 from ..log import get_logger
 from ..metrics import Metrics
 from ..tls.listener import HandshakeFailed, handshake

@@ -31,7 +31,8 @@ from .. import net, tcprelay
 from ..config import HostPort, Settings
 from ..errors import HTTPError, UpstreamError
 from ..http import headers as hdr
-from ..http.forward import ConnFacts, Destination, Drain, Forwarder, Limits, Route
+from ..http.exchange import ConnFacts, Destination, Drain, Limits, Route
+from ..http.forward import Forwarder
 from ..http.pool import Pool
 from ..log import get_logger
 from ..metrics import Metrics
@@ -188,7 +189,7 @@ class PlainHandler:
         self._accepted.inc()
         self._active.inc()
         try:
-            await self.forwarder.serve(net.socket_stream(sock), _facts(peer))
+            await self.forwarder.serve(net.PlainStream(sock), _facts(peer))
         finally:
             self._active.dec()
 
@@ -273,7 +274,7 @@ class ForwardProxy:
     async def handle(self, sock: socket.socket, peer) -> None:
         self._accepted.inc()
         self._active.inc()
-        stream = net.socket_stream(sock)
+        stream = net.PlainStream(sock)
         try:
             buf = await self._peek(stream)
             if buf is None:
@@ -281,7 +282,7 @@ class ForwardProxy:
             if buf.startswith(_CONNECT):
                 await self._connect(stream, buf, _facts(peer))
             else:
-                await self.forwarder.serve(_Replay(stream, bytes(buf)), _facts(peer))
+                await self.forwarder.serve(stream, _facts(peer), received=bytes(buf))
         finally:
             self._active.dec()
             await trio.aclose_forcefully(stream)
@@ -372,35 +373,3 @@ async def _answer(stream: trio.abc.Stream, status: int, reason: str) -> None:
             await stream.send_all(hdr.error_response(status, reason))
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass
-
-
-class _Replay(trio.abc.HalfCloseableStream):
-    """A stream whose first ``receive_some`` returns bytes already read from it."""
-
-    def __init__(self, inner: trio.SocketStream, prefix: bytes) -> None:
-        self._inner = inner
-        self._prefix = prefix
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if self._prefix:
-            data = self._prefix
-            if max_bytes is not None and len(data) > max_bytes:
-                self._prefix = data[max_bytes:]
-                data = data[:max_bytes]
-            else:
-                self._prefix = b""
-            await trio.lowlevel.checkpoint()
-            return data
-        return await self._inner.receive_some(max_bytes)
-
-    async def send_all(self, data) -> None:
-        await self._inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self._inner.wait_send_all_might_not_block()
-
-    async def send_eof(self) -> None:
-        await self._inner.send_eof()
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()

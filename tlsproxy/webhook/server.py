@@ -33,7 +33,7 @@ from ..certs.bundle import Bundle
 from ..certs.source import CertSource, Material
 from ..config import Settings
 from ..errors import ConfigError
-from ..http.forward import ConnFacts
+from ..http.exchange import ConnFacts
 from ..inbound.server import ConnectionHandler, TLSListenerConfig, serve_tls
 from ..log import get_logger
 from ..metrics import Metrics
