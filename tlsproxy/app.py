@@ -68,7 +68,8 @@ class App:
         self.health = Health()
         self.drain = Drain()
         self.drain.watchdog.tick_s = tick_for(settings.head_timeout_s, settings.body_timeout_s,
-                                              settings.idle_timeout_s, settings.upstream_response_timeout_s)
+                                              settings.idle_timeout_s, settings.upstream_response_timeout_s,
+                                              settings.min_body_rate_grace_s)
         self.store = ContextStore()
         self.admin_routes = AdminRoutes()
         self.bound = Bound()
@@ -231,7 +232,8 @@ class App:
         return Limits(max_head_bytes=s.max_head_bytes, max_body_bytes=s.max_body_bytes,
                       head_timeout_s=s.head_timeout_s, body_timeout_s=s.body_timeout_s,
                       idle_timeout_s=s.idle_timeout_s,
-                      upstream_response_timeout_s=s.upstream_response_timeout_s)
+                      upstream_response_timeout_s=s.upstream_response_timeout_s,
+                      min_body_rate_bps=float(s.min_body_rate), min_body_rate_grace_s=s.min_body_rate_grace_s)
 
     def _plain_enabled(self) -> bool:
         return self.settings.http_listen is not None and self.settings.http_mode != "off"
