@@ -32,7 +32,7 @@ def add_settings_arguments(parser: argparse.ArgumentParser, groups: Sequence[str
                            flags: Sequence[str] | None = None) -> None:
     """Add every setting of the table as a flag (or only those of ``groups``, or only ``flags``).
     Values stay raw strings; ``build_settings`` parses."""
-    seen: dict[str, argparse._ArgumentGroup] = {}
+    seen: dict[str, Any] = {}             # argparse argument groups (their class is private)
     for o in options():
         if groups is not None and o.group not in groups:
             continue
