@@ -38,7 +38,7 @@ from .http.pool import Pool
 from .inbound import mtls
 from .inbound import tcp as tcp_mode
 from .inbound import upstream as upstream_mod
-from .inbound.plain import PlainHandler, PlainListenerConfig, serve_plain
+from .inbound.plain import PlainHandler, PlainListenerConfig, redirect_handler, serve_plain
 from .inbound.server import ConnectionHandler, TLSListenerConfig, forwarder_serve, serve_tls
 from .log import get_logger
 from .metrics import Metrics
@@ -331,13 +331,14 @@ class App:
             return None
         assert s.http_listen is not None
         cfg = PlainListenerConfig(addr=s.http_listen, mode=s.http_mode, redirect_port=s.redirect_port,
-                                  head_timeout_s=s.head_timeout_s, max_head_bytes=s.max_head_bytes,
-                                  max_connections=s.max_connections, access_log=s.access_log)
-        forwarder = None
+                                  max_connections=s.max_connections)
         if s.http_mode == "forward":
             route = Route(name="http", pool=pool, limits=self.limits(), access_log=s.access_log,
                           upstream_label=str(s.upstream))
-            forwarder = Forwarder(route, self.metrics, self.drain)
+        else:
+            route = Route(name="http", pool=None, limits=self.limits(), access_log=s.access_log,
+                          local=redirect_handler(s.redirect_port))
+        forwarder = Forwarder(route, self.metrics, self.drain)
         return cfg, PlainHandler(cfg, self.metrics, forwarder)
 
     async def _drain_delay(self) -> None:

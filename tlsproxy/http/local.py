@@ -21,7 +21,7 @@ from .deadlines import Watch
 from .exchange import End, LocalRequest, LocalResponse
 from .h1server import RequestHead
 from .response import ResponseWriter
-from .shell import BODY_IN, AccessEntry, Close, client_send, receive
+from .shell import BODY_IN, AccessEntry, Close, client_send, linger, receive
 
 if TYPE_CHECKING:
     from .forward import Forwarder
@@ -66,6 +66,8 @@ async def answer_locally(fwd: Forwarder, stream, head: RequestHead, pending: byt
     entry.responded = True
     entry.bytes_out = len(reply.body)
     await client_send(stream, out, watch, limits.body_timeout_s)
+    if not writer.keep_alive:
+        await linger(stream)      # the client may have sent more: let it read the answer first
     return writer.keep_alive
 
 
