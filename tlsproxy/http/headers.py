@@ -12,6 +12,7 @@ import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from http import HTTPStatus
 
 from ..errors import HTTPError
 
@@ -52,7 +53,13 @@ STATUS_TEXT = {
 
 
 def reason_phrase(status: int) -> bytes:
-    return STATUS_TEXT.get(status, "Unknown").encode()
+    text = STATUS_TEXT.get(status)
+    if text is None:
+        try:
+            text = HTTPStatus(status).phrase
+        except ValueError:
+            text = "Unknown"
+    return text.encode()
 
 
 def error_response(status: int, body: str, *, close: bool = True,
