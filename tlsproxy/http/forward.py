@@ -24,7 +24,7 @@ Deadlines, one way: every wait arms the connection's :class:`~.deadlines.Watch` 
 stores and a clock read) and one watchdog task cancels the connection when a deadline passes. A
 request body's pump has a watch of its own (so the response's deadlines and the body's run side
 by side), and so has the short wait for an app's ``100 Continue``. What is said to the client after
-an expiry (408, 504) goes out under a shielded scope with its own short bound.
+an expiry (408, 504) goes out under a watch of its own, shielded from the expired one.
 
 Errors the proxy answers itself (4xx/5xx) always close the client connection afterwards, with a
 lingering close so the client reads the answer. Failures after the response started can only be
@@ -78,6 +78,7 @@ log = get_logger("http")
 FLUSH_BYTES = 256 * 1024          # coalesce body writes up to this before sending
 DIRECT_BYTES = 16 * 1024          # a body chunk this large goes out as it is (no copy into a buffer)
 UPSTREAM_READ_BYTES = 256 * 1024  # large upstream reads: fewer trips through Python per byte
+REFUSE_TIMEOUT_S = 5.0            # an error answer and its lingering close, at most
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 
@@ -475,12 +476,18 @@ class Forwarder:
         if err.status >= 500 and err.kind.startswith("upstream"):
             log.warning("upstream error", listener=self.route.name, client=facts.client, status=err.status,
                         reason=err.reason, upstream=self.route.upstream_label)
+        watchdog = self.drain.watchdog
+        guard = watchdog.watch()          # the answer's own deadline, on the one mechanism
+        guard.scope.shield = shield
         try:
-            with trio.CancelScope(deadline=trio.current_time() + 5, shield=shield):
+            with guard.scope:
+                guard.arm(CLIENT_SEND, REFUSE_TIMEOUT_S)
                 await stream.send_all(hdr.error_response(err.status, err.reason))
                 await stream.linger_close()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
+        finally:
+            watchdog.forget(guard)
 
     def count_in(self, n: int) -> None:
         self._m_in.inc(n)

@@ -37,10 +37,6 @@ _BARE_CR_RE = re.compile(rb"\r[^\n]")
 # Header fields per request: Apache's LimitRequestFields and Tomcat's maxHeaderCount are 100, and
 # Python's http.server (behind many sidecars) refuses more than 100 itself; we answer 431 first.
 MAX_HEADER_FIELDS = 100
-# Chunked framing bytes (sizes, extensions, CRLFs) allowed beyond the data they frame: chunk
-# extensions are discarded, so a body of 1-byte chunks with 30 KB extensions costs us CPU and
-# bandwidth for nothing (Go's net/http bounds the same overhead since CVE-2023-39326).
-MAX_CHUNK_OVERHEAD_BYTES = 64 * 1024
 
 STATUS_TEXT = {
     100: "Continue", 101: "Switching Protocols", 200: "OK", 301: "Moved Permanently",
@@ -153,25 +149,6 @@ def check_bare_cr(buf: bytes | bytearray, start: int = 0) -> HTTPError | None:
     ``start``: where the previous check of the same growing buffer stopped, minus 1."""
     if _BARE_CR_RE.search(buf, start):
         return HTTPError(400, "bad request: bare CR (RFC 9112 section 2.2)", kind="bare_cr")
-    return None
-
-
-def check_chunk_line(buf: bytes | bytearray) -> HTTPError | None:
-    """``buf`` starts at a chunk-size line: its first LF must follow a CR (h11 would wait for a
-    CRLF that never comes, until the body timeout)."""
-    lf = buf.find(b"\n")
-    if lf >= 0 and (lf == 0 or buf[lf - 1] != 0x0D):
-        return HTTPError(400, "bad request: bare LF in chunked framing (RFC 9112 section 7.1)",
-                         kind="bare_lf")
-    return None
-
-
-def check_chunk_overhead(wire_bytes: int, data_bytes: int) -> HTTPError | None:
-    """Refuse a chunked body whose framing outweighs its data beyond ``MAX_CHUNK_OVERHEAD_BYTES``."""
-    overhead = wire_bytes - data_bytes
-    if overhead > MAX_CHUNK_OVERHEAD_BYTES and overhead > data_bytes:
-        return HTTPError(400, "bad request: chunked framing overhead too large (chunk extensions)",
-                         kind="chunk_overhead")
     return None
 
 
