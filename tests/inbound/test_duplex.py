@@ -192,3 +192,65 @@ def test_trickling_body_is_cut_by_the_minimum_rate(pki):
             elapsed = time.monotonic() - t0
     assert status_of(data) == 408, data
     assert elapsed < 8, elapsed
+
+
+def test_proxy_sends_100_itself_when_the_app_says_nothing(pki):
+    def silent_reader(conn: Conn) -> None:         # never sends 100: waits for the body
+        while (req := conn.read_request(timeout=15)) is not None:
+            body = b"%d" % len(conn.body)
+            conn.sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            assert req.target == b"/up"
+
+    with scripted_upstream(silent_reader) as up, running_proxy(settings_for(pki, up.port)) as proxy:
+        t0 = time.monotonic()
+        p = subprocess.run(["curl", "-sS", "-v", "--cacert", str(pki.ca_file), "-H", "Expect: 100-continue",
+                            "--expect100-timeout", "20", "--data-binary", "@-", f"{proxy.url}/up"],
+                           input=b"z" * 100_000, capture_output=True, timeout=30)
+        elapsed = time.monotonic() - t0
+    assert p.returncode == 0, p.stderr
+    assert b"HTTP/1.1 100 Continue" in p.stderr
+    assert p.stdout == b"100000"
+    assert 0.9 < elapsed < 5, elapsed                  # about EXPECT_WAIT_S, far below curl's 20 s
+
+
+def test_proxy_answers_100_at_once_for_an_http10_app(pki):
+    def http10(conn: Conn) -> None:
+        req = conn.read_request(timeout=15)
+        if req is not None:
+            conn.sock.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    with scripted_upstream(http10) as up, running_proxy(settings_for(pki, up.port)) as proxy:
+        with tls_socket(proxy.port, pki) as s:            # the proxy learns: this app speaks HTTP/1.0
+            s.sendall(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            assert status_of(_read_until(s, b"ok")) == 200
+        with tls_socket(proxy.port, pki) as s:
+            t0 = time.monotonic()
+            s.sendall(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n")
+            interim = _read_until(s, b"\r\n\r\n", timeout=5)
+            waited = time.monotonic() - t0
+            assert interim.startswith(b"HTTP/1.1 100 Continue"), interim
+            assert waited < 0.5, waited
+            s.sendall(b"hi")
+            assert status_of(_read_until(s, b"ok", timeout=5)) == 200
+
+
+def test_early_answer_then_the_rest_of_the_body_keeps_the_connection(pki):
+    def early_then_normal(conn: Conn) -> None:
+        if conn.index == 0:
+            _read_head(conn)
+            conn.sock.sendall(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 5\r\n\r\nnope\n")
+            time.sleep(2)
+            return
+        while (req := conn.read_request()) is not None:
+            target = req.target
+            conn.sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(target), target))
+
+    with scripted_upstream(early_then_normal) as up, running_proxy(settings_for(pki, up.port)) as proxy, \
+            tls_socket(proxy.port, pki) as s:
+        s.sendall(b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 5000\r\n\r\n" + b"x" * 1000)
+        first = _read_until(s, b"nope\n", timeout=5)
+        assert status_of(first) == 401, first          # before the body ended
+        assert b"connection: close" not in first.lower()
+        s.sendall(b"x" * 4000 + b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n")   # the rest, then the next request
+        second = _read_until(s, b"/next", timeout=5)
+        assert status_of(second) == 200 and second.endswith(b"/next"), second
