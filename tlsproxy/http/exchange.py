@@ -50,11 +50,6 @@ class ResponseHead:
         self.items = items
         self.http_version = http_version
 
-    @property
-    def headers(self) -> list[tuple[bytes, bytes]]:
-        """``(lowercased name, value)`` pairs, as h11 iterates its headers."""
-        return [(name, value) for _, name, value in self.items]
-
 
 @dataclass(frozen=True)
 class Limits:

@@ -27,7 +27,7 @@ import re
 from collections.abc import Iterable
 
 from .exchange import END, End, Triple
-from .headers import FIELD_LINE_RE, FIELD_LINES_RE, HOP_BY_HOP
+from .headers import FIELD_LINE_RE, HOP_BY_HOP
 
 NEED_DATA = "need_data"     # the sentinel next() returns when the buffer holds no next event
 
@@ -246,8 +246,3 @@ def last_chunk(trailers: Iterable[Triple] = ()) -> bytes:
 def relayable_trailers(trailers: Iterable[Triple]) -> tuple[Triple, ...]:
     """The trailer fields that may be relayed: never framing, routing or hop-by-hop ones."""
     return tuple(t for t in trailers if t[1] not in FORBIDDEN_TRAILERS)
-
-
-def check_field_block(block: bytes) -> bool:
-    """Whether ``block`` is a run of well-formed CRLF-ended field lines."""
-    return FIELD_LINES_RE.fullmatch(block) is not None
