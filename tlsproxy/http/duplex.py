@@ -73,7 +73,8 @@ class Flow:
     """The state both tasks of a body exchange share."""
 
     __slots__ = ("fwd", "head", "reader", "up", "watch", "nursery", "lock", "go", "continued",
-                 "response_started", "request_done", "error", "upstream_broken", "stopped", "http10")
+                 "response_started", "request_done", "error", "upstream_broken", "stopped", "http10",
+                 "pump_done")
 
     def __init__(self, fwd: Forwarder, head: RequestHead, reader: framing.BodyReader, up: UpstreamConn,
                  watch: Watch) -> None:
@@ -92,6 +93,7 @@ class Flow:
         self.upstream_broken = False
         self.stopped = False
         self.http10 = False                 # the app is known to speak HTTP/1.0: no 100 from it
+        self.pump_done = False              # the request went upstream (or could go no further)
 
     async def send_interim(self, stream, data: bytes, watch: Watch) -> None:
         async with self.lock:
@@ -219,6 +221,7 @@ async def _pump(fwd: Forwarder, stream, flow: Flow, upstream_req, entry: AccessE
         flow.error = fwd.expiry(bw.expired)
         flow.nursery.cancel_scope.cancel()
         return
+    flow.pump_done = True
     if not flow.response_started and not flow.stopped:
         # the request is sent (or can go no further): the response head's deadline starts now
         conn_watch.arm(UPSTREAM_WAIT, fwd.route.limits.upstream_response_timeout_s)

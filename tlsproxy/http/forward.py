@@ -35,6 +35,7 @@ Inbound and outbound both use this engine; they differ only in the pool's opener
 
 from __future__ import annotations
 
+import math
 import select
 import time
 
@@ -368,6 +369,9 @@ class Forwarder:
                 else:
                     await client_send(stream, interim, watch, self.route.limits.body_timeout_s)
             watch.phase, watch.deadline = phase, deadline
+            if flow is not None and flow.pump_done and watch.deadline == math.inf:
+                # the request ended while we relayed the 1xx: the head's deadline starts now
+                watch.arm(UPSTREAM_WAIT, self.route.limits.upstream_response_timeout_s)
 
     async def stream_response(self, stream, head: RequestHead, up: UpstreamConn, response: ResponseHead,
                               entry: AccessEntry, watch: Watch, *, close: bool) -> bool:
