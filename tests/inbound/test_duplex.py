@@ -82,16 +82,20 @@ def test_response_streams_while_the_request_body_still_streams(pki):
     def echo(conn: Conn) -> None:
         _read_head(conn)
         conn.sock.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        def send(wire: bytes) -> None:   # echo what arrived, CRLFs shown as "|" (no stray terminator)
+            data = wire.replace(b"\r\n", b"|")
+            conn.sock.sendall(b"%x\r\n%s\r\n" % (len(data), data))
+
         wire = bytearray(conn.received)
         if wire:
-            conn.sock.sendall(b"%x\r\n%s\r\n" % (len(wire), wire))
+            send(bytes(wire))
         conn.sock.settimeout(10)
         while not wire.endswith(b"0\r\n\r\n"):
             data = conn.sock.recv(65536)
             if not data:
                 return
             wire += data
-            conn.sock.sendall(b"%x\r\n%s\r\n" % (len(data), data))
+            send(data)
         conn.sock.sendall(b"0\r\n\r\n")
 
     with scripted_upstream(echo) as up, running_proxy(settings_for(pki, up.port)) as proxy, \

@@ -5,11 +5,11 @@ Theory of operation
 Two tasks in one nursery share a :class:`Flow`:
 
 * the **pump** streams the request upstream: the head (alone first when the client sent
-  ``Expect: 100-continue``, else coalesced with the first body bytes), then the body as
-  :class:`~.framing.BodyReader` decodes it, then the end with the client's trailers (the upstream
-  request is chunked when the client's is). Its waits run on a watch of its own: the client's next
-  bytes (``body_timeout_s``, and the minimum average rate after a grace period: 408), the
-  upstream taking them (504).
+  ``Expect: 100-continue``, else coalesced with the first body bytes), then the body's data and
+  its end with the client's trailers, as the :class:`~.body.RequestBody` source gives them (the
+  upstream request is chunked when the client's is). Its waits run on a watch of its own: the
+  client's next bytes (``body_timeout_s``, and the minimum average rate after a grace period:
+  408), the upstream taking them (504).
 * this task relays the response the moment it comes (``Forwarder.stream_response``): a final
   answer before the body ends (a 401 to an upload) reaches the client at once.
 
@@ -32,20 +32,19 @@ taking the body does not cancel the response side: what the app already answered
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING
 
 import trio
 
 from ..errors import HTTPError, UpstreamError
 from . import framing
+from .body import RequestBody
 from .deadlines import Watch
 from .exchange import End
 from .h1server import RequestHead
 from .pool import Pool, UpstreamConn
+from .response import informational_head
 from .shell import (
-    BODY_IN,
-    BODY_RATE,
     DISCARD,
     EXPECT,
     UPSTREAM_WAIT,
@@ -53,7 +52,6 @@ from .shell import (
     Close,
     client_send,
     linger,
-    receive,
     upstream_send,
 )
 
@@ -61,26 +59,24 @@ if TYPE_CHECKING:
     from .forward import Forwarder
 
 EXPECT_WAIT_S = 1.0               # curl's --expect100-timeout default
-EXPECT_ANSWER = b"HTTP/1.1 100 Continue\r\n\r\n"
+EXPECT_ANSWER = informational_head(100, b"Continue", ())
 DISCARD_MAX_BYTES = 1024 * 1024   # after an early answer, read and drop at most this much of the body
 DISCARD_S = 2.0                   # ... within this long, else close
 FLUSH_BYTES = 256 * 1024
-
-_now = time.monotonic
 
 
 class Flow:
     """The state both tasks of a body exchange share."""
 
-    __slots__ = ("fwd", "head", "reader", "up", "watch", "nursery", "lock", "go", "continued",
+    __slots__ = ("fwd", "head", "body", "up", "watch", "nursery", "lock", "go", "continued",
                  "response_started", "request_done", "error", "upstream_broken", "stopped", "http10",
                  "pump_done")
 
-    def __init__(self, fwd: Forwarder, head: RequestHead, reader: framing.BodyReader, up: UpstreamConn,
+    def __init__(self, fwd: Forwarder, head: RequestHead, body: RequestBody, up: UpstreamConn,
                  watch: Watch) -> None:
         self.fwd = fwd
         self.head = head
-        self.reader = reader
+        self.body = body
         self.up = up
         self.watch = watch                  # the pump's own deadlines
         self.nursery: trio.Nursery | None = None
@@ -129,9 +125,10 @@ async def exchange_with_body(fwd: Forwarder, stream, head: RequestHead, upstream
     if pending:
         reader.feed(bytes(pending))
         pending.clear()
+    body = RequestBody(stream, reader, fwd.route.limits)
     up = await fwd.acquire(pool)
     watchdog = fwd.drain.watchdog
-    flow = Flow(fwd, head, reader, up, watchdog.watch())
+    flow = Flow(fwd, head, body, up, watchdog.watch())
     flow.http10 = pool.http10
     keep = False
     try:
@@ -144,14 +141,14 @@ async def exchange_with_body(fwd: Forwarder, stream, head: RequestHead, upstream
             pool.discard(up)
         else:
             fwd.release(pool, up)
-    entry.bytes_in = reader.data_bytes
-    fwd.count_in(reader.data_bytes)
-    if keep and not reader.done:
-        keep = await _discard(stream, reader, watch)
-    elif not keep and not reader.done:
+    entry.bytes_in = body.data_bytes
+    fwd.count_in(body.data_bytes)
+    if keep and not body.done:
+        keep = await _discard(stream, body, watch)
+    elif not keep and not body.done:
         await linger(stream)
     if keep:
-        pending += reader.rest()
+        pending += body.rest()
     return keep
 
 
@@ -170,7 +167,7 @@ async def _run(fwd: Forwarder, stream, flow: Flow, upstream_req, entry: AccessEn
                 close = not flow.continued or flow.upstream_broken
                 keep = await fwd.stream_response(stream, flow.head, flow.up, response, entry, watch,
                                                  close=close)
-                if not flow.reader.done:
+                if not flow.body.done:
                     flow.stop_pump()       # an early answer: the rest of the body is not the app's
             except (HTTPError, Close, UpstreamError) as exc:
                 failure = exc
@@ -209,9 +206,7 @@ async def _pump(fwd: Forwarder, stream, flow: Flow, upstream_req, entry: AccessE
     try:
         with bw.scope:
             await _pump_body(fwd, stream, flow, upstream_req, entry)
-    except (HTTPError, Close, framing.FramingError) as exc:
-        if isinstance(exc, framing.FramingError):
-            exc = HTTPError(400, f"bad request: {exc}", kind=exc.kind)
+    except (HTTPError, Close) as exc:
         flow.error = exc
         flow.nursery.cancel_scope.cancel()
         return
@@ -228,8 +223,7 @@ async def _pump(fwd: Forwarder, stream, flow: Flow, upstream_req, entry: AccessE
 
 
 async def _pump_body(fwd: Forwarder, stream, flow: Flow, upstream_req, entry: AccessEntry) -> None:
-    limits = fwd.route.limits
-    reader, up, bw = flow.reader, flow.up, flow.watch
+    body, up, bw = flow.body, flow.up, flow.watch
     upc = up.h11
     out = bytearray(upstream_req)        # the head, written before the tasks started
     sent = False
@@ -242,36 +236,20 @@ async def _pump_body(fwd: Forwarder, stream, flow: Flow, upstream_req, entry: Ac
         if flow.response_started and not flow.continued:
             return                       # refused before the client sent a byte of the body
         await flow.continue_ourselves(stream)
-    max_body = limits.max_body_bytes
-    rate = limits.min_body_rate_bps
-    grace = limits.min_body_rate_grace_s
-    received = 0
-    waited = 0.0                         # seconds spent waiting for the client's bytes
+    max_body = fwd.route.limits.max_body_bytes
     while True:
-        event = reader.next()
-        if event is framing.NEED_DATA:
+        event = body.poll()
+        if event is None:                # about to wait for the client: what we have goes now
             if out:
                 await upstream_send(up, out, sent, bw)
                 sent = True
                 out = bytearray()
-            timeout, phase = limits.body_timeout_s, BODY_IN
-            if rate > 0:
-                allowed = max(grace, received / rate) - waited
-                if allowed < timeout:
-                    timeout, phase = max(allowed, 0.0), BODY_RATE
-            t = _now()
-            bw.arm(phase, timeout)
-            data = await receive(stream)
-            waited += _now() - t
-            if not data:
-                raise Close("client closed during request body")
-            reader.feed(data)
+            await body.wait(bw)
             continue
         if type(event) is End:
             out += upc.send_end(framing.relayable_trailers(event.trailers))
             break
-        received += len(event)
-        if max_body is not None and received > max_body:
+        if max_body is not None and body.data_bytes > max_body:
             raise HTTPError(413, f"request body larger than {max_body} bytes", kind="body_too_large")
         out += upc.send_data(event)
         if len(out) >= FLUSH_BYTES:
@@ -295,25 +273,21 @@ async def _wait_for_app(fwd: Forwarder, flow: Flow) -> None:
         watchdog.forget(ew)
 
 
-async def _discard(stream, reader: framing.BodyReader, watch: Watch) -> bool:
+async def _discard(stream, body: RequestBody, watch: Watch) -> bool:
     """After an early answer: read and drop the rest of the request body, within bounds. True
     when it ended there (the connection may carry the next request)."""
     watch.arm(DISCARD, DISCARD_S)
-    dropped = 0
-    while True:
-        try:
-            event = reader.next()
-        except framing.FramingError:
-            return False
-        if type(event) is End:
-            return True
-        if event is framing.NEED_DATA:
-            if dropped > DISCARD_MAX_BYTES:
-                await linger(stream)
-                return False
-            data = await receive(stream)
-            if not data:
-                return False
-            reader.feed(data)
-            continue
-        dropped += len(event)
+    start = body.data_bytes
+    try:
+        while True:
+            event = body.poll()
+            if type(event) is End:
+                return True
+            if event is None:
+                if body.data_bytes - start > DISCARD_MAX_BYTES:
+                    await linger(stream)
+                    return False
+                await body.wait(watch, arm=False)
+    except HTTPError:
+        await linger(stream)
+        return False

@@ -17,18 +17,19 @@ from ..errors import HTTPError
 from ..log import get_logger
 from . import framing
 from . import headers as hdr
+from .body import RequestBody
 from .deadlines import Watch
-from .exchange import End, LocalRequest, LocalResponse
+from .exchange import End, Limits, LocalRequest, LocalResponse
 from .h1server import RequestHead
-from .response import ResponseWriter
-from .shell import BODY_IN, AccessEntry, Close, client_send, linger, receive
+from .response import ResponseWriter, informational_head
+from .shell import AccessEntry, client_send, linger
 
 if TYPE_CHECKING:
     from .forward import Forwarder
 
 log = get_logger("http")
 
-CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+CONTINUE = informational_head(100, b"Continue", ())
 
 
 async def answer_locally(fwd: Forwarder, stream, head: RequestHead, pending: bytearray, entry: AccessEntry,
@@ -37,8 +38,7 @@ async def answer_locally(fwd: Forwarder, stream, head: RequestHead, pending: byt
     limits = route.limits
     body = b""
     if head.has_body:
-        body = await _read_body(stream, head, pending, watch, route.max_local_body_bytes,
-                                limits.body_timeout_s)
+        body = await _read_body(stream, head, pending, watch, route.max_local_body_bytes, limits)
         entry.bytes_in = len(body)
     entry.request_done = True
     facts = entry.facts
@@ -72,7 +72,7 @@ async def answer_locally(fwd: Forwarder, stream, head: RequestHead, pending: byt
 
 
 async def _read_body(stream, head: RequestHead, pending: bytearray, watch: Watch, max_bytes: int,
-                     timeout_s: float) -> bytes:
+                     limits: Limits) -> bytes:
     if head.framing == framing.LENGTH and head.length > max_bytes:
         raise HTTPError(413, f"request body larger than {max_bytes} bytes", kind="body_too_large")
     reader = head.body_reader()
@@ -80,23 +80,17 @@ async def _read_body(stream, head: RequestHead, pending: bytearray, watch: Watch
         reader.feed(bytes(pending))
         pending.clear()
     if head.expect_continue:
-        await client_send(stream, CONTINUE, watch, timeout_s)
-    body = bytearray()
+        await client_send(stream, CONTINUE, watch, limits.body_timeout_s)
+    body = RequestBody(stream, reader, limits)
+    data = bytearray()
     while True:
-        try:
-            event = reader.next()
-        except framing.FramingError as exc:
-            raise HTTPError(400, f"bad request: {exc}", kind=exc.kind) from None
+        event = body.poll()
         if type(event) is End:
-            pending += reader.rest()
-            return bytes(body)
-        if event is framing.NEED_DATA:
-            watch.arm(BODY_IN, timeout_s)
-            data = await receive(stream)
-            if not data:
-                raise Close("client closed during request body")
-            reader.feed(data)
+            pending += body.rest()
+            return bytes(data)
+        if event is None:
+            await body.wait(watch)
             continue
-        body += event
-        if len(body) > max_bytes:
+        data += event
+        if len(data) > max_bytes:
             raise HTTPError(413, f"request body larger than {max_bytes} bytes", kind="body_too_large")
