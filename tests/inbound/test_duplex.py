@@ -5,6 +5,7 @@ Real clients (curl, a TLS socket) against real apps (scripted raw sockets) throu
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import time
 
@@ -258,3 +259,37 @@ def test_early_answer_then_the_rest_of_the_body_keeps_the_connection(pki):
         s.sendall(b"x" * 4000 + b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n")   # the rest, then the next request
         second = _read_until(s, b"/next", timeout=5)
         assert status_of(second) == 200 and second.endswith(b"/next"), second
+
+
+def test_trickling_body_after_the_response_started_is_closed(pki):
+    def answers_first(conn: Conn) -> None:
+        _read_head(conn)
+        conn.sock.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nearly\r\n")
+        conn.sock.settimeout(30)
+        with contextlib.suppress(OSError):
+            while conn.sock.recv(65536):
+                pass
+
+    rate = {"min_body_rate": 100, "min_body_rate_grace_s": 2.0}
+    with scripted_upstream(answers_first) as up, running_proxy(settings_for(pki, up.port, **rate)) as proxy, \
+            tls_socket(proxy.port, pki) as s:
+        s.sendall(b"POST /slow HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n")
+        t0 = time.monotonic()
+        data = b""
+        closed = False
+        while time.monotonic() - t0 < 15 and not closed:
+            try:
+                s.sendall(b"x")
+                s.settimeout(2.0)
+                chunk = s.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                closed = True
+                break
+            data += chunk
+            closed = not chunk
+        elapsed = time.monotonic() - t0
+    assert status_of(data) == 200 and b"early" in data, data    # the response had started ...
+    assert closed and not data.endswith(b"0\r\n\r\n"), data     # ... so the cut is a close
+    assert elapsed < 8, elapsed
