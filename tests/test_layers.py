@@ -11,7 +11,7 @@ new module is given its place in the map when it is written). The units, from th
     certs                                certificate files: read, validate, watch, issue
     tls                                  contexts, store, reload, served identity, TLS stream
     http                                 THE forwarding engine (knows no TLS)
-    admin                                admin endpoints, readiness
+    admin                                admin endpoints (a local handler of the engine), readiness
     accept                               the connection handler of every TLS listener
     runtime workers                      root nursery, signals, drain; --workers N
     inbound outbound webhook             the programs' parts (never each other)
@@ -49,7 +49,7 @@ ALLOWED: dict[str, set[str]] = {
     "certs": _CORE,
     "tls": _CORE | {"certs", "net"},
     "http": _CORE | {"net", "relay", "tcprelay"},
-    "admin": _CORE | {"certs", "net", "tls"},
+    "admin": _CORE | {"certs", "http", "net", "tls"},   # its endpoints are a local handler of the engine
     "accept": _CORE | {"certs", "http", "net", "tls"},
     "runtime": _CORE | {"admin", "certs", "net", "tls"},
     "workers": _CORE | {"net"},

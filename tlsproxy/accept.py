@@ -16,7 +16,7 @@ from . import net
 from .config import HostPort
 from .errors import HTTPError
 from .http import headers as hdr
-from .http.forward import ConnFacts
+from .http.exchange import ConnFacts
 from .log import get_logger
 from .metrics import Metrics
 from .tls.listener import HandshakeFailed, handshake

@@ -25,12 +25,13 @@ from .certs.source import CertSource, Material
 from .config import Settings
 from .errors import CertError, ConfigError
 from .http.deadlines import tick_for
-from .http.forward import Drain, Forwarder, Limits, Route
+from .http.exchange import Drain, Limits, Route
+from .http.forward import Forwarder
 from .http.pool import Pool
 from .inbound import mtls
 from .inbound import tcp as tcp_mode
 from .inbound import upstream as upstream_mod
-from .inbound.plain import PlainHandler, PlainListenerConfig
+from .inbound.plain import PlainHandler, PlainListenerConfig, redirect_handler
 from .log import get_logger
 from .metrics import Metrics
 from .outbound.server import Outbound
@@ -56,7 +57,8 @@ class App:
         self.health = Health()
         self.drain = Drain()
         self.drain.watchdog.tick_s = tick_for(settings.head_timeout_s, settings.body_timeout_s,
-                                              settings.idle_timeout_s, settings.upstream_response_timeout_s)
+                                              settings.idle_timeout_s, settings.upstream_response_timeout_s,
+                                              settings.min_body_rate_grace_s)
         self._state_env = state_env
         self.standalone_dir = None
         self.mtls = mtls.MTLSConfig.from_settings(settings)
@@ -146,7 +148,8 @@ class App:
         return Limits(max_head_bytes=s.max_head_bytes, max_body_bytes=s.max_body_bytes,
                       head_timeout_s=s.head_timeout_s, body_timeout_s=s.body_timeout_s,
                       idle_timeout_s=s.idle_timeout_s,
-                      upstream_response_timeout_s=s.upstream_response_timeout_s)
+                      upstream_response_timeout_s=s.upstream_response_timeout_s,
+                      min_body_rate_bps=float(s.min_body_rate), min_body_rate_grace_s=s.min_body_rate_grace_s)
 
     def _plain_enabled(self) -> bool:
         return self.settings.http_listen is not None and self.settings.http_mode != "off"
@@ -208,13 +211,14 @@ class App:
             return None
         assert s.http_listen is not None
         cfg = PlainListenerConfig(addr=s.http_listen, mode=s.http_mode, redirect_port=s.redirect_port,
-                                  head_timeout_s=s.head_timeout_s, max_head_bytes=s.max_head_bytes,
-                                  max_connections=s.max_connections, access_log=s.access_log)
-        forwarder = None
+                                  max_connections=s.max_connections)
         if s.http_mode == "forward":
             route = Route(name="http", pool=pool, limits=self.limits(), access_log=s.access_log,
                           upstream_label=str(s.upstream))
-            forwarder = Forwarder(route, self.metrics, self.drain)
+        else:
+            route = Route(name="http", pool=None, limits=self.limits(), access_log=s.access_log,
+                          local=redirect_handler(s.redirect_port))
+        forwarder = Forwarder(route, self.metrics, self.drain)
         return PlainHandler(cfg, self.metrics, forwarder)
 
     def _log_summary(self) -> None:

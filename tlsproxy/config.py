@@ -310,6 +310,8 @@ MAX_HEAD_BYTES = 32 * 1024                   # nginx large_client_header_buffers
 HANDSHAKE_TIMEOUT_S = 10.0                   # Envoy transport_socket_connect_timeout 15 s; ghostunnel 10 s
 HEAD_TIMEOUT_S = 10.0                        # Envoy request_headers_timeout; node headersTimeout is 60 s
 BODY_TIMEOUT_S = 30.0                        # inactivity between body reads (nginx client_body_timeout 60 s)
+MIN_BODY_RATE = 1024                         # bytes/s averaged: below it a body is an attack, not a client
+MIN_BODY_RATE_GRACE_S = 10.0                 # before the rate counts (a slow start, a 100-continue wait)
 IDLE_TIMEOUT_S = 60.0                        # keep-alive idle (nginx keepalive_timeout 75 s, Envoy 1 h)
 UPSTREAM_CONNECT_TIMEOUT_S = 5.0             # localhost app: a connect that takes longer is a dead app
 UPSTREAM_RESPONSE_TIMEOUT_S = 60.0           # nginx proxy_read_timeout 60 s
@@ -386,6 +388,12 @@ class Settings:
     body_timeout_s: float = opt(BODY_TIMEOUT_S, parse_duration, "inactivity allowed while a body "
                                 "streams; the connection is cut beyond", flag="body-timeout",
                                 metavar="DURATION", group="limits")
+    min_body_rate: int = opt(MIN_BODY_RATE, parse_size, "slowest average request body rate in bytes/s "
+                             "(408, or a close once the response started); 0: no minimum",
+                             flag="min-body-rate", metavar="BYTES", group="limits")
+    min_body_rate_grace_s: float = opt(MIN_BODY_RATE_GRACE_S, parse_duration, "time a request body may "
+                                       "take before --min-body-rate applies", flag="min-body-rate-grace",
+                                       metavar="DURATION", group="limits")
     idle_timeout_s: float = opt(IDLE_TIMEOUT_S, parse_duration, "keep-alive idle time between requests",
                                 flag="idle-timeout", metavar="DURATION", group="limits")
     upstream_connect_timeout_s: float = opt(UPSTREAM_CONNECT_TIMEOUT_S, parse_duration,

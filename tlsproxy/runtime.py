@@ -40,7 +40,7 @@ import trio
 from . import net
 from .admin import endpoints as admin_endpoints
 from .admin.health import Health, certificate_problem, expiring
-from .admin.server import AdminRequest, AdminRoutes, Reply, admin_handler, admin_listener
+from .admin.server import AdminHandler, AdminRequest, AdminRoutes, Reply, admin_listener
 from .config import HostPort, Settings
 from .errors import CertError, ConfigError
 from .log import get_logger
@@ -210,8 +210,9 @@ class Runtime:
                 if not s.wait_for_cert_s:
                     raise
         async with trio.open_nursery() as root:
-            self.bound.admin = await root.start(net.serve, admin_listener(s.admin),
-                                                admin_handler(self.admin_routes), root)
+            admin = AdminHandler(self.admin_routes)
+            root.start_soon(admin.watchdog)
+            self.bound.admin = await root.start(net.serve, admin_listener(s.admin), admin, root)
             root.start_soon(self._expiry_watch)
             for task in background:
                 root.start_soon(task)

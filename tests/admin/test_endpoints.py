@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import socket
 import ssl
 
 import pytest
@@ -123,3 +124,35 @@ def test_ca_problem_reads_the_real_context():
 ])
 def test_readyz_exclusions(query, result):
     assert readyz_exclusions(query, ("drain", "certificate", "upstream")) == result
+
+
+def _raw(port: int, data: bytes, timeout: float = 10) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        out = b""
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+        return out
+
+
+def test_admin_speaks_the_engines_http(pki, app):
+    """The admin listener is a local handler of the engine: keep-alive, pipelining, HEAD without a
+    body, and the engine's 400 for a malformed head (nothing of it reaches a handler)."""
+    with running_proxy(settings_for(pki, app.port)) as proxy:
+        data = _raw(proxy.admin_port, b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n"
+                                      b"HEAD /healthz HTTP/1.1\r\nHost: a\r\n\r\n"
+                                      b"GET /nosuch HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        assert data.count(b"HTTP/1.1 200 OK\r\n") == 2, data
+        assert data.count(b"HTTP/1.1 404 Not Found\r\n") == 1, data
+        assert b"cache-control: no-store" in data.lower()
+        bad = _raw(proxy.admin_port, b"GET /healthz HTTP/1.1\r\nHost: a\r\nX: a\x00b\r\n\r\n")
+        assert bad.startswith(b"HTTP/1.1 400 "), bad
+        big = _raw(proxy.admin_port, b"POST /shutdown HTTP/1.1\r\nHost: a\r\nContent-Length: 9999999\r\n"
+                                     b"\r\n")
+        assert big.startswith(b"HTTP/1.1 413 "), big

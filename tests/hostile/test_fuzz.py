@@ -67,8 +67,9 @@ def test_rewritten_request_is_always_sendable_by_h11(pairs, version, host_overri
     """Any head the proxy accepts becomes an upstream head h11 will serialise."""
     req = _accepted_by_the_proxy(pairs, version)
     assume(req is not None)
-    out, request_id, _upgrade = hdr.rewrite_request(req.headers._full_items, FACTS,
-                                                     host_override=host_override)
+    pairs = zip(req.headers.raw_items(), req.headers, strict=True)
+    items = [(raw, name, value) for (raw, _), (name, value) in pairs]
+    out, request_id, _upgrade = hdr.rewrite_request(items, FACTS, host_override=host_override)
     names = [n for _r, n, _v in out]
     assert names.count(b"host") == 1
     if host_override is not None:
@@ -114,7 +115,7 @@ _heads = st.one_of(
 @settings(max_examples=500)
 @given(_heads, st.integers(min_value=16, max_value=4096))
 def test_raw_head_checks_only_ever_answer_400_414_431(buf, limit):
-    checks = [hdr.check_raw_head(buf), hdr.check_bare_cr(buf), hdr.check_chunk_line(buf)]
+    checks = [hdr.check_raw_head(buf), hdr.check_bare_cr(buf)]
     end = hdr.find_head_end(buf)
     assert end == -1 or 0 < end <= len(buf)
     if end >= 0:

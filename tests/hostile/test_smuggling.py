@@ -57,6 +57,9 @@ REFUSED = [
     ("chunk_bare_lf_after_data", P + TE + b"\r\n5\r\nhello\n0\r\n\r\n", 400),
     ("chunk_bare_lf_size_lines", P + TE + b"\r\n5\nhello\n0\n\n", 400),
     ("chunk_ext_bare_lf", P + TE + b"\r\n5;a=b\nhello\r\n0\r\n\r\n", 400),
+    ("chunk_ext_nul", P + TE + b"\r\n5;a=b\x00c\r\nhello\r\n0\r\n\r\n", 400),
+    ("chunk_ext_control", P + TE + b"\r\n5;a\x01=b\r\nhello\r\n0\r\n\r\n", 400),
+    ("chunk_ext_nul_unquoted_end", P + TE + b"\r\n5;\x00\r\nhello\r\n0\r\n\r\n", 400),
     # --- line endings and control characters (RFC 9112 §2.2, RFC 9110 §5.5)
     ("bare_cr_line_endings", b"GET / HTTP/1.1\rHost: a\r\r", 400),
     ("bare_lf_request_line_only", b"GET / HTTP/1.1\nHost: a\r\n\r\n", 400),

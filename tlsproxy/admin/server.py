@@ -1,7 +1,9 @@
 """The plain-HTTP admin listener: /healthz, /readyz, /metrics, /certs, POST /shutdown.
 
 Tiny by design: GET/POST only, no bodies larger than a few KiB, one request per connection is
-fine for probes and scrapers, but keep-alive works too. Handlers are ``async (Request) -> Reply``.
+fine for probes and scrapers, but keep-alive works too. Handlers are ``async (Request) -> Reply``;
+the HTTP/1.1 connection is the engine's (``http/forward.py``), with the admin routes as its local
+handler (``http/local.py``): one server loop for every listener.
 """
 
 from __future__ import annotations
@@ -10,14 +12,15 @@ import json
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from http import HTTPStatus
-
-import h11
-import trio
 
 from .. import net
 from ..config import HostPort
+from ..http.deadlines import tick_for
+from ..http.exchange import ConnFacts, Drain, Limits, LocalRequest, LocalResponse, Route
+from ..http.forward import Forwarder
+from ..http.headers import ForwardFacts
 from ..log import get_logger
+from ..metrics import Metrics
 
 log = get_logger("admin")
 
@@ -25,6 +28,9 @@ ADMIN_TIMEOUT_S = 10.0        # a probe or scrape that takes longer than this is
 MAX_ADMIN_HEAD = 8 * 1024
 MAX_ADMIN_BODY = 64 * 1024
 MAX_ADMIN_CONNECTIONS = 64
+ADMIN_LIMITS = Limits(max_head_bytes=MAX_ADMIN_HEAD, max_body_bytes=MAX_ADMIN_BODY,
+                      head_timeout_s=ADMIN_TIMEOUT_S, body_timeout_s=ADMIN_TIMEOUT_S,
+                      idle_timeout_s=ADMIN_TIMEOUT_S, min_body_rate_bps=0)
 
 
 @dataclass(frozen=True)
@@ -77,76 +83,38 @@ def admin_listener(addr: HostPort) -> net.Listener:
     return net.Listener("admin", addr, MAX_ADMIN_CONNECTIONS, log_event="admin listening")
 
 
-def admin_handler(routes: AdminRoutes) -> net.Handler:
-    """The connection handler of the admin listener (run it with ``net.serve``)."""
-    async def handle(sock: socket.socket, peer) -> None:
-        stream = net.socket_stream(sock)
-        client_ip, _ = net.peer_host_port(peer)
+class AdminHandler:
+    """The admin listener's connection handler (run it with ``net.serve``): the engine's HTTP/1.1
+    loop with the admin routes as its local handler. It has a deadline watchdog of its own (run
+    :meth:`watchdog` beside it) and never drains: probes keep their answers (``/readyz`` says 503)
+    while the proxy drains."""
+
+    def __init__(self, routes: AdminRoutes) -> None:
+        self._routes = routes
+        self._drain = Drain()
+        self._drain.watchdog.tick_s = tick_for(ADMIN_TIMEOUT_S)
+        route = Route(name="admin", pool=None, limits=ADMIN_LIMITS, access_log=False, local=self._answer,
+                      max_local_body_bytes=MAX_ADMIN_BODY)
+        self._forwarder = Forwarder(route, Metrics(), self._drain)  # own registry: probes are not app traffic
+
+    async def watchdog(self) -> None:
+        await self._drain.watchdog.run()
+
+    async def _answer(self, req: LocalRequest) -> LocalResponse:
+        areq = AdminRequest(req.method, req.path, req.query, req.client_ip, req.body)
         try:
-            with trio.move_on_after(ADMIN_TIMEOUT_S):
-                await _serve_conn(stream, routes, client_ip)
+            reply = await self._routes.dispatch(areq)
+        except Exception as exc:
+            log.error("admin handler failed", path=areq.path, error=repr(exc))
+            reply = Reply.text(500, "internal error")
+        headers = [("Content-Type", reply.content_type), ("Cache-Control", "no-store"), *reply.headers]
+        return LocalResponse(reply.status, reply.body, headers)
+
+    async def __call__(self, sock: socket.socket, peer) -> None:
+        ip, port = net.peer_host_port(peer)
+        stream = net.PlainStream(sock)
+        try:
+            await self._forwarder.serve(stream, ConnFacts(client=f"{ip}:{port}",
+                                                          forward=ForwardFacts(ip.encode(), b"http", b"80")))
         finally:
             stream.close_now()
-
-    return handle
-
-
-async def _serve_conn(stream: net.PlainStream, routes: AdminRoutes, client_ip: str) -> None:
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_ADMIN_HEAD)
-    while True:
-        try:
-            req, body = await _read_request(stream, conn)
-        except (h11.RemoteProtocolError, ValueError):
-            await stream.send_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 12\r\nconnection: close"
-                                  b"\r\n\r\nbad request\n")
-            return
-        if req is None:
-            return
-        target = req.target.decode("ascii", "replace")
-        path, _, query = target.partition("?")
-        areq = AdminRequest(req.method.decode("ascii", "replace"), path, query, client_ip, body)
-        try:
-            reply = await routes.dispatch(areq)
-        except Exception as exc:
-            log.error("admin handler failed", path=path, error=repr(exc))
-            reply = Reply.text(500, "internal error")
-        headers = [("Content-Type", reply.content_type), ("Content-Length", str(len(reply.body))),
-                   ("Cache-Control", "no-store"), *reply.headers]
-        data = conn.send(h11.Response(status_code=reply.status, headers=headers,
-                                      reason=_reason(reply.status)))
-        if areq.method != "HEAD":
-            data += conn.send(h11.Data(data=reply.body))
-        data += conn.send(h11.EndOfMessage())
-        await stream.send_all(data)
-        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
-            conn.start_next_cycle()
-        else:
-            return
-
-
-def _reason(status: int) -> bytes:
-    try:
-        return HTTPStatus(status).phrase.encode()
-    except ValueError:
-        return b""
-
-
-async def _read_request(stream: net.PlainStream, conn: h11.Connection):
-    req = None
-    body = bytearray()
-    while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
-            data = await stream.receive_some(65536)
-            conn.receive_data(data)
-            continue
-        if isinstance(event, h11.Request):
-            req = event
-        elif isinstance(event, h11.Data):
-            body += event.data
-            if len(body) > MAX_ADMIN_BODY:
-                raise ValueError("body too large")
-        elif isinstance(event, h11.EndOfMessage):
-            return req, bytes(body)
-        elif isinstance(event, h11.ConnectionClosed):
-            return None, b""

@@ -14,9 +14,12 @@ turns that into the same answer a per-wait scope gave (408, 504, or a quiet clos
 therefore exact to one tick: a twentieth of the shortest configured timeout (:func:`tick_for`,
 25–500 ms), so a deadline fires at most 5 % late.
 
-Every expiry ends the connection, which is what makes one scope per connection enough: a cancelled
-scope stays cancelled, so whatever is said to the client afterwards (a 408 or 504) is sent under a
-shielded scope with its own bound.
+Every expiry of the connection's watch ends the connection, which is what makes one scope per
+connection enough: a cancelled scope stays cancelled. This is the engine's one deadline mechanism
+(no ``fail_after``/``move_on_after`` in ``tlsproxy/http``); the few waits that must survive or
+outlive another are given a watch of their own, made only when needed: a request body's pump (its
+deadlines run beside the response's), the short wait for an app's ``100 Continue``, and an error
+answer after an expiry (a shielded watch: the connection's scope is already cancelled).
 """
 
 from __future__ import annotations

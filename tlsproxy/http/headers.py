@@ -12,13 +12,14 @@ import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from http import HTTPStatus
 
 from ..errors import HTTPError
 
 Triple = tuple[bytes, bytes, bytes]
 
 # RFC 9110 §7.6.1 plus the de-facto ones (Keep-Alive, Proxy-Connection). Transfer-Encoding is
-# re-framed by h11 on each leg; Content-Length is kept (it is end-to-end).
+# re-framed on each leg; Content-Length is kept (it is end-to-end).
 HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
     b"upgrade", b"proxy-authenticate", b"proxy-authorization",
@@ -36,10 +37,6 @@ _BARE_CR_RE = re.compile(rb"\r[^\n]")
 # Header fields per request: Apache's LimitRequestFields and Tomcat's maxHeaderCount are 100, and
 # Python's http.server (behind many sidecars) refuses more than 100 itself; we answer 431 first.
 MAX_HEADER_FIELDS = 100
-# Chunked framing bytes (sizes, extensions, CRLFs) allowed beyond the data they frame: chunk
-# extensions are discarded, so a body of 1-byte chunks with 30 KB extensions costs us CPU and
-# bandwidth for nothing (Go's net/http bounds the same overhead since CVE-2023-39326).
-MAX_CHUNK_OVERHEAD_BYTES = 64 * 1024
 
 STATUS_TEXT = {
     100: "Continue", 101: "Switching Protocols", 200: "OK", 301: "Moved Permanently",
@@ -52,7 +49,13 @@ STATUS_TEXT = {
 
 
 def reason_phrase(status: int) -> bytes:
-    return STATUS_TEXT.get(status, "Unknown").encode()
+    text = STATUS_TEXT.get(status)
+    if text is None:
+        try:
+            text = HTTPStatus(status).phrase
+        except ValueError:
+            text = "Unknown"
+    return text.encode()
 
 
 def error_response(status: int, body: str, *, close: bool = True,
@@ -146,25 +149,6 @@ def check_bare_cr(buf: bytes | bytearray, start: int = 0) -> HTTPError | None:
     ``start``: where the previous check of the same growing buffer stopped, minus 1."""
     if _BARE_CR_RE.search(buf, start):
         return HTTPError(400, "bad request: bare CR (RFC 9112 section 2.2)", kind="bare_cr")
-    return None
-
-
-def check_chunk_line(buf: bytes | bytearray) -> HTTPError | None:
-    """``buf`` starts at a chunk-size line: its first LF must follow a CR (h11 would wait for a
-    CRLF that never comes, until the body timeout)."""
-    lf = buf.find(b"\n")
-    if lf >= 0 and (lf == 0 or buf[lf - 1] != 0x0D):
-        return HTTPError(400, "bad request: bare LF in chunked framing (RFC 9112 section 7.1)",
-                         kind="bare_lf")
-    return None
-
-
-def check_chunk_overhead(wire_bytes: int, data_bytes: int) -> HTTPError | None:
-    """Refuse a chunked body whose framing outweighs its data beyond ``MAX_CHUNK_OVERHEAD_BYTES``."""
-    overhead = wire_bytes - data_bytes
-    if overhead > MAX_CHUNK_OVERHEAD_BYTES and overhead > data_bytes:
-        return HTTPError(400, "bad request: chunked framing overhead too large (chunk extensions)",
-                         kind="chunk_overhead")
     return None
 
 
@@ -308,7 +292,8 @@ def _port_of(host: bytes) -> bytes | None:
     return port if sep and port.isdigit() else None
 
 
-def rewrite_request(full_items: list[Triple], facts: ForwardFacts, *, host_override: bytes | None = None
+def rewrite_request(full_items: list[Triple], facts: ForwardFacts, *, host_override: bytes | None = None,
+                    expect_continue: bool = False, te_trailers: bool = False
                     ) -> tuple[list[Triple], bytes, bytes | None]:
     """Headers for the upstream leg, the request id, and the Upgrade value (when upgrading).
 
@@ -318,7 +303,10 @@ def rewrite_request(full_items: list[Triple], facts: ForwardFacts, *, host_overr
     - ``X-Forwarded-For`` gets the client address appended; ``X-Forwarded-Proto/Host/Port`` are set;
     - ``X-Request-Id`` is kept when sane, otherwise generated;
     - ``Host`` is kept, or replaced by ``host_override`` (outbound: the peer's authority);
-    - ``Expect: 100-continue`` is answered by the proxy itself, so it is not passed on.
+    - ``Expect`` is dropped, unless ``expect_continue``: then ``Expect: 100-continue`` goes to the app,
+      whose own ``100`` (or early final answer) comes back to the client;
+    - ``TE`` is hop-by-hop; ``te_trailers`` sends ``TE: trailers`` on (the client takes trailers, and
+      some apps, gRPC among them, send them only then).
     """
     tokens: set[bytes] = set()
     upgrade: bytes | None = None
@@ -356,6 +344,10 @@ def rewrite_request(full_items: list[Triple], facts: ForwardFacts, *, host_overr
         # an HTTP/1.0 client may omit Host; the upstream leg is HTTP/1.1, which needs one:
         # empty, as RFC 9112 §3.2 says for a target without an authority
         out.insert(0, (b"Host", b"host", b""))
+    if expect_continue:
+        out.append((b"Expect", b"expect", b"100-continue"))
+    if te_trailers:
+        out.append((b"TE", b"te", b"trailers"))
     if upgrade is not None:
         out.append((b"Connection", b"connection", b"upgrade"))
         out.append((b"Upgrade", b"upgrade", upgrade))

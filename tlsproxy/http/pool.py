@@ -38,6 +38,7 @@ class Pool:
         self._max_idle = max_idle
         self._idle_timeout_s = idle_timeout_s
         self.opened = 0
+        self.http10 = False     # the upstream answered in HTTP/1.0 once: it never sends 100 Continue
 
     async def acquire(self, *, fresh: bool = False) -> UpstreamConn:
         if not fresh:
@@ -55,6 +56,8 @@ class Pool:
     def release(self, conn: UpstreamConn) -> None:
         """Give a connection back after a complete exchange; anything unclean is closed instead."""
         c = conn.h11
+        if c.http10:
+            self.http10 = True
         if c.our_state is h11.DONE and c.their_state is h11.DONE and len(self._idle) < self._max_idle:
             c.start_next_cycle()
             conn.idle_since = trio.current_time()
@@ -69,17 +72,7 @@ class Pool:
         while self._idle:
             _close_now(self._idle.pop())
 
-    @property
-    def idle_count(self) -> int:
-        return len(self._idle)
 
 
 def _close_now(conn: UpstreamConn) -> None:
-    stream = conn.stream
-    close_now = getattr(stream, "close_now", None)
-    if close_now is not None:
-        close_now()
-        return
-    sock = getattr(stream, "socket", None)
-    if sock is not None:
-        sock.close()
+    conn.stream.close_now()

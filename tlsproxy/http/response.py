@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from .framing import last_chunk
 from .headers import Triple
 from .headers import comma_tokens as _tokens
 
@@ -126,9 +127,10 @@ class ResponseWriter:
             return (chunk,)
         raise FramingError("a body for a response that has none")
 
-    def end(self) -> bytes:
+    def end(self, trailers: Iterable[Triple] = ()) -> bytes:
+        """The end of the body; ``trailers`` (already filtered) go out only on a chunked body."""
         if self.framing == LENGTH and self._remaining:
             raise FramingError(f"body shorter than its Content-Length ({self._remaining} bytes missing)")
         if self.framing == CHUNKED:
-            return b"0\r\n\r\n"
+            return last_chunk(trailers) if trailers else b"0\r\n\r\n"
         return b""

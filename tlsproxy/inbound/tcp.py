@@ -37,7 +37,7 @@ import trio
 from .. import proxyproto, tcprelay
 from ..config import Settings, Upstream
 from ..errors import UpstreamError
-from ..http.forward import ConnFacts
+from ..http.exchange import ConnFacts
 from ..log import get_logger
 from ..metrics import Metrics
 from ..net import connect_tcp

@@ -31,7 +31,8 @@ from .. import net, tcprelay
 from ..config import HostPort, Settings
 from ..errors import HTTPError, UpstreamError
 from ..http import headers as hdr
-from ..http.forward import ConnFacts, Destination, Drain, Forwarder, Limits, Route
+from ..http.exchange import ConnFacts, Destination, Drain, Limits, Route
+from ..http.forward import Forwarder
 from ..http.pool import Pool
 from ..log import get_logger
 from ..metrics import Metrics
@@ -173,7 +174,7 @@ class PlainHandler:
         self._accepted.inc()
         self._active.inc()
         try:
-            await self.forwarder.serve(net.socket_stream(sock), _facts(peer))
+            await self.forwarder.serve(net.PlainStream(sock), _facts(peer))
         finally:
             self._active.dec()
 
@@ -259,7 +260,7 @@ class ForwardProxy:
         self._accepted.inc()
         self._active.inc()
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        stream = _Replay(sock)
+        stream = net.PlainStream(sock)
         try:
             buf = await self._peek(stream)
             if buf is None:
@@ -267,8 +268,7 @@ class ForwardProxy:
             if buf.startswith(_CONNECT):
                 await self._connect(stream, buf, _facts(peer))
             else:
-                stream.replay(bytes(buf))
-                await self.forwarder.serve(stream, _facts(peer))
+                await self.forwarder.serve(stream, _facts(peer), received=bytes(buf))
         finally:
             self._active.dec()
             stream.close_now()
@@ -359,25 +359,3 @@ async def _answer(stream: trio.abc.Stream, status: int, reason: str) -> None:
             await stream.send_all(hdr.error_response(status, reason))
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass
-
-
-class _Replay(net.PlainStream):
-    """The forward proxy's client stream: after :meth:`replay`, the next ``receive_some`` returns the
-    bytes the proxy already read to tell CONNECT apart, then the socket's own."""
-
-    _prefix = b""
-
-    def replay(self, prefix: bytes) -> None:
-        self._prefix = prefix
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if not self._prefix:
-            return await super().receive_some(max_bytes)
-        data = self._prefix
-        if max_bytes is not None and len(data) > max_bytes:
-            self._prefix = data[max_bytes:]
-            data = data[:max_bytes]
-        else:
-            self._prefix = b""
-        await trio.lowlevel.checkpoint()
-        return data

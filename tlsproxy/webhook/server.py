@@ -10,8 +10,9 @@ timeout).
 
 What is the webhook's own is :func:`answer`: (method, path, headers, body, client) → (status,
 headers, body), a function of the request alone around the pure :func:`review.handle`, with one log
-line per review (action, pod, reason, uid). Until the forward engine serves local handlers, a small
-h11 loop here reads each request (bounded JSON body) and writes the answer.
+line per review (action, pod, reason, uid). The HTTP/1.1 connection is the engine's: the answer is a
+*local handler* of the forward engine (``http/local.py``), so the webhook has the same head limits,
+timeouts, error answers and keep-alive as every other listener.
 """
 
 from __future__ import annotations
@@ -19,9 +20,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from http import HTTPStatus
 
-import h11
 import trio
 from prometheus_client import Counter
 
@@ -32,22 +31,24 @@ from ..certs.bundle import Bundle
 from ..certs.source import CertSource, Material
 from ..config import Settings
 from ..errors import ConfigError
-from ..http.forward import ConnFacts
+from ..http.deadlines import tick_for
+from ..http.exchange import Drain, Limits, LocalRequest, LocalResponse, Route
+from ..http.forward import Forwarder
 from ..log import get_logger
 from ..metrics import Metrics
 from ..runtime import Runtime
 from ..tls.contexts import ServerTLSOptions, server_context
 from ..tls.served import ServedTLS
 from ..tls.store import Generation
-from ..tls.stream import TLSStream
 from .injector import InjectOptions
 from .review import MAX_REVIEW_BYTES, PATHS, ReviewError, handle
 
 log = get_logger("webhook")
 
 MAX_HEAD_BYTES = 16 * 1024         # the API server sends a short head; node's default is 16 KiB
-READ_CHUNK = 65536
-LINGER_S = 2.0                     # after a 413, drain the client's in-flight body this long at most
+# The engine reads a body up to this (a plain-text 413 beyond); between MAX_REVIEW_BYTES and this the
+# answer is the webhook's own JSON 413, which is what an API server's client library can show.
+MAX_LOCAL_BODY_BYTES = 2 * MAX_REVIEW_BYTES
 
 Headers = Sequence[tuple[bytes, bytes]]
 JSON = ((b"content-type", b"application/json"),)
@@ -108,6 +109,9 @@ class Webhook:
         self.health = Health()
         self.runtime = Runtime(s, self.served, self.metrics, self.health, name="webhook")
         self.answerer = Answerer(cfg.options, self.metrics)
+        self.drain = Drain()
+        self.drain.watchdog.tick_s = tick_for(s.head_timeout_s, s.body_timeout_s, s.idle_timeout_s,
+                                              s.min_body_rate_grace_s)
 
     @property
     def bound_tls(self):
@@ -138,108 +142,33 @@ class Webhook:
         s = self.settings
         tls_cfg = TLSListenerConfig(name="webhook", addr=s.listen, handshake_timeout_s=s.handshake_timeout_s,
                                     max_connections=s.max_connections)
-        handler = ConnectionHandler(tls_cfg, self.store, self.metrics, self._serve_connection)
+        limits = Limits(max_head_bytes=MAX_HEAD_BYTES, max_body_bytes=MAX_LOCAL_BODY_BYTES,
+                        head_timeout_s=s.head_timeout_s, body_timeout_s=s.body_timeout_s,
+                        idle_timeout_s=s.idle_timeout_s, min_body_rate_bps=float(s.min_body_rate),
+                        min_body_rate_grace_s=s.min_body_rate_grace_s)
+        route = Route(name="webhook", pool=None, limits=limits, access_log=False, local=self._local,
+                      max_local_body_bytes=MAX_LOCAL_BODY_BYTES)
+        forwarder = Forwarder(route, self.metrics, self.drain)
+        handler = ConnectionHandler(tls_cfg, self.store, self.metrics, forwarder.serve)
         self.runtime.bound.tls = await accepting.start(net.serve, handler.listener(), handler, handlers)
         log.info("webhook ready", listen=str(self.bound_tls), paths=list(PATHS), image=self.cfg.options.image)
 
     def on_drain(self) -> None:
-        pass    # no pools; idle keep-alive connections end with the handlers' deadline
+        self.drain.start()     # wake idle keep-alive connections: they close now
 
     async def run(self, *, task_status: trio.TaskStatus[Webhook] = trio.TASK_STATUS_IGNORED) -> None:
-        await self.runtime.run(self, task_status=task_status)
+        await self.runtime.run(self, background=(self.drain.watchdog.run,), task_status=task_status)
 
     async def run_with_signals(self) -> None:
         await self.runtime.run_with_signals(self.run)
 
-    # ------------------------------------------------------------------ one connection (HTTP/1.1)
-    async def _serve_connection(self, stream: TLSStream, facts: ConnFacts) -> None:
-        s = self.settings
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
-        first = True
-        while True:
-            try:
-                request = await _next(stream, conn, s.head_timeout_s if first else s.idle_timeout_s)
-                if request is None:
-                    return
-                if not isinstance(request, h11.Request):
-                    raise h11.RemoteProtocolError("expected a request", 400)
-                length = dict(request.headers).get(b"content-length")
-                if length is not None and int(length) > MAX_REVIEW_BYTES:
-                    raise _TooLarge()
-                body = await _read_body(stream, conn, s.body_timeout_s)
-            except h11.RemoteProtocolError as exc:
-                status = exc.error_status_hint
-                await _send_simple(stream, conn, status, {"error": str(exc) or HTTPStatus(status).phrase})
-                return
-            except _TooLarge:
-                await _send_simple(stream, conn, 413, {"error": f"body larger than {MAX_REVIEW_BYTES} bytes"})
-                # read and drop what is still in flight, so the client sees the 413, not a reset
-                await stream.linger_close(LINGER_S, 2 * MAX_REVIEW_BYTES)
-                return
-            except trio.TooSlowError:
-                return
-            first = False
-            path = request.target.decode("ascii", "replace")
-            status, headers, payload = self.answerer.answer(request.method, path, request.headers, body,
-                                                            facts.client)
-            await _send(stream, conn, status, payload, headers)
-            if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
-                conn.start_next_cycle()
-            else:
-                return
-
-
-class _TooLarge(Exception):
-    pass
+    # ------------------------------------------------------------------ one request (a local handler)
+    async def _local(self, req: LocalRequest) -> LocalResponse:
+        status, headers, payload = self.answerer.answer(req.method.encode("ascii"), req.target, req.headers,
+                                                        req.body, req.facts.client)
+        fields = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in headers]
+        return LocalResponse(status, payload, fields)
 
 
 def _json(data: object) -> bytes:
     return json.dumps(data, separators=(",", ":")).encode()
-
-
-async def _next(stream: TLSStream, conn: h11.Connection, timeout_s: float):
-    """The next h11 event; None when the client closed cleanly between requests."""
-    while True:
-        event = conn.next_event()
-        if event is not h11.NEED_DATA:
-            if isinstance(event, h11.ConnectionClosed):
-                return None
-            return event
-        with trio.fail_after(timeout_s):
-            data = await stream.receive_some(READ_CHUNK)
-        if not data and conn.their_state is h11.IDLE:
-            return None
-        conn.receive_data(data)
-
-
-async def _read_body(stream: TLSStream, conn: h11.Connection, timeout_s: float) -> bytes:
-    body = bytearray()
-    while True:
-        event = await _next(stream, conn, timeout_s)
-        if event is None:
-            raise h11.RemoteProtocolError("connection closed mid-request", 400)
-        if isinstance(event, h11.Data):
-            body += event.data
-            if len(body) > MAX_REVIEW_BYTES:
-                raise _TooLarge()
-        elif isinstance(event, h11.EndOfMessage):
-            return bytes(body)
-
-
-async def _send(stream: TLSStream, conn: h11.Connection, status: int, payload: bytes,
-                headers: Headers = JSON) -> None:
-    head = [*headers, (b"content-length", str(len(payload)).encode())]
-    # head + body in one write: TLS records are costly in small pieces
-    data = conn.send(h11.Response(status_code=status, headers=head))
-    data += conn.send(h11.Data(data=payload)) + conn.send(h11.EndOfMessage())
-    with trio.fail_after(30):
-        await stream.send_all(data)
-
-
-async def _send_simple(stream: TLSStream, conn: h11.Connection, status: int, data: object) -> None:
-    if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-        return
-    try:
-        await _send(stream, conn, status, _json(data))
-    except (trio.BrokenResourceError, trio.TooSlowError, h11.LocalProtocolError):
-        pass
