@@ -37,10 +37,6 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-
 from ..accept import PeerPolicy, PeerVerdict
 from ..certs.bundle import Bundle
 from ..config import Settings
@@ -161,7 +157,12 @@ def chain_from(leaf_der: bytes, ca_ders: tuple[bytes, ...]) -> tuple[bytes, ...]
     verified when the client sent no intermediates the CA bundle lacks. Each link is checked by
     signature (``verify_directly_issued_by``), not by name alone. Empty when the leaf's issuer is
     not in the bundle (the client sent an intermediate of its own: the chain is unknown here, and
-    RFC 9440 says to leave the header out rather than send a partial one). Pure; cached."""
+    RFC 9440 says to leave the header out rather than send a partial one). Pure; cached.
+    cryptography is imported here, not at the top: serving without client certificates never loads
+    it (it is the largest dependency of an idle sidecar, docs/performance.md)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
     try:
         cert = x509.load_der_x509_certificate(leaf_der)
         cas = [x509.load_der_x509_certificate(d) for d in ca_ders]
@@ -179,7 +180,10 @@ def chain_from(leaf_der: bytes, ca_ders: tuple[bytes, ...]) -> tuple[bytes, ...]
     return tuple(c.public_bytes(serialization.Encoding.DER) for c in chain)
 
 
-def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+def _issued_by(cert, issuer) -> bool:
+    """True when ``issuer`` (a cryptography Certificate) signed ``cert``."""
+    from cryptography.exceptions import InvalidSignature
+
     try:
         cert.verify_directly_issued_by(issuer)
     except (ValueError, TypeError, InvalidSignature):
