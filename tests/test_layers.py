@@ -12,7 +12,7 @@ FORBIDDEN = {
     "errors": {"*"},
     "metrics": {"*"},
     "log": {"*"},
-    "certs": {"tls", "http", "inbound", "outbound", "webhook", "admin", "app", "relay"},
+    "certs": {"tls", "http", "inbound", "outbound", "webhook", "admin", "app", "relay", "k8s"},
     "tls": {"http", "inbound", "outbound", "webhook", "admin", "app"},
     "http": {"tls", "inbound", "outbound", "webhook", "admin", "app"},
     "relay": {"tls", "http", "inbound", "outbound", "webhook", "admin", "app", "certs"},
@@ -20,6 +20,7 @@ FORBIDDEN = {
     "inbound": {"outbound", "webhook", "app"},
     "outbound": {"inbound", "webhook", "app"},
     "admin": {"inbound", "outbound", "webhook", "app", "http"},
+    "k8s": {"tls", "http", "inbound", "outbound", "webhook", "admin", "app", "relay", "net"},
 }
 # The CLI shells may reach up for a dry run (certs check builds a real TLS context).
 ALLOWED = {("certs/cli.py", "tls")}
