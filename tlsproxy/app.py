@@ -94,6 +94,10 @@ class App:
     # ------------------------------------------------------------------ certificates
     def _cert_source(self) -> CertSource:
         s = self.settings
+        if s.provision_secret is not None:     # material from a Secret this process fills (k8s/secrets.py)
+            from .k8s.secrets import ProvisionedSecret
+
+            return ProvisionedSecret.from_settings(s, self.metrics)  # type: ignore[return-value]
         if s.cert_dir is not None:
             return CertSource(cert_dir=s.cert_dir, client_ca=s.client_ca, cert2=s.cert2, key2=s.key2)
         if s.cert is not None:
@@ -270,9 +274,12 @@ class App:
             self.bound.admin = await root.start(serve_admin, s.admin, self.admin_routes)
             root.start_soon(self._expiry_watch)
             root.start_soon(self.drain.watchdog.run)
-            await root.start(lambda task_status: serve_reloads(
-                self.reloader, self.source.watch_paths, interval_s=s.reload_check_interval_s,
-                task_status=task_status))
+            if hasattr(self.source, "serve"):     # a source with its own service (--provision-secret)
+                await root.start(self.source.serve, self.reloader.reload)
+            else:
+                await root.start(lambda task_status: serve_reloads(
+                    self.reloader, self.source.watch_paths, interval_s=s.reload_check_interval_s,
+                    task_status=task_status))
             if not self.store.ready and not await self._wait_for_certificate():
                 root.cancel_scope.cancel()      # drain requested while still waiting: nothing to drain
                 return

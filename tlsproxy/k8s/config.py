@@ -25,6 +25,7 @@ from pathlib import Path
 
 import yaml
 
+from ..config import ObjectRef, parse_object_ref  # noqa: F401 - re-exported for the k8s unit
 from ..errors import ConfigError
 
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
@@ -190,32 +191,3 @@ def discover(kubeconfig: Path | None = None, env: Mapping[str, str] | None = Non
     if kubeconfig is not None:
         return from_kubeconfig(kubeconfig)
     return in_cluster(env, sa_dir)
-
-
-@dataclass(frozen=True)
-class ObjectRef:
-    """``NAMESPACE/NAME`` of a namespaced object (the namespace defaults to the client's)."""
-
-    namespace: str | None
-    name: str
-
-    def __str__(self) -> str:
-        return f"{self.namespace}/{self.name}" if self.namespace else self.name
-
-    def resolved(self, default_namespace: str) -> ObjectRef:
-        return self if self.namespace else ObjectRef(default_namespace, self.name)
-
-
-def parse_object_ref(raw: object) -> ObjectRef:
-    """``NAME`` or ``NAMESPACE/NAME`` (RFC 1123 names); raises ValueError (a settings parser)."""
-    import re
-
-    text = str(raw).strip()
-    parts = text.split("/")
-    label = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-    sub = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
-    if len(parts) == 1 and sub.match(parts[0]):
-        return ObjectRef(None, parts[0])
-    if len(parts) == 2 and label.match(parts[0]) and sub.match(parts[1]):
-        return ObjectRef(parts[0], parts[1])
-    raise ValueError(f"{text!r} is not NAME or NAMESPACE/NAME (lowercase Kubernetes names)")
