@@ -42,3 +42,104 @@ def test_two_replicas_race_on_an_empty_secret_and_serve_one_certificate_then_fol
             assert wait_for(lambda p=p: served_serial(p.port, data[CA]) == new, 1.0, 0.02), p.logs()
         assert time.monotonic() - written_at < 1.5
         assert [w for w in standin.writes() if w[2] == 200] == won    # nobody overwrote it
+
+
+class Caller:
+    """A client of the sidecar that trusts the Secret's ca.crt, re-read every ``refresh_s`` (as a
+    caller following the Secret would), and sends one request per fresh connection."""
+
+    def __init__(self, standin, port: int, refresh_s: float = 0.3) -> None:
+        self.standin, self.port, self.refresh_s = standin, port, refresh_s
+        self.ca = standin.secret_data(NS, SECRET)[CA]
+        self.read_at = time.monotonic()
+        self.ok = 0
+        self.failures: list[str] = []
+        self.serials: set[int] = set()
+
+    def run(self, seconds: float, max_requests: int = 2000) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end and self.ok + len(self.failures) < max_requests:
+            if time.monotonic() - self.read_at >= self.refresh_s:
+                self.ca = self.standin.secret_data(NS, SECRET)[CA]
+                self.read_at = time.monotonic()
+            try:
+                status, serial = fetch(self.port, self.ca)
+                assert status == 200, status
+                self.ok += 1
+                self.serials.add(serial)
+            except Exception as exc:  # noqa: BLE001 - every failure is the finding
+                self.failures.append(f"{type(exc).__name__}: {exc}")
+            time.sleep(0.02)
+
+
+def test_api_server_away_changes_nothing_for_clients_and_is_followed_again(standin, tmp_path, app):
+    standin.put_secret(NS, SECRET)
+    with tlsproxy(tmp_path, *provision_args(standin), upstream_port=app.port) as p:
+        assert wait_for(p.ready, 30), p.logs()
+        caller = Caller(standin, p.port, refresh_s=3600)
+        standin.stop()                                      # the API server goes away
+        caller.run(4.0)
+        assert caller.ok > 20 and not caller.failures, caller.failures[:3]
+        assert p.ready() and p.popen.poll() is None
+        assert "cannot reach the API server" in p.logs()
+        assert metric(p.metrics(), "tlsproxy_k8s_api_errors_total", code="unreachable") >= 1
+        standin.start()                                     # back, same address
+        data = standin.secret_data(NS, SECRET)
+        leaf = provision.new_leaf(provision.Policy(provision.service_dns_names("web", NS)),
+                                  generate.Issued(data[CA], data[CA_KEY]), dt.datetime.now(dt.UTC))
+        standin.put_secret(NS, SECRET, dict(data, **{CERT: leaf.cert_pem, KEY: leaf.key_pem}))
+        assert wait_for(lambda: served_serial(p.port, data[CA]) == serial_of(leaf.cert_pem), 15, 0.1), \
+            p.logs()
+
+
+def test_forbidden_write_keeps_serving_names_the_permission_and_renews_once_allowed(standin, tmp_path, app):
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(days=70)     # a 90-day certificate, 20 days left
+    data = provision.plan(None, provision.Policy(provision.service_dns_names("web", NS)), past).data
+    standin.put_secret(NS, SECRET, data)
+    standin.deny.add(("update", "secrets", SECRET))
+    with tlsproxy(tmp_path, *provision_args(standin), upstream_port=app.port) as p:
+        assert wait_for(p.ready, 30), p.logs()
+        assert fetch(p.port, data[CA]) == (200, serial_of(data[CERT]))   # what is there is served
+        assert wait_for(lambda: '"code":403' in p.logs(), 10), p.logs()
+        line = next(x for x in p.logs().splitlines() if '"code":403' in x)
+        assert '"level":"error"' in line and "forbidden: the API server refused" in line
+        assert "update secrets/web-tls in namespace demo" in line
+        assert 'resourceNames: [\\"web-tls\\"], verbs: [\\"update\\"]' in line
+        assert metric(p.metrics(), "tlsproxy_k8s_api_errors_total", verb="update", code="403") >= 1
+        assert metric(p.metrics(), "tlsproxy_provision_writes_total", step="renew", result="failed") >= 1
+        standin.deny.clear()                                # RBAC fixed: the retry (backoff) renews
+        assert wait_for(lambda: standin.secret_data(NS, SECRET)[CERT] != data[CERT], 20, 0.1), p.logs()
+        new = standin.secret_data(NS, SECRET)
+        assert new[CA] == data[CA]
+        assert wait_for(lambda: served_serial(p.port, data[CA]) == serial_of(new[CERT]), 2, 0.05)
+
+
+def test_renewal_under_load_loses_no_request(standin, tmp_path, app):
+    standin.put_secret(NS, SECRET)
+    args = provision_args(standin, "--provision-cert-validity", "6s", "--provision-ca-validity", "1h")
+    with tlsproxy(tmp_path, *args, upstream_port=app.port) as p:
+        assert wait_for(p.ready, 30), p.logs()
+        caller = Caller(standin, p.port, refresh_s=3600)   # the CA does not change: read once
+        caller.run(10.0)
+        assert not caller.failures, caller.failures[:3]
+        assert len(caller.serials) >= 3, caller.serials     # renewed every ~4 s, without a restart
+        assert metric(p.metrics(), "tlsproxy_provision_writes_total", step="renew", result="written") >= 2
+
+
+def test_ca_rollover_never_leaves_a_caller_with_an_unknown_ca(standin, tmp_path, app):
+    standin.put_secret(NS, SECRET)
+    args = provision_args(standin, "--provision-cert-validity", "6s", "--provision-ca-validity", "15s",
+                          "--provision-rollover-delay", "1s")
+    with tlsproxy(tmp_path, *args, upstream_port=app.port) as a, \
+            tlsproxy(tmp_path, *args, upstream_port=app.port) as b:
+        assert wait_for(lambda: a.ready() and b.ready(), 30), a.logs() + b.logs()
+        callers = [Caller(standin, a.port), Caller(standin, b.port)]
+        end = time.monotonic() + 14.0
+        while time.monotonic() < end:
+            for c in callers:
+                c.run(0.2)
+        for c in callers:
+            assert c.ok > 20 and not c.failures, c.failures[:3]
+        text = a.metrics() + b.metrics()
+        for step in ("ca_rollover_start", "ca_rollover_switch", "ca_rollover_finish"):
+            assert metric(text, "tlsproxy_provision_writes_total", step=step, result="written") >= 1, step
