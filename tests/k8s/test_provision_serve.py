@@ -4,6 +4,7 @@ server (tests/k8s_standin.py), real TLS clients that trust only the Secret's ca.
 from __future__ import annotations
 
 import datetime as dt
+import threading
 import time
 
 from tests.k8s.helpers import NS, SECRET, fetch, metric, serial_of, served_serial, tlsproxy, wait_for
@@ -133,11 +134,13 @@ def test_ca_rollover_never_leaves_a_caller_with_an_unknown_ca(standin, tmp_path,
     with tlsproxy(tmp_path, *args, upstream_port=app.port) as a, \
             tlsproxy(tmp_path, *args, upstream_port=app.port) as b:
         assert wait_for(lambda: a.ready() and b.ready(), 30), a.logs() + b.logs()
-        callers = [Caller(standin, a.port), Caller(standin, b.port)]
-        end = time.monotonic() + 14.0
-        while time.monotonic() < end:
-            for c in callers:
-                c.run(0.2)
+        # each caller re-reads ca.crt every half rollover delay, and keeps using what it read
+        callers = [Caller(standin, port, refresh_s=0.5) for port in (a.port, b.port, a.port, b.port)]
+        threads = [threading.Thread(target=c.run, args=(14.0,)) for c in callers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
         for c in callers:
             assert c.ok > 20 and not c.failures, c.failures[:3]
         text = a.metrics() + b.metrics()

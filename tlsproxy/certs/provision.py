@@ -50,6 +50,7 @@ CERT, KEY, CA, CA_KEY = _bundle.CERT_FILE, _bundle.KEY_FILE, _bundle.CA_FILE, "c
 LEAF_VALIDITY = dt.timedelta(days=90)        # cert-manager's default duration
 CA_VALIDITY = dt.timedelta(days=3650)        # rolled over (step 2) when a third is left: after ~6.7 years
 ROLLOVER_DELAY = dt.timedelta(minutes=5)     # > the kubelet's Secret refresh (sync 60 s + cache TTL)
+TIME_RESOLUTION = dt.timedelta(seconds=1)   # X.509 times have whole seconds: notBefore is truncated
 RENEW_FRACTION = 3                           # renew with a third of the lifetime left (cert-manager: 1/3)
 
 
@@ -104,6 +105,12 @@ def renew_at(cert: x509.Certificate) -> dt.datetime:
 def _backdate(validity: dt.timedelta) -> dt.timedelta:
     # clock skew between pods; never a large share of a short (test) lifetime
     return min(generate.BACKDATE, validity / 20)
+
+
+def _made_at(cert: x509.Certificate) -> dt.datetime:
+    """The latest time the certificate can have been made: its notBefore was backdated and
+    truncated to the second when it was issued here."""
+    return cert.not_valid_before_utc + _backdate(_lifetime(cert)) + TIME_RESOLUTION
 
 
 def _same_key(cert: x509.Certificate, key_pem: bytes) -> bool:
@@ -204,8 +211,7 @@ def plan(data: Mapping[str, bytes] | None, policy: Policy, now: dt.datetime,
     checks: list[dt.datetime] = [renew_at(signing_cert)]
     # 3. switch the leaf to the new CA once callers had time to trust it
     if issuer is not signing_cert:
-        trusted_since = signing_cert.not_valid_before_utc + _backdate(_lifetime(signing_cert)) \
-            + policy.rollover_delay
+        trusted_since = _made_at(signing_cert) + policy.rollover_delay
         # only a leaf that would expire before then is switched early (callers may fail; a dead
         # certificate fails every caller)
         urgent = leaf.not_valid_after_utc <= trusted_since + policy.rollover_delay
@@ -224,7 +230,7 @@ def plan(data: Mapping[str, bytes] | None, policy: Policy, now: dt.datetime,
     checks.append(renew_at(leaf))
     # 5. finish a rollover: drop CAs that signed nothing served (expired ones at once)
     if len(cas) > 1:
-        served_since = leaf.not_valid_before_utc + _backdate(_lifetime(leaf)) + policy.rollover_delay
+        served_since = _made_at(leaf) + policy.rollover_delay
         keep = [signing_cert] if now >= served_since else live
         if len(keep) < len(cas):
             return Write({CERT: cert_pem, KEY: key_pem, CA: b"".join(_pem(c) for c in keep),
