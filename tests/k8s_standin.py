@@ -81,6 +81,7 @@ class StandIn:
         self.tokens = {token}
         self.token = token
         self.deny: set[tuple[str, str, str]] = set()          # (verb, resource, name)
+        self.expire_next_watch = False     # the next watch from a resourceVersion gets 410 (compacted)
         self.requests: list[tuple[str, str, int]] = []         # (method, path+query, status)
         self._lock = threading.Condition()
         self._rv = 100
@@ -214,10 +215,10 @@ class StandIn:
         return {k: base64.b64decode(v) for k, v in (obj.get("data") or {}).items()}
 
     def compact(self) -> None:
-        """Forget the history: every watch resumed from an older resourceVersion gets 410 Gone."""
+        """Compact at the current revision: a watch started (or resumed) from an older
+        resourceVersion gets 410 Gone; watches already streaming are not affected (the watch cache)."""
         with self._lock:
-            self._oldest = self._rv + 1
-            self._history.clear()
+            self._oldest = self._rv
 
     def writes(self, resource: str = SECRETS) -> list[tuple[str, str, int]]:
         return [r for r in self.requests if r[0] in ("PUT", "PATCH") and f"/{resource}/" in r[1]]
@@ -268,10 +269,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return False
         return True
 
-    def _body(self) -> dict | None:
+    def _read_body(self) -> None:
         n = int(self.headers.get("Content-Length") or 0)
+        self._raw = self.rfile.read(n) if n else b""
+
+    def _body(self) -> dict | None:
         try:
-            body = json.loads(self.rfile.read(n) or b"null")
+            body = json.loads(self._raw or b"null")
         except ValueError:
             body = None
         if not isinstance(body, dict):
@@ -304,6 +308,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return self._send_json(200, obj)
 
     def do_PUT(self) -> None:
+        self._read_body()          # always, so that a refusal leaves the connection usable
         route = self._route()
         if route is None or route[2] is None:
             return self._send_json(405, _status(405, "MethodNotAllowed", "PUT one object"))
@@ -317,6 +322,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return None
 
     def do_PATCH(self) -> None:
+        self._read_body()          # always, so that a refusal leaves the connection usable
         route = self._route()
         if route is None or route[2] is None:
             return self._send_json(405, _status(405, "MethodNotAllowed", "PATCH one object"))
@@ -379,9 +385,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 rv = s._rv
             else:
                 rv = int(rv_text)
-                if rv < s._oldest - 1:
+                if rv < s._oldest or s.expire_next_watch:
+                    s.expire_next_watch = False
                     pending = [("ERROR", _status(410, "Expired", f"too old resource version: {rv} "
-                                                 f"({s._oldest - 1})"))]
+                                                 f"({s._oldest})"))]
                 else:
                     pending = []
         try:
