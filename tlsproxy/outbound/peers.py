@@ -27,6 +27,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -42,6 +43,9 @@ from ..tls.listener import stdlib_socket
 from ..tls.reload import Reloader
 from ..tls.store import ContextStore, Generation
 from ..tls.stream import TLSStream
+
+if TYPE_CHECKING:
+    from ..k8s.secrets import CASecret
 
 log = get_logger("outbound")
 
@@ -74,9 +78,10 @@ class ClientTLS:
     once) are ``tls/reload.py``'s; this class says how to read the files and build the context."""
 
     def __init__(self, ca: Path | None, cert_dir: Path | None, metrics: Metrics | None = None, *,
-                 alpn: tuple[str, ...] = ALPN_HTTP1) -> None:
+                 alpn: tuple[str, ...] = ALPN_HTTP1, ca_secret: CASecret | None = None) -> None:
         self.ca = ca
         self.cert_dir = cert_dir
+        self.ca_secret = ca_secret        # --outbound-ca-secret: ca.crt of a Secret, from the API
         self.alpn = alpn
         self.store = ContextStore()
         self.reloader = Reloader(self.store, self._read, self._build, metrics, role="outbound",
@@ -85,12 +90,15 @@ class ClientTLS:
         self.store.subscribe(self._on_swap)
 
     def describe(self) -> str:
-        parts = [f"ca={self.ca}" if self.ca else "", f"cert_dir={self.cert_dir}" if self.cert_dir else ""]
+        parts = [f"ca={self.ca}" if self.ca else "", f"cert_dir={self.cert_dir}" if self.cert_dir else "",
+                 f"ca_secret={self.ca_secret.ref}" if self.ca_secret else ""]
         return " ".join(p for p in parts if p) or "system trust store"
 
     def _describe_trust(self, dir_has_ca: bool) -> str:
         if self.ca is not None:
             return f"the CA bundle {self.ca}"
+        if self.ca_secret is not None:
+            return f"the {self.ca_secret.describe()}"
         if self.cert_dir is not None and dir_has_ca:
             return f"the CA bundle {self.cert_dir / _bundle.CA_FILE}"
         return "the system trust store"
@@ -120,6 +128,10 @@ class ClientTLS:
         ca = crt = key = dir_ca = None
         if self.ca is not None:
             ca = _bundle.read_file(self.ca, "CA bundle")
+        elif self.ca_secret is not None:
+            ca = self.ca_secret.ca_pem
+            if ca is None:
+                raise CertError(f"Secret {self.ca_secret.ref}", "ca.crt not read from the Kubernetes API yet")
         if self.cert_dir is not None:
             if not self.cert_dir.is_dir():
                 raise CertError(self.cert_dir, "is not a directory")
@@ -138,9 +150,12 @@ class ClientTLS:
                                    str(d / _bundle.CERT_FILE), str(d / _bundle.KEY_FILE),
                                    str(d / _bundle.CA_FILE) if snap.dir_ca else None)
         # An explicit CA file always wins; the Secret's ca.crt is the trust bundle only without one.
-        trust = snap.ca if self.ca is not None else snap.dir_ca
+        explicit = self.ca is not None or self.ca_secret is not None
+        trust = snap.ca if explicit else snap.dir_ca
         if trust is not None:
-            where = str(self.ca) if self.ca is not None else str(self.cert_dir / _bundle.CA_FILE)
+            where = str(self.ca) if self.ca is not None else (
+                f"Secret {self.ca_secret.ref} ca.crt" if self.ca_secret is not None
+                else str(self.cert_dir / _bundle.CA_FILE))
             _bundle.parse_pem_certs(trust, where, "CA bundle")
         ctx = client_context(ClientTLSOptions(ca_pem=trust, client_bundle=client, alpn=self.alpn))
         return ctx, [client] if client is not None else []
