@@ -92,6 +92,13 @@ def test_new_names_get_a_new_leaf():
     assert isinstance(p, Write) and p.step == "renew" and "web.example.com" in p.detail
 
 
+def test_long_names_fit_the_common_name_limit():
+    long = Policy(("a" * 63 + ".namespace-with-a-long-name.svc",), ca_name="x" * 80)
+    data = plan(None, long, NOW).data
+    assert leaf_of(data).subject.rfc4514_string() == "CN=tlsproxy"
+    assert len(certs_of(data[CA])[0].subject.rfc4514_string()) < 80
+
+
 def test_leaf_never_outlives_its_ca():
     short_ca = Policy(NAMES, leaf_validity=dt.timedelta(days=90), ca_validity=dt.timedelta(days=30))
     data = plan(None, short_ca, NOW).data

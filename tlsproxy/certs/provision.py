@@ -51,6 +51,7 @@ LEAF_VALIDITY = dt.timedelta(days=90)        # cert-manager's default duration
 CA_VALIDITY = dt.timedelta(days=3650)        # rolled over (step 2) when a third is left: after ~6.7 years
 ROLLOVER_DELAY = dt.timedelta(minutes=5)     # > the kubelet's Secret refresh (sync 60 s + cache TTL)
 TIME_RESOLUTION = dt.timedelta(seconds=1)   # X.509 times have whole seconds: notBefore is truncated
+MAX_CN = 64                                  # RFC 5280 ub-common-name
 RENEW_FRACTION = 3                           # renew with a third of the lifetime left (cert-manager: 1/3)
 
 
@@ -137,7 +138,7 @@ def new_ca(policy: Policy, now: dt.datetime) -> generate.Issued:
     shifted = now - back + generate.BACKDATE
     # each CA gets its own subject (the time it was made): during a rollover two CAs are trusted
     # side by side, and chain building must never confuse them
-    name = f"{policy.ca_name} {now:%Y-%m-%dT%H:%M:%SZ}"
+    name = f"{policy.ca_name[:MAX_CN - 21]} {now:%Y-%m-%dT%H:%M:%SZ}"
     return generate.make_ca(name, key_type=policy.key_type, now=shifted,
                             validity=now + policy.ca_validity - shifted)
 
@@ -146,7 +147,9 @@ def new_leaf(policy: Policy, ca: generate.Issued, now: dt.datetime) -> generate.
     ca_end = ca.cert.not_valid_after_utc
     not_after = min(now + policy.leaf_validity, ca_end)      # a leaf never outlives its CA
     back = _backdate(not_after - now)
-    return generate.issue(ca, policy.dns_names[0], dns=policy.dns_names, server=True,
+    fits = [n for n in policy.dns_names if len(n) <= MAX_CN]        # the CN is informative only
+    cn = min(fits, key=len) if fits else "tlsproxy"
+    return generate.issue(ca, cn, dns=policy.dns_names, server=True,
                           key_type=policy.key_type, not_before=now - back, not_after=not_after)
 
 

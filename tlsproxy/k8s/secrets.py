@@ -105,6 +105,7 @@ class ProvisionedSecret:
         self.read_once = False
         self.last_plan: provision.Plan | None = None
         self._wake = trio.Event()
+        self.first_material = trio.Event()      # set once something servable was read or written
         self.client: Client | None = None
         self.follower: Follower | None = None
 
@@ -223,6 +224,7 @@ class ProvisionedSecret:
             return        # not servable: the plan will replace it; meanwhile the old material stays
         self.material = material
         await on_change("secret")
+        self.first_material.set()
         if after_change is not None:
             after_change()
 
@@ -256,7 +258,8 @@ class ProvisionedSecret:
             self.metrics.provision_writes.labels(p.step, "written").inc()
         log.info("provisioned Secret written", secret=str(self.ref), step=p.step, detail=p.detail,
                  resource_version=resource_version(written))
-        self.latest = written
+        if self.latest is obj:         # a newer state seen meanwhile (a watch event) stays
+            self.latest = written
         return "written"
 
 

@@ -56,19 +56,33 @@ class WebhookConfig:
     settings: Settings
     options: InjectOptions
     reload_check_s: float | None = None       # None: --reload-interval (the proxy's own setting)
+    webhook_configuration: str | None = None  # keep this MutatingWebhookConfiguration's caBundle current
 
 
 class Webhook:
     def __init__(self, cfg: WebhookConfig) -> None:
         s = cfg.settings
-        if s.cert_dir is None and s.cert is None:
+        if cfg.webhook_configuration and s.provision_secret is None:
+            raise ConfigError("--webhook-configuration keeps caBundle equal to the provisioned CA: it needs "
+                              "--provision-secret")
+        if s.cert_dir is None and s.cert is None and s.provision_secret is None:
             raise ConfigError("webhook needs --cert-dir DIR or --cert FILE --key FILE: the API server "
                               "only calls a webhook whose certificate its caBundle trusts")
         self.cfg = cfg
-        self.source = CertSource(cert_dir=s.cert_dir, cert=s.cert, key=s.key)
+        self.metrics = Metrics()
+        self.keeper = None
+        if s.provision_secret is not None:    # own certificate in a Secret, caBundle kept (k8s/)
+            from ..k8s.cabundle import CABundleKeeper
+            from ..k8s.secrets import ProvisionedSecret
+
+            self.source = ProvisionedSecret.from_settings(s, self.metrics)
+            if cfg.webhook_configuration:
+                self.keeper = CABundleKeeper(cfg.webhook_configuration, self.source.ca_pem,
+                                             self.source.cluster, self.metrics)
+        else:
+            self.source = CertSource(cert_dir=s.cert_dir, cert=s.cert, key=s.key)
         self.store = ContextStore()
         self.store.subscribe(self._on_swap)
-        self.metrics = Metrics()
         self.reviews = Counter("tlsproxy_webhook_reviews", "AdmissionReviews answered, by outcome",
                                ["action"], registry=self.metrics.registry)
         self.health = Health()
@@ -135,7 +149,7 @@ class Webhook:
 
     async def run(self, *, task_status: trio.TaskStatus[Webhook] = trio.TASK_STATUS_IGNORED) -> None:
         s = self.cfg.settings
-        if not self.store.ready:
+        if not self.store.ready and self.cfg.settings.provision_secret is None:
             self.load_certificates()
         tls_cfg = TLSListenerConfig(name="webhook", addr=s.listen, handshake_timeout_s=s.handshake_timeout_s,
                                     max_connections=s.max_connections)
@@ -143,8 +157,17 @@ class Webhook:
         async with trio.open_nursery() as root:
             self.bound_admin = await root.start(serve_admin, s.admin, self.routes)
             interval = self.cfg.reload_check_s or s.reload_check_interval_s
-            await root.start(lambda task_status: serve_reloads(
-                self.reloader, self.source.watch_paths, interval_s=interval, task_status=task_status))
+            if s.provision_secret is not None:
+                keeper = self.keeper
+                await root.start(lambda task_status: self.source.serve(
+                    self.reloader.reload, task_status=task_status,
+                    after_change=keeper.ca_changed if keeper is not None else None))
+                if keeper is not None:
+                    await root.start(keeper.serve)
+                await self.source.first_material.wait()     # not ready (admin says so) until then
+            else:
+                await root.start(lambda task_status: serve_reloads(
+                    self.reloader, self.source.watch_paths, interval_s=interval, task_status=task_status))
             async with trio.open_nursery() as handlers:
                 async with trio.open_nursery() as accepting:
                     self.bound_tls = await accepting.start(serve_tls, tls_cfg, handler, handlers)
