@@ -199,10 +199,13 @@ class StandIn:
             return self._record(key, "MODIFIED" if old else "ADDED", obj)
 
     def put_secret(self, namespace: str, name: str, data: dict[str, bytes] | None = None,
-                   type_: str = "kubernetes.io/tls") -> dict:
-        body = {"type": type_, "data": {k: base64.b64encode(v).decode() for k, v in (data or {}).items()}}
-        if not data and type_ == "kubernetes.io/tls":   # the empty Secret an installer ships
-            body["data"] = {"tls.crt": "", "tls.key": ""}
+                   type_: str | None = None) -> dict:
+        """No ``data``: the empty Secret an installer ships (Opaque, no data: a kubernetes.io/tls
+        Secret cannot be created empty)."""
+        if not data:
+            return self.put(SECRETS, namespace, name, {"type": type_ or "Opaque"})
+        body = {"type": type_ or "kubernetes.io/tls",
+                "data": {k: base64.b64encode(v).decode() for k, v in data.items()}}
         return self.put(SECRETS, namespace, name, body)
 
     def get(self, resource: str, namespace: str, name: str) -> dict | None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from tests.k8s.helpers import metric, serial_of, tlsproxy, wait_for
-from tests.k8s_standin import MWC
+from tests.k8s_standin import MWC, SECRETS
 from tlsproxy.certs import provision
 from tlsproxy.certs.provision import CA, CA_KEY, CERT, KEY
 
@@ -51,8 +51,9 @@ def review(port: int, ca_bundle_b64: str) -> dict:
 
 def test_webhook_provisions_itself_and_keeps_cabundle_current(standin, tmp_path):
     mwc = yaml.safe_load((ROOT / "config" / "webhook" / "mutatingwebhook.yaml").read_text())
+    secret = yaml.safe_load((ROOT / "config" / "webhook" / "secret.yaml").read_text())
     standin.put(MWC, "", "tlsproxy", mwc)                   # as `kubectl apply -k config/webhook/` leaves it
-    standin.put_secret(NS, SECRET)
+    standin.put(SECRETS, NS, SECRET, secret)
     assert bundles(standin) == [None, None]
     args = ["--provision-secret", f"{NS}/{SECRET}", "--webhook-configuration", "tlsproxy",
             "--kubeconfig", str(standin.kubeconfig())]
