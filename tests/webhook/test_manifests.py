@@ -67,7 +67,7 @@ def test_crd_skips_are_only_cert_manager():
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed (for kustomize)")
-@pytest.mark.parametrize("kustomization", ["", "webhook", "cert-manager", "examples"])
+@pytest.mark.parametrize("kustomization", ["", "webhook", "cert-manager", "examples", "examples/provisioned"])
 def test_kustomize_builds_and_validates(kustomization):
     r = subprocess.run(["kubectl", "kustomize", str(CONFIG / kustomization)], capture_output=True,
                        text=True, timeout=60)
@@ -213,3 +213,23 @@ def test_example_service_and_networkpolicy_expose_only_tls():
 def test_sample_config_file_loads():
     settings = build_settings({"config": str(CONFIG / "examples" / "tlsproxy.yaml")}, env={})
     assert settings.listen.port == 9443 and str(settings.cert_dir) == "/etc/tlsproxy/tls"
+
+
+def test_provisioned_example_rbac_is_exactly_what_its_injected_sidecar_needs():
+    """config/examples/provisioned/: the Role grants get/watch/update on the one Secret the injected
+    sidecar provisions, to the pod's service account, and the injected pod validates."""
+    deployment = find("Deployment", "api")
+    template = deployment["spec"]["template"]
+    d = decide(template, namespace_default=False, options=InjectOptions(image="tlsproxy:test"))
+    assert isinstance(d, Injected)
+    settings = settings_from_args(build_parser().parse_args(d.container["args"]), env={})
+    secret = find("Secret", settings.provision_secret.name)
+    assert secret["type"] == "Opaque" and "data" not in secret
+    role = find("Role", "api-tls-provision")
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["secrets"],
+                              "resourceNames": [secret["metadata"]["name"]],
+                              "verbs": ["get", "watch", "update"]}]
+    binding = find("RoleBinding", "api-tls-provision")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": template["spec"]["serviceAccountName"],
+                                    "namespace": deployment["metadata"]["namespace"]}]
+    assert settings.provision_service == ("api",) and find("Service", "api")
