@@ -29,6 +29,7 @@ log = get_logger("k8s.watch")
 
 BACKOFF_MIN_S = 0.5     # the first retry after a failure
 BACKOFF_MAX_S = 30.0    # client-go's reflector backs off up to 30 s as well
+MIN_WATCH_S = 1.0       # a watch the server ends sooner than this is resumed after a backoff
 
 OnObject = Callable[[dict | None], Awaitable[None]]
 
@@ -71,7 +72,10 @@ class Follower:
             try:
                 await self._get()
                 while True:
+                    began = trio.current_time()
                     await self.client.watch(self.resource, self.ref, self.resource_version, self._event)
+                    if trio.current_time() - began < MIN_WATCH_S:   # ended at once: do not spin
+                        await trio.sleep(self.backoff.take())
             except APIError as exc:
                 self.last_error = exc
                 if exc.gone:                     # compacted: relist now, no backoff
