@@ -4,10 +4,14 @@ server (tests/k8s_standin.py), real TLS clients that trust only the Secret's ca.
 from __future__ import annotations
 
 import datetime as dt
+import ssl
 import threading
 import time
 
-from tests.k8s.helpers import NS, SECRET, fetch, metric, serial_of, served_serial, tlsproxy, wait_for
+import httpx
+import pytest
+
+from tests.k8s.helpers import NAME, NS, SECRET, fetch, metric, serial_of, served_serial, tlsproxy, wait_for
 from tlsproxy.certs import generate, provision
 from tlsproxy.certs.provision import CA, CA_KEY, CERT, KEY
 
@@ -73,13 +77,14 @@ class Caller:
             time.sleep(0.02)
 
 
-def test_api_server_away_changes_nothing_for_clients_and_is_followed_again(standin, tmp_path, app):
+@pytest.mark.parametrize("away_s", [4.0, pytest.param(60.0, marks=pytest.mark.slow)])
+def test_api_server_away_changes_nothing_for_clients_and_is_followed_again(standin, tmp_path, app, away_s):
     standin.put_secret(NS, SECRET)
     with tlsproxy(tmp_path, *provision_args(standin), upstream_port=app.port) as p:
         assert wait_for(p.ready, 30), p.logs()
         caller = Caller(standin, p.port, refresh_s=3600)
         standin.stop()                                      # the API server goes away
-        caller.run(4.0)
+        caller.run(away_s, max_requests=4000)
         assert caller.ok > 20 and not caller.failures, caller.failures[:3]
         assert p.ready() and p.popen.poll() is None
         assert "cannot reach the API server" in p.logs()
@@ -89,7 +94,8 @@ def test_api_server_away_changes_nothing_for_clients_and_is_followed_again(stand
         leaf = provision.new_leaf(provision.Policy(provision.service_dns_names("web", NS)),
                                   generate.Issued(data[CA], data[CA_KEY]), dt.datetime.now(dt.UTC))
         standin.put_secret(NS, SECRET, dict(data, **{CERT: leaf.cert_pem, KEY: leaf.key_pem}))
-        assert wait_for(lambda: served_serial(p.port, data[CA]) == serial_of(leaf.cert_pem), 15, 0.1), \
+        # the follower retries with backoff (at most 30 s apart): followed again within that
+        assert wait_for(lambda: served_serial(p.port, data[CA]) == serial_of(leaf.cert_pem), 40, 0.1), \
             p.logs()
 
 
@@ -120,10 +126,36 @@ def test_renewal_under_load_loses_no_request(standin, tmp_path, app):
     args = provision_args(standin, "--provision-cert-validity", "6s", "--provision-ca-validity", "1h")
     with tlsproxy(tmp_path, *args, upstream_port=app.port) as p:
         assert wait_for(p.ready, 30), p.logs()
-        caller = Caller(standin, p.port, refresh_s=3600)   # the CA does not change: read once
-        caller.run(10.0)
-        assert not caller.failures, caller.failures[:3]
-        assert len(caller.serials) >= 3, caller.serials     # renewed every ~4 s, without a restart
+        # three callers on fresh connections (the CA does not change: read once) and one keep-alive
+        # connection that lives across the renewals (it keeps the certificate it began with)
+        callers = [Caller(standin, p.port, refresh_s=3600) for _ in range(3)]
+        kept = {"ok": 0, "failures": []}
+
+        def keep_alive() -> None:
+            ca = standin.secret_data(NS, SECRET)[CA]
+            ctx = ssl.create_default_context(cadata=ca.decode())
+            end = time.monotonic() + 10.0
+            with httpx.Client(verify=ctx, timeout=5) as client:
+                while time.monotonic() < end:
+                    try:
+                        r = client.get(f"https://127.0.0.1:{p.port}/keep", headers={"Host": NAME},
+                                       extensions={"sni_hostname": NAME})   # SNI and the name checked
+                        assert r.status_code == 200
+                        kept["ok"] += 1
+                    except Exception as exc:  # noqa: BLE001
+                        kept["failures"].append(repr(exc))
+                    time.sleep(0.02)
+
+        threads = [threading.Thread(target=c.run, args=(10.0,)) for c in callers]
+        threads.append(threading.Thread(target=keep_alive))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        for c in callers:
+            assert c.ok > 20 and not c.failures, c.failures[:3]
+        assert kept["ok"] > 20 and not kept["failures"], kept["failures"][:3]
+        assert len(set().union(*(c.serials for c in callers))) >= 3   # renewed every ~4 s, no restart
         assert metric(p.metrics(), "tlsproxy_provision_writes_total", step="renew", result="written") >= 2
 
 
