@@ -113,3 +113,26 @@ def test_webhook_flag_errors_are_one_line(tmp_path):
     r = subprocess.run([TLSPROXY, "webhook", "--provision-secret", "a/b", "--webhook-configuration", "ns/x"],
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and "has no namespace" in r.stderr
+
+
+def test_two_webhook_replicas_agree_on_one_certificate_and_one_cabundle(standin, tmp_path):
+    """config/webhook/ runs two replicas: both start on the empty Secret at once."""
+    mwc = yaml.safe_load((ROOT / "config" / "webhook" / "mutatingwebhook.yaml").read_text())
+    standin.put(MWC, "", "tlsproxy", mwc)
+    secret = yaml.safe_load((ROOT / "config" / "webhook" / "secret.yaml").read_text())
+    standin.put(SECRETS, NS, SECRET, secret)
+    args = ["--provision-secret", f"{NS}/{SECRET}", "--webhook-configuration", "tlsproxy",
+            "--kubeconfig", str(standin.kubeconfig())]
+    with tlsproxy(tmp_path, *args, command="webhook") as a, tlsproxy(tmp_path, *args, command="webhook") as b:
+        assert wait_for(lambda: a.ready() and b.ready(), 30), a.logs() + b.logs()
+        data = standin.secret_data(NS, SECRET)
+        want = base64.b64encode(data[CA]).decode()
+        assert wait_for(lambda: bundles(standin) == [want, want], 5), a.logs() + b.logs()
+        assert len([w for w in standin.writes() if w[2] == 200]) == 1      # one Secret write won
+        for hook in (a, b):
+            assert _serves(hook.port, want) == serial_of(data[CERT])
+            assert review(hook.port, want)["response"]["allowed"]
+        time.sleep(0.5)                                  # nothing keeps patching: one caBundle, settled
+        patched = metric(a.metrics() + b.metrics(), "tlsproxy_webhook_cabundle_patches_total",
+                         result="patched")
+        assert 1 <= patched <= 2 and bundles(standin) == [want, want]

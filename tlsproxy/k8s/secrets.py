@@ -130,7 +130,8 @@ class ProvisionedSecret:
     def read(self) -> Material:
         if self.material is None:
             if not self.read_once:
-                raise CertError(f"Secret {self.ref}", "not read from the Kubernetes API yet")
+                raise CertError(f"Secret {self.ref}", "not read from the Kubernetes API yet (it is read "
+                                "once the proxy runs)")
             raise CertError(f"Secret {self.ref}", "holds no usable certificate yet (being provisioned)")
         return self.material
 
