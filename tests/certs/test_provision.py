@@ -145,3 +145,35 @@ def test_years_of_rotation_never_leave_a_caller_with_an_unknown_ca(step_s):
     assert steps.count("ca_rollover_switch") == steps.count("ca_rollover_start")
     assert steps.count("ca_rollover_finish") >= 2
     assert "renew" in steps and "invalid" not in steps
+
+
+def test_rollover_steps_wait_the_full_delay_despite_whole_second_certificate_times():
+    """notBefore is truncated to the second: counting from it would switch up to 1 s early."""
+    short = Policy(NAMES, leaf_validity=dt.timedelta(seconds=6), ca_validity=dt.timedelta(seconds=15),
+                   rollover_delay=dt.timedelta(seconds=1))
+    t0 = NOW + dt.timedelta(microseconds=999_000)
+    data = plan(None, short, t0).data
+    ca = certs_of(data[CA])[0]
+    start_at = provision.renew_at(ca)
+    t = start_at + dt.timedelta(microseconds=900_000)
+    while True:                                      # renewals until the CA's window
+        p = plan(data, short, t)
+        if isinstance(p, Write) and p.step == "ca_rollover_start":
+            break
+        if isinstance(p, Write):
+            data = p.data
+        t += dt.timedelta(milliseconds=100)
+    started, data = t, p.data
+    while True:
+        t += dt.timedelta(milliseconds=50)
+        p = plan(data, short, t)
+        if isinstance(p, Write):
+            assert p.step == "ca_rollover_switch" and t - started >= short.rollover_delay, t - started
+            break
+    switched, data = t, p.data
+    while True:
+        t += dt.timedelta(milliseconds=50)
+        p = plan(data, short, t)
+        if isinstance(p, Write):
+            assert p.step == "ca_rollover_finish" and t - switched >= short.rollover_delay, t - switched
+            break
