@@ -172,6 +172,7 @@ def test_idempotent():
     ({**ON, "tlsproxy.io/provision-secret": "true", "tlsproxy.io/service": "Web_1"}, (8080,),
      "tlsproxy.io/service"),
     ({**ON, "tlsproxy.io/outbound-ca-secret": "Bad/Name"}, (8080,), "tlsproxy.io/outbound-ca-secret"),
+    ({**ON, "tlsproxy.io/outbound-ca-secret": "a/b/c"}, (8080,), "tlsproxy.io/outbound-ca-secret"),
     ({**ON, "tlsproxy.io/outbound-cert-secret": ""}, (8080,), "tlsproxy.io/outbound-cert-secret"),
 ])
 def test_denials_name_the_annotation(annotations, ports, names):
@@ -300,12 +301,12 @@ def test_provision_secret_follows_the_secret_through_the_api_with_its_own_token(
 
 def test_outbound_secrets_become_flags_and_a_mount():
     pod = make_pod({**ON, "tlsproxy.io/outbound": "15001=https://core-interceptors.tekton-pipelines.svc:8443",
-                    "tlsproxy.io/outbound-ca-secret": "core-interceptors-tls",
+                    "tlsproxy.io/outbound-ca-secret": "tekton-pipelines/core-interceptors-tls",
                     "tlsproxy.io/outbound-cert-secret": "el-client-tls"})
     out, _d = injected(pod)
     c = proxy(out)
     s = parse_serve_settings(c["args"][1:], env={})
-    assert str(s.outbound_ca_secret) == "core-interceptors-tls"
+    assert str(s.outbound_ca_secret) == "tekton-pipelines/core-interceptors-tls"
     assert str(s.outbound_cert_dir) == "/etc/tlsproxy/outbound" and str(s.cert_dir) == "/etc/tlsproxy/tls"
     volumes = {v["name"]: v for v in out["spec"]["volumes"]}
     assert volumes["tlsproxy-outbound-tls"]["secret"]["secretName"] == "el-client-tls"

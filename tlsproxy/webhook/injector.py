@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import __version__
-from ..config import parse_alpn, parse_hostport, parse_url
+from ..config import parse_alpn, parse_hostport, parse_object_ref, parse_url
 
 PREFIX = "tlsproxy.io/"
 A_INJECT = PREFIX + "inject"
@@ -239,7 +239,11 @@ def _build(annotations: Mapping[str, str], spec: Mapping[str, Any],
         # No subPath: a subPath mount is a bind of one file at start and never sees a rotated Secret.
         mounts = [{"name": TLS_VOLUME, "mountPath": TLS_MOUNT, "readOnly": True}]
     if A_OUTBOUND_CA_SECRET in annotations:
-        args += ["--outbound-ca-secret", _name(annotations, A_OUTBOUND_CA_SECRET, "")]
+        try:      # NAME (the pod's namespace) or NAMESPACE/NAME: the peer's Secret may live elsewhere
+            ref = parse_object_ref(annotations[A_OUTBOUND_CA_SECRET])
+        except ValueError as exc:
+            raise _Invalid(f"annotation {A_OUTBOUND_CA_SECRET}: {exc}") from None
+        args += ["--outbound-ca-secret", str(ref)]
     if A_OUTBOUND_CERT_SECRET in annotations:
         volumes.append({"name": OUTBOUND_CERT_VOLUME,
                         "secret": {"secretName": _name(annotations, A_OUTBOUND_CERT_SECRET, "")}})
