@@ -134,6 +134,8 @@ class App:
 
     def load_certificates(self) -> Generation:
         """Startup load through the reloader (so it knows which material is live). Raises CertError."""
+        if hasattr(self.source, "serve") and self.source.material is None:   # --provision-secret:
+            raise CertError(self.source.describe(), "not read yet")         # comes later; no error logged
         return self.reloader.load_now()
 
     def _on_swap(self, old: Generation | None, new: Generation) -> None:
