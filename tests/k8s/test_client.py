@@ -145,3 +145,18 @@ async def test_follower_sees_changes_resumes_after_bookmarks_and_relists_after_4
     assert seen == sorted(seen) and seen[:2] == [b"0", b"1"]     # in order; a relist hands over the state
     watches = [r for r in standin.requests if "watch=1" in r[1]]
     assert any("allowWatchBookmarks=true" in r[1] and "resourceVersion=1" in r[1] for r in watches)
+
+
+def test_bundle_patch_touches_only_stale_entries():
+    from tlsproxy.k8s.cabundle import bundle_patch
+
+    ca = b"-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n"
+    want = base64.b64encode(ca).decode()
+    obj = {"metadata": {"resourceVersion": "7"},
+           "webhooks": [{"name": "a", "clientConfig": {"caBundle": want, "service": {"name": "s"}}},
+                        {"name": "b", "clientConfig": {"service": {"name": "s"}}},
+                        {"name": "c", "clientConfig": {"caBundle": "b2xk"}}]}
+    assert bundle_patch(obj, ca) == {"metadata": {"resourceVersion": "7"}, "webhooks": [
+        {"name": "b", "clientConfig": {"caBundle": want}}, {"name": "c", "clientConfig": {"caBundle": want}}]}
+    obj["webhooks"] = obj["webhooks"][:1]
+    assert bundle_patch(obj, ca) is None

@@ -33,7 +33,7 @@ import trio
 from ..certs import provision
 from ..certs.source import Material, PairBytes
 from ..config import Settings
-from ..errors import CertError, ConfigError
+from ..errors import CertError
 from ..log import get_logger
 from ..metrics import Metrics
 from . import config as kconfig
@@ -119,8 +119,6 @@ class ProvisionedSecret:
                                   leaf_validity=dt.timedelta(seconds=settings.provision_cert_validity_s),
                                   ca_validity=dt.timedelta(seconds=settings.provision_ca_validity_s),
                                   rollover_delay=dt.timedelta(seconds=settings.provision_rollover_delay_s))
-        if policy.ca_validity < policy.leaf_validity:
-            raise ConfigError("--provision-ca-validity must be at least --provision-cert-validity")
         return cls(ref, policy, cluster, metrics)
 
     # ------------------------------------------------------------------ the CertSource surface
@@ -158,7 +156,7 @@ class ProvisionedSecret:
     async def _on_object(self, obj: dict | None) -> None:
         self.read_once = True
         if obj is None and (self.latest is not None or self.material is None):
-            log.error("Secret does not exist; create it (an empty kubernetes.io/tls Secret will do); "
+            log.error("Secret does not exist; create it (an empty Opaque Secret with no data will do); "
                       "serving what was read before, if anything", secret=str(self.ref))
         self.latest = obj
         self._wake.set()
