@@ -160,3 +160,28 @@ def test_bundle_patch_touches_only_stale_entries():
         {"name": "b", "clientConfig": {"caBundle": want}}, {"name": "c", "clientConfig": {"caBundle": want}}]}
     obj["webhooks"] = obj["webhooks"][:1]
     assert bundle_patch(obj, ca) is None
+
+
+async def test_kubeconfig_token_file_and_client_certificate_data(standin, tmp_path):
+    path = standin.kubeconfig()
+    doc = yaml.safe_load(path.read_text())
+    (tmp_path / "token").write_text("test-token\n")
+    doc["users"][0]["user"] = {"tokenFile": "token"}          # relative to the kubeconfig's directory
+    path.write_text(yaml.safe_dump(doc))
+    standin.put_secret("demo", "web-tls", {"ca.crt": b"x"})
+    async with Client(kconfig.from_kubeconfig(path)) as client:
+        assert (await client.get(SECRETS, REF))["metadata"]["name"] == "web-tls"
+    from tlsproxy.certs import generate
+
+    pair = generate.issue(standin.ca, "admin", server=False, client=True)
+    doc["users"][0]["user"] = {"client-certificate-data": base64.b64encode(pair.cert_pem).decode(),
+                               "client-key-data": base64.b64encode(pair.key_pem).decode()}
+    path.write_text(yaml.safe_dump(doc))
+    cfg = kconfig.from_kubeconfig(path)
+    crt, key = cfg.client_cert
+    assert crt.read_bytes() == pair.cert_pem and (key.stat().st_mode & 0o777) == 0o600
+    cfg.ssl_context()                                         # loads as a client certificate
+    doc["users"][0]["user"] = {"client-certificate-data": base64.b64encode(pair.cert_pem).decode()}
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ConfigError, match="client-certificate and client-key go together"):
+        kconfig.from_kubeconfig(path)
