@@ -67,7 +67,8 @@ class Webhook:
                               "--provision-secret")
         if s.cert_dir is None and s.cert is None and s.provision_secret is None:
             raise ConfigError("webhook needs --cert-dir DIR, --cert FILE --key FILE, or --provision-secret "
-                              "NAME: the API server only calls a webhook whose certificate its caBundle trusts")
+                              "NAME: the API server only calls a webhook whose certificate its caBundle "
+                              "trusts")
         self.cfg = cfg
         self.metrics = Metrics()
         self.keeper = None
