@@ -47,6 +47,7 @@ ALLOWED: dict[str, set[str]] = {
     "tcprelay": _BASE | {"relay"},
     "net": _CORE,
     "certs": _CORE,
+    "k8s": _CORE | {"certs"},                      # the Kubernetes API: Secrets, caBundle
     "tls": _CORE | {"certs", "net"},
     "http": _CORE | {"net", "relay", "tcprelay"},
     "admin": _CORE | {"certs", "http", "net", "tls"},   # its endpoints are a local handler of the engine
@@ -54,9 +55,9 @@ ALLOWED: dict[str, set[str]] = {
     "runtime": _CORE | {"admin", "certs", "net", "tls"},
     "workers": _CORE | {"net"},
     "inbound": _CORE | {"accept", "certs", "http", "net", "proxyproto", "relay", "tcprelay", "tls"},
-    "outbound": _CORE | {"accept", "certs", "http", "net", "relay", "tcprelay", "tls"},
-    "webhook": _CORE | {"__init__", "accept", "admin", "certs", "http", "net", "runtime", "tls"},
-    "app": _CORE | {"accept", "admin", "certs", "http", "inbound", "net", "outbound", "runtime", "tls",
+    "outbound": _CORE | {"accept", "certs", "http", "k8s", "net", "relay", "tcprelay", "tls"},
+    "webhook": _CORE | {"__init__", "accept", "admin", "certs", "http", "k8s", "net", "runtime", "tls"},
+    "app": _CORE | {"accept", "admin", "certs", "http", "inbound", "k8s", "net", "outbound", "runtime", "tls",
                     "workers"},
     "demo": _CORE | {"app", "net", "runtime"},
     # the CLI layer: argument helpers, the first-run lines, the subcommand shells, the table

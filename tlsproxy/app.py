@@ -83,6 +83,10 @@ class App:
     # ------------------------------------------------------------------ certificates
     def _cert_source(self) -> CertSource:
         s = self.settings
+        if s.provision_secret is not None:     # material from a Secret this process fills (k8s/secrets.py)
+            from .k8s.secrets import ProvisionedSecret
+
+            return ProvisionedSecret.from_settings(s, self.metrics)  # type: ignore[return-value]
         if s.cert_dir is not None:
             return CertSource(cert_dir=s.cert_dir, client_ca=s.client_ca, cert2=s.cert2, key2=s.key2)
         if s.cert is not None:

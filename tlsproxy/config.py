@@ -289,6 +289,50 @@ def parse_mapping(raw: Any) -> tuple[tuple[str, Any], ...]:
     return tuple(sorted(out))
 
 
+@dataclass(frozen=True, slots=True)
+class ObjectRef:
+    """``NAMESPACE/NAME`` of a Kubernetes object; no namespace: the pod's own (or the kubeconfig's)."""
+
+    namespace: str | None
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}" if self.namespace else self.name
+
+    def resolved(self, default_namespace: str) -> ObjectRef:
+        return self if self.namespace else ObjectRef(default_namespace, self.name)
+
+
+_K8S_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_K8S_SUBDOMAIN = re.compile(r"^(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_DNS_SAN = re.compile(r"^(\*\.)?(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?$")
+
+
+def parse_object_ref(raw: Any) -> ObjectRef:
+    """``NAME`` or ``NAMESPACE/NAME`` (lowercase Kubernetes names)."""
+    text = str(raw).strip()
+    parts = text.split("/")
+    if len(parts) == 1 and _K8S_SUBDOMAIN.match(parts[0]):
+        return ObjectRef(None, parts[0])
+    if len(parts) == 2 and _K8S_LABEL.match(parts[0]) and _K8S_SUBDOMAIN.match(parts[1]):
+        return ObjectRef(parts[0], parts[1])
+    raise ValueError(f"{text!r} is not NAME or NAMESPACE/NAME (lowercase Kubernetes names)")
+
+
+def parse_k8s_name(raw: Any) -> str:
+    text = str(raw).strip()
+    if not _K8S_LABEL.match(text):
+        raise ValueError(f"{text!r} is not a Kubernetes name (lowercase letters, digits, '-')")
+    return text
+
+
+def parse_dns_name(raw: Any) -> str:
+    text = str(raw).strip()
+    if len(text) > 253 or not _DNS_SAN.match(text):
+        raise ValueError(f"{text!r} is not a DNS name")
+    return text
+
+
 # --------------------------------------------------------------------------- the settings table
 
 
@@ -320,6 +364,8 @@ RELOAD_CHECK_INTERVAL_S = 60.0               # kubelet's own sync period; events
 MAX_CONNECTIONS = 10_000                     # beyond it, accept() waits; the kernel backlog holds the rest
 TCP_IDLE_TIMEOUT_S = 3600.0                  # tcp mode: no byte either way this long (Envoy tcp_proxy 1 h;
                                              # gRPC/xDS streams idle for minutes between pushes)
+PROVISION_WAIT_S = 600.0                     # --provision-secret: the API server may be slow to answer at
+                                             # first; a pod without a certificate restarts after this
 TCP_CLOSE_TIMEOUT_S = 5.0                    # after one side ended, the other may finish (ghostunnel 1 s)
 
 
@@ -476,6 +522,37 @@ class Settings:
         (), parse_mapping, "an outbound route with its own settings, usually in the --config YAML: "
         "{listen, url, ca, cert_dir, server_name, allow_uri, allow_dns}", metavar="MAPPING",
         repeat=True, group="outbound")
+    # certificates kept in Secrets through the Kubernetes API (docs/certificates.md, "Self-provisioned")
+    provision_secret: ObjectRef | None = opt(None, parse_object_ref, "fill this Secret with a CA and a "
+                                             "serving certificate when it is empty, invalid or due for "
+                                             "renewal, serve it, and follow it through the Kubernetes API "
+                                             "(instead of --cert-dir); NAME is in the pod's own namespace",
+                                             metavar="[NAMESPACE/]NAME", group="kubernetes")
+    provision_service: tuple[str, ...] = opt((), parse_k8s_name, "a Service whose names go in the "
+                                             "provisioned certificate (NAME, NAME.NS, NAME.NS.svc, "
+                                             "NAME.NS.svc.cluster.local); default: the Secret's name "
+                                             "without -tls", metavar="NAME", repeat=True, group="kubernetes")
+    provision_dns: tuple[str, ...] = opt((), parse_dns_name, "another DNS name for the provisioned "
+                                         "certificate", metavar="NAME", repeat=True, group="kubernetes")
+    provision_cert_validity_s: float = opt(90 * 86400.0, parse_duration, "lifetime of a provisioned "
+                                           "serving certificate; renewed with a third of it left",
+                                           flag="provision-cert-validity", metavar="DURATION",
+                                           group="kubernetes")
+    provision_ca_validity_s: float = opt(3650 * 86400.0, parse_duration, "lifetime of a provisioned CA; "
+                                         "rolled over (old and new CA both in ca.crt) with a third left",
+                                         flag="provision-ca-validity", metavar="DURATION", group="kubernetes")
+    provision_rollover_delay_s: float = opt(300.0, parse_duration, "CA rollover: time callers get to load "
+                                            "a new ca.crt before a certificate signed by the new CA is "
+                                            "served, and before the old CA leaves ca.crt (> the kubelet's "
+                                            "Secret refresh)", flag="provision-rollover-delay",
+                                            metavar="DURATION", group="kubernetes")
+    outbound_ca_secret: ObjectRef | None = opt(None, parse_object_ref, "trust the ca.crt of this Secret "
+                                               "for outbound routes, followed through the Kubernetes API "
+                                               "(instead of --outbound-ca)", metavar="[NAMESPACE/]NAME",
+                                               group="kubernetes")
+    kubeconfig: Path | None = opt(None, parse_path, "kubeconfig for the Kubernetes API (default: "
+                                  "$KUBECONFIG, else the pod's service account)", metavar="FILE",
+                                  group="kubernetes")
     drain_delay_s: float = opt(5.0, parse_duration, "on SIGTERM, keep accepting this long so endpoints "
                                "can stop sending traffic", flag="drain-delay", metavar="DURATION",
                                group="limits")
@@ -597,6 +674,9 @@ def build_settings(flags: Mapping[str, Any], env: Mapping[str, str],
         o = known[flag]
         values[o.name] = _parse_value(o, raw, f"--{flag}")
     settings = dataclasses.replace(base or Settings(), **values)
+    if settings.provision_secret is not None and settings.wait_for_cert_s is None:
+        # the first certificate comes from the API, not from disk: wait for it (not ready meanwhile)
+        settings = dataclasses.replace(settings, wait_for_cert_s=PROVISION_WAIT_S)
     check_settings(settings)
     return settings
 
@@ -620,6 +700,16 @@ def check_settings(s: Settings) -> None:
         if values and not mtls:
             raise ConfigError(f"--{flag} needs mutual TLS: give --client-ca FILE (or "
                               "--require-client-cert on with a ca.crt in --cert-dir)")
+    if s.provision_secret is not None and (s.cert_dir is not None or s.cert is not None):
+        raise ConfigError("--provision-secret and --cert-dir/--cert are alternatives: give one of them")
+    if (s.provision_service or s.provision_dns) and s.provision_secret is None:
+        raise ConfigError("--provision-service/--provision-dns name the provisioned certificate: they need "
+                          "--provision-secret")
+    if s.outbound_ca_secret is not None and s.outbound_ca is not None:
+        raise ConfigError("--outbound-ca-secret and --outbound-ca are alternatives: give one of them")
+    if s.provision_ca_validity_s < s.provision_cert_validity_s:
+        raise ConfigError("--provision-ca-validity must be at least --provision-cert-validity (a "
+                          "certificate never outlives its CA)")
     if not 1 <= s.redirect_port <= 65535:
         raise ConfigError(f"--redirect-port: {s.redirect_port} is not a port (1 to 65535)")
     if s.http_listen is not None and s.http_mode == "forward" and s.protocol != "http":

@@ -144,6 +144,16 @@ class Metrics:
                                  ["role"], registry=r)
         self.outbound_errors = Counter("tlsproxy_outbound_errors", "Outbound failures by peer",
                                        ["peer", "kind"], registry=r)
+        # self-provisioned certificates (--provision-secret, --outbound-ca-secret, the webhook's caBundle)
+        self.k8s_api_errors = Counter("tlsproxy_k8s_api_errors", "Failed Kubernetes API calls, by verb and "
+                                      "HTTP status (or unreachable, timeout, bad_response)", ["verb", "code"],
+                                      registry=r)
+        self.provision_writes = Counter("tlsproxy_provision_writes", "Writes of a self-provisioned Secret, "
+                                        "by step (empty, invalid, renew, ca_rollover_*) and result "
+                                        "(written, conflict, failed)", ["step", "result"], registry=r)
+        self.cabundle_patches = Counter("tlsproxy_webhook_cabundle_patches", "Patches of the "
+                                        "MutatingWebhookConfiguration's caBundle, by result", ["result"],
+                                        registry=r)
 
 
 # ---------------------------------------------------------------------------- --workers N: one /metrics

@@ -167,6 +167,13 @@ def test_idempotent():
     ({**ON, "tlsproxy.io/outbound": "9901=https://api:443"}, (8080,), "9901"),
     ({**ON, "tlsproxy.io/memory-limit": "lots"}, (8080,), "tlsproxy.io/memory-limit"),
     ({**ON, "tlsproxy.io/upstream_port": "8080"}, (8080,), "tlsproxy.io/upstream_port"),  # typo
+    ({**ON, "tlsproxy.io/provision-secret": "yes"}, (8080,), "tlsproxy.io/provision-secret"),
+    ({**ON, "tlsproxy.io/service": "web"}, (8080,), "tlsproxy.io/provision-secret"),  # needs it
+    ({**ON, "tlsproxy.io/provision-secret": "true", "tlsproxy.io/service": "Web_1"}, (8080,),
+     "tlsproxy.io/service"),
+    ({**ON, "tlsproxy.io/outbound-ca-secret": "Bad/Name"}, (8080,), "tlsproxy.io/outbound-ca-secret"),
+    ({**ON, "tlsproxy.io/outbound-ca-secret": "a/b/c"}, (8080,), "tlsproxy.io/outbound-ca-secret"),
+    ({**ON, "tlsproxy.io/outbound-cert-secret": ""}, (8080,), "tlsproxy.io/outbound-cert-secret"),
 ])
 def test_denials_name_the_annotation(annotations, ports, names):
     d = decide(make_pod(annotations, ports=ports), namespace_default=False)
@@ -269,3 +276,41 @@ def test_schema_validation_is_strict():
     proxy(out)["restartPolicyy"] = "Always"
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(out, K8S, strict=True)
+
+
+def test_provision_secret_follows_the_secret_through_the_api_with_its_own_token():
+    pod = make_pod({**ON, "tlsproxy.io/provision-secret": "true", "tlsproxy.io/secret": "web-tls",
+                    "tlsproxy.io/service": "web,web-internal", "tlsproxy.io/require-client-cert": "true"})
+    pod["spec"]["automountServiceAccountToken"] = False       # the app needs no token; the sidecar gets one
+    out, _d = injected(pod)
+    c = proxy(out)
+    s = parse_serve_settings(c["args"][1:], env={})
+    assert str(s.provision_secret) == "web-tls" and s.cert_dir is None
+    assert s.provision_service == ("web", "web-internal") and s.require_client_cert
+    volumes = {v["name"]: v for v in out["spec"]["volumes"]}
+    assert "tlsproxy-tls" not in volumes                      # nothing mounted from the Secret
+    sources = volumes["tlsproxy-kube-api"]["projected"]["sources"]
+    assert sources[0]["serviceAccountToken"]["path"] == "token"
+    assert sources[1]["configMap"]["name"] == "kube-root-ca.crt"
+    assert sources[2]["downwardAPI"]["items"][0]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    assert c["volumeMounts"] == [{"name": "tlsproxy-kube-api", "readOnly": True,
+                                  "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"}]
+    app = next(x for x in out["spec"]["containers"] if x["name"] == "app")
+    assert "volumeMounts" not in app                          # the token is the sidecar's alone
+
+
+def test_outbound_secrets_become_flags_and_a_mount():
+    pod = make_pod({**ON, "tlsproxy.io/outbound": "15001=https://core-interceptors.tekton-pipelines.svc:8443",
+                    "tlsproxy.io/outbound-ca-secret": "tekton-pipelines/core-interceptors-tls",
+                    "tlsproxy.io/outbound-cert-secret": "el-client-tls"})
+    out, _d = injected(pod)
+    c = proxy(out)
+    s = parse_serve_settings(c["args"][1:], env={})
+    assert str(s.outbound_ca_secret) == "tekton-pipelines/core-interceptors-tls"
+    assert str(s.outbound_cert_dir) == "/etc/tlsproxy/outbound" and str(s.cert_dir) == "/etc/tlsproxy/tls"
+    volumes = {v["name"]: v for v in out["spec"]["volumes"]}
+    assert volumes["tlsproxy-outbound-tls"]["secret"]["secretName"] == "el-client-tls"
+    assert "tlsproxy-kube-api" in volumes
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    assert mounts == {"tlsproxy-tls": "/etc/tlsproxy/tls", "tlsproxy-outbound-tls": "/etc/tlsproxy/outbound",
+                      "tlsproxy-kube-api": "/var/run/secrets/kubernetes.io/serviceaccount"}

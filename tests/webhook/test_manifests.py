@@ -67,7 +67,7 @@ def test_crd_skips_are_only_cert_manager():
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed (for kustomize)")
-@pytest.mark.parametrize("kustomization", ["", "webhook", "cert-manager", "examples"])
+@pytest.mark.parametrize("kustomization", ["", "webhook", "cert-manager", "examples", "examples/provisioned"])
 def test_kustomize_builds_and_validates(kustomization):
     r = subprocess.run(["kubectl", "kustomize", str(CONFIG / kustomization)], capture_output=True,
                        text=True, timeout=60)
@@ -112,26 +112,76 @@ def test_webhook_configuration():
             assert expr["operator"] == "NotIn" and pod_labels[expr["key"]] in expr["values"]
 
 
-def test_webhook_deployment_agrees_with_service_certificate_and_cli():
+def _webhook_settings(container):
+    ns = build_parser().parse_args(container["args"])
+    assert ns.command == "webhook" and ns.image
+    return ns, settings_from_args(ns, env={})
+
+
+def test_webhook_deployment_provisions_its_own_certificate():
+    """config/webhook/ alone: --provision-secret names the shipped (empty) Secret, the certificate's
+    default names are the Service's, --webhook-configuration names the MutatingWebhookConfiguration."""
+    from tlsproxy.k8s.secrets import default_dns_names
+
     deployment = find("Deployment", "tlsproxy-webhook")
     pod = deployment["spec"]["template"]
     container = pod["spec"]["containers"][0]
-    ns = build_parser().parse_args(container["args"])
-    assert ns.command == "webhook" and ns.image
-    settings = settings_from_args(ns, env={})
+    ns, settings = _webhook_settings(container)
     assert settings.listen.port == 9443 and settings.admin.port == 9901
+    assert settings.cert_dir is None and "volumes" not in pod["spec"]
+    assert pod["spec"]["automountServiceAccountToken"] is True      # the token, for this pod only
+    secret = find("Secret", "tlsproxy-webhook-tls")
+    meta = secret["metadata"]
+    assert settings.provision_secret.name == meta["name"]
+    assert secret["type"] == "Opaque" and "data" not in secret and "stringData" not in secret
+    service = find("Service", "tlsproxy-webhook")
+    names = default_dns_names(settings, settings.provision_secret.resolved(meta["namespace"]))
+    assert f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc" in names
+    assert ns.webhook_configuration == find("MutatingWebhookConfiguration", "tlsproxy")["metadata"]["name"]
+    port = service["spec"]["ports"][0]
+    named = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert port["port"] == 443 and named[port["targetPort"]] == 9443
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    # the cert-manager install never mounts the token nor keeps caBundle itself
+    assert find("ServiceAccount", "tlsproxy-webhook")["automountServiceAccountToken"] is False
+
+
+def test_webhook_rbac_is_limited_to_its_two_objects():
+    role = find("Role", "tlsproxy-webhook-secret")
+    assert role["metadata"]["namespace"] == "tlsproxy-system"
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["secrets"],
+                              "resourceNames": ["tlsproxy-webhook-tls"], "verbs": ["get", "watch", "update"]}]
+    cluster_role = find("ClusterRole", "tlsproxy-webhook-cabundle")
+    assert cluster_role["rules"] == [{"apiGroups": ["admissionregistration.k8s.io"],
+                                      "resources": ["mutatingwebhookconfigurations"],
+                                      "resourceNames": ["tlsproxy"], "verbs": ["get", "watch", "patch"]}]
+    for kind, role_kind, name in (("RoleBinding", "Role", "tlsproxy-webhook-secret"),
+                                  ("ClusterRoleBinding", "ClusterRole", "tlsproxy-webhook-cabundle")):
+        binding = find(kind, name)
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": role_kind,
+                                      "name": name}
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "tlsproxy-webhook",
+                                        "namespace": "tlsproxy-system"}]
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed (for kustomize)")
+def test_cert_manager_install_mounts_the_certificate_and_drops_the_provisioning_pieces():
+    r = subprocess.run(["kubectl", "kustomize", str(CONFIG / "cert-manager")], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    docs = [d for d in yaml.safe_load_all(r.stdout) if d]
+    kinds = {d["kind"] for d in docs}
+    assert not kinds & {"Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding", "Secret"}
+    pod = find("Deployment", "tlsproxy-webhook", docs)["spec"]["template"]
+    container = pod["spec"]["containers"][0]
+    _ns, settings = _webhook_settings(container)
+    assert settings.provision_secret is None and pod["spec"]["automountServiceAccountToken"] is False
     mount = container["volumeMounts"][0]
     assert str(settings.cert_dir) == mount["mountPath"] and mount["readOnly"] and "subPath" not in mount
     secret = next(v for v in pod["spec"]["volumes"] if v["name"] == mount["name"])["secret"]["secretName"]
-    cert = find("Certificate", "tlsproxy-webhook")
+    cert = find("Certificate", "tlsproxy-webhook", docs)
     assert cert["spec"]["secretName"] == secret
-    service = find("Service", "tlsproxy-webhook")
     assert "tlsproxy-webhook.tlsproxy-system.svc" in cert["spec"]["dnsNames"]
-    port = service["spec"]["ports"][0]
-    assert port["port"] == 443
-    named = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert named[port["targetPort"]] == 9443
-    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
 
 
 def test_example_sidecar_is_what_the_injector_writes():
@@ -163,3 +213,23 @@ def test_example_service_and_networkpolicy_expose_only_tls():
 def test_sample_config_file_loads():
     settings = build_settings({"config": str(CONFIG / "examples" / "tlsproxy.yaml")}, env={})
     assert settings.listen.port == 9443 and str(settings.cert_dir) == "/etc/tlsproxy/tls"
+
+
+def test_provisioned_example_rbac_is_exactly_what_its_injected_sidecar_needs():
+    """config/examples/provisioned/: the Role grants get/watch/update on the one Secret the injected
+    sidecar provisions, to the pod's service account, and the injected pod validates."""
+    deployment = find("Deployment", "api")
+    template = deployment["spec"]["template"]
+    d = decide(template, namespace_default=False, options=InjectOptions(image="tlsproxy:test"))
+    assert isinstance(d, Injected)
+    settings = settings_from_args(build_parser().parse_args(d.container["args"]), env={})
+    secret = find("Secret", settings.provision_secret.name)
+    assert secret["type"] == "Opaque" and "data" not in secret
+    role = find("Role", "api-tls-provision")
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["secrets"],
+                              "resourceNames": [secret["metadata"]["name"]],
+                              "verbs": ["get", "watch", "update"]}]
+    binding = find("RoleBinding", "api-tls-provision")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": template["spec"]["serviceAccountName"],
+                                    "namespace": deployment["metadata"]["namespace"]}]
+    assert settings.provision_service == ("api",) and find("Service", "api")

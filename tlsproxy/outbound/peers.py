@@ -22,16 +22,18 @@ or unresolvable peer says so, and a slow connect or handshake is ``connect_timeo
 
 from __future__ import annotations
 
+import dataclasses
 import ssl
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
 from ..certs import bundle as _bundle
 from ..certs.source import CertSource, Material
-from ..errors import UpstreamError
+from ..errors import CertError, UpstreamError
 from ..http.pool import Pool
 from ..log import get_logger
 from ..metrics import Metrics
@@ -42,6 +44,9 @@ from ..tls.served import ServedTLS
 from ..tls.store import Generation
 from ..tls.stream import TLSStream
 
+if TYPE_CHECKING:
+    from ..k8s.secrets import CASecret
+
 log = get_logger("outbound")
 
 MAX_PEER_POOLS = 256     # forward proxy: pools kept for distinct destinations (LRU beyond)
@@ -49,29 +54,59 @@ MAX_PEER_POOLS = 256     # forward proxy: pools kept for distinct destinations (
 
 # ---------------------------------------------------------------------------- client TLS material
 
+class _SecretTrust:
+    """A client source whose trust bundle is the ``ca.crt`` of a Secret followed through the
+    Kubernetes API (``--outbound-ca-secret``); the client certificate, if any, is still read from
+    its directory."""
+
+    def __init__(self, files: CertSource, secret: CASecret) -> None:
+        self.files = files
+        self.secret = secret
+
+    def read(self) -> Material:
+        ca = self.secret.ca_pem
+        if ca is None:
+            raise CertError(f"Secret {self.secret.ref}", "ca.crt not read from the Kubernetes API yet")
+        return dataclasses.replace(self.files.read(), client_ca_pem=ca,
+                                   client_ca_path=f"Secret {self.secret.ref} ca.crt")
+
+    def describe(self) -> str:
+        return f"{self.files.describe()} ca_secret={self.secret.ref}"
+
+    @property
+    def watch_paths(self) -> tuple[Path, ...]:
+        return self.files.watch_paths
+
+
 class ClientTLS:
     """The current client context for one (CA file, client-certificate directory) pair: one
     :class:`~tlsproxy.tls.served.ServedTLS` (read, validate, build, store, reload — the inbound
     machinery) whose build makes a client context."""
 
     def __init__(self, ca: Path | None, cert_dir: Path | None, metrics: Metrics | None = None, *,
-                 alpn: tuple[str, ...] = ALPN_HTTP1) -> None:
+                 alpn: tuple[str, ...] = ALPN_HTTP1, ca_secret: CASecret | None = None) -> None:
         self.ca = ca
         self.cert_dir = cert_dir
+        self.ca_secret = ca_secret        # --outbound-ca-secret: ca.crt of a Secret, from the API
         self.alpn = alpn
-        self.served = ServedTLS(CertSource(cert_dir=cert_dir, client_ca=ca), self._build, metrics,
-                                role="outbound", describe=self.describe())
+        files = CertSource(cert_dir=cert_dir, client_ca=ca)
+        source = files if ca_secret is None else _SecretTrust(files, ca_secret)
+        self.served = ServedTLS(source, self._build, metrics, role="outbound", describe=self.describe())
         self.store = self.served.store
+        self.reloader = self.served.reloader     # --outbound-ca-secret: reloaded when the Secret changes
         self.trust = self._describe_trust(False)
         self.served.subscribe(self._on_swap)
 
     def describe(self) -> str:
-        parts = [f"ca={self.ca}" if self.ca else "", f"cert_dir={self.cert_dir}" if self.cert_dir else ""]
+        parts = [f"ca={self.ca}" if self.ca else "", f"cert_dir={self.cert_dir}" if self.cert_dir else "",
+                 f"ca_secret={self.ca_secret.ref}" if self.ca_secret else ""]
         return " ".join(p for p in parts if p) or "system trust store"
 
     def _describe_trust(self, dir_has_ca: bool) -> str:
         if self.ca is not None:
             return f"the CA bundle {self.ca}"
+        if self.ca_secret is not None:
+            return f"the {self.ca_secret.describe()}"
         if self.cert_dir is not None and dir_has_ca:
             return f"the CA bundle {self.cert_dir / _bundle.CA_FILE}"
         return "the system trust store"
@@ -97,9 +132,10 @@ class ClientTLS:
     def _build(self, material: Material) -> tuple[ssl.SSLContext, list[_bundle.Bundle]]:
         pair = material.pairs[0] if material.pairs else None
         client = pair.validate() if pair is not None else None
-        # An explicit CA file always wins; the Secret's ca.crt is the trust bundle only without one.
-        if self.ca is not None:
-            trust, where = material.client_ca_pem, str(self.ca)
+        # An explicit CA (a file, or --outbound-ca-secret's ca.crt) always wins; the client
+        # certificate directory's ca.crt is the trust bundle only without one.
+        if self.ca is not None or self.ca_secret is not None:
+            trust, where = material.client_ca_pem, material.client_ca_path or str(self.ca)
         else:
             trust, where = (pair.ca_pem, pair.ca_path or "") if pair is not None else (None, "")
         if trust is not None:

@@ -68,6 +68,12 @@ class Outbound:
         self._pools: list[Pool] = []
         self._peer_pools: PeerPools | None = None
         self.started = False
+        self.ca_secret = None           # --outbound-ca-secret: followed through the API once started
+        if s.outbound_ca_secret is not None:
+            from ..k8s.secrets import CASecret, cluster_config
+
+            cluster = cluster_config(s)
+            self.ca_secret = CASecret(s.outbound_ca_secret.resolved(cluster.namespace), cluster, metrics)
         # Load every TLS source now: bad material stops the proxy at startup (CertError, exit 2).
         for r in self.routes:
             self.tls_for(r.ca, r.cert_dir, r.alpn)
@@ -84,8 +90,10 @@ class Outbound:
         key = (ca or self.settings.outbound_ca, cert_dir or self.settings.outbound_cert_dir, alpn)
         tls = self._tls.get(key)
         if tls is None:
-            tls = self._tls[key] = ClientTLS(key[0], key[1], self.metrics, alpn=alpn)
-            tls.load()
+            ca_secret = self.ca_secret if key[0] is None else None     # a route's own ca wins
+            tls = self._tls[key] = ClientTLS(key[0], key[1], self.metrics, alpn=alpn, ca_secret=ca_secret)
+            if ca_secret is None:
+                tls.load()          # a Secret's ca.crt is loaded once read (start), not before
         return tls
 
     def _opener(self, host: str, port: int, tls: ClientTLS, server_name: str | None = None,
@@ -103,6 +111,13 @@ class Outbound:
         s = self.settings
         # Reload watchers live as long as the listeners: a drain stops reloads with accepting (the
         # in-flight requests keep the last good context for their remaining seconds).
+        if self.ca_secret is not None:
+            async def reload_trust(trigger: str) -> None:
+                for tls in list(self._tls.values()):
+                    if tls.ca_secret is not None:
+                        await tls.reloader.reload(trigger)
+
+            await accepting.start(self.ca_secret.serve, reload_trust)
         for tls in self._tls.values():
             if tls.watch_paths:
                 await accepting.start(lambda task_status, tls=tls: tls.served.serve_reloads(
@@ -147,7 +162,12 @@ class Outbound:
             self._peer_pools.close_idle()
 
     async def readiness(self) -> str | None:
-        return None if self.started else "outbound listeners not bound yet"
+        if not self.started:
+            return "outbound listeners not bound yet"
+        if any(not tls.store.ready for tls in self._tls.values()):
+            return "outbound TLS not loaded yet" + (f" (waiting for the {self.ca_secret.describe()})"
+                                                    if self.ca_secret is not None else "")
+        return None
 
 
 def _flush_on_reload(tls: ClientTLS, close_idle: Callable[[], None]) -> None:

@@ -8,6 +8,11 @@ They differ only in ``build``, the function that turns the material a
 (versions, tickets, ALPN, client CA, tcp mode's EOF handling and SNI callback) is decided there,
 before the context reaches the store. Nothing changes a stored context; a change is a new context.
 
+A source is either files (:class:`~tlsproxy.certs.source.CertSource`: watched here, directory
+watch plus periodic re-check) or a *followed* source with a service of its own
+(``--provision-secret``: ``source.serve(reload)`` follows a Secret through the Kubernetes API and
+calls ``reload`` on every change; its ``material`` is None until the first read).
+
 The rest is shared: the store (the one reference listeners and dialers read per connection), the
 reloader (``reload.py``: on failure the old state is kept), the reload service (directory watch
 plus periodic re-check), and what every swap publishes — the expiry gauge of each certificate
@@ -25,6 +30,7 @@ import trio
 
 from ..certs.bundle import Bundle
 from ..certs.source import CertSource, Material
+from ..errors import CertError
 from ..metrics import Metrics
 from .reload import Reloader, serve_reloads
 from .store import ContextStore, Generation
@@ -66,12 +72,19 @@ class ServedTLS:
 
     # ------------------------------------------------------------------ loading
     def load_now(self) -> Generation:
-        """Startup load, synchronously: raises CertError (and changes nothing) on bad material."""
+        """Startup load, synchronously: raises CertError (and changes nothing) on bad material.
+        A followed source with nothing read yet raises at once, logging nothing: its material
+        comes later, from its own service (``--wait-for-cert`` bounds the wait)."""
+        if not isinstance(self.source, CertSource) and self.source.material is None:
+            raise CertError(self.source.describe(), "not read yet")
         return self.reloader.load_now()
 
     async def serve_reloads(self, interval_s: float, *,
                             task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The reload service for this identity: runs until cancelled."""
+        if not isinstance(self.source, CertSource):        # a followed source runs its own
+            await self.source.serve(self.reloader.reload, task_status=task_status)
+            return
         await serve_reloads(self.reloader, self.watch_paths, interval_s=interval_s, task_status=task_status)
 
     def _publish(self, old: Generation | None, new: Generation) -> None:

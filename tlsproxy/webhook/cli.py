@@ -79,11 +79,29 @@ WEBHOOK_FLAGS = (
     "listen", "admin", "cert-dir", "cert", "key", "reload-interval", "tls-min-version",
     "tls-session-tickets", "max-connections", "handshake-timeout", "head-timeout", "body-timeout",
     "idle-timeout", "drain-timeout", "drain-delay", "log-format", "log-level", "config",
+    # its own certificate in a Secret, through the Kubernetes API (docs/kubernetes.md)
+    "provision-secret", "provision-service", "provision-dns", "provision-cert-validity",
+    "provision-ca-validity", "provision-rollover-delay", "kubeconfig",
 )
+
+def _object_name(raw: str) -> str:
+    from ..config import parse_object_ref
+
+    try:
+        ref = parse_object_ref(raw)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if ref.namespace is not None:
+        raise argparse.ArgumentTypeError(f"{raw!r}: a MutatingWebhookConfiguration has no namespace")
+    return ref.name
+
 
 def add_webhook_arguments(parser: argparse.ArgumentParser) -> None:
     add_settings_arguments(parser, flags=WEBHOOK_FLAGS)
     _image_argument(parser)
+    parser.add_argument("--webhook-configuration", metavar="NAME", default=None, type=_object_name,
+                        help="keep the caBundle of this MutatingWebhookConfiguration equal to the ca.crt "
+                        "of --provision-secret (on start, on rotation, and after any edit)")
 
 
 def run_webhook(ns: argparse.Namespace) -> int:
@@ -94,11 +112,12 @@ def run_webhook(ns: argparse.Namespace) -> int:
 
     settings = settings_from_args(ns)
     logging_setup.setup(settings.log_format, settings.log_level)
-    webhook = Webhook(WebhookConfig(settings, _options(ns)))
-    try:
-        webhook.load_certificates()
-    except CertError as exc:
-        raise ConfigError(str(exc)) from None
+    webhook = Webhook(WebhookConfig(settings, _options(ns), webhook_configuration=ns.webhook_configuration))
+    if settings.provision_secret is None:      # a provisioned certificate comes later, from the API
+        try:
+            webhook.load_certificates()
+        except CertError as exc:
+            raise ConfigError(str(exc)) from None
     return run_main(webhook.run_with_signals)
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import __version__
-from ..config import parse_alpn, parse_hostport, parse_url
+from ..config import parse_alpn, parse_hostport, parse_object_ref, parse_url
 
 PREFIX = "tlsproxy.io/"
 A_INJECT = PREFIX + "inject"
@@ -47,6 +47,10 @@ A_REQUIRE_CLIENT_CERT = PREFIX + "require-client-cert"
 A_ALLOW = {kind: PREFIX + f"allow-{kind}" for kind in ("uri", "dns", "cn", "ou")}
 A_OUTBOUND = PREFIX + "outbound"
 A_LOG_LEVEL = PREFIX + "log-level"
+A_PROVISION = PREFIX + "provision-secret"          # "true": fill/renew the Secret through the API
+A_SERVICE = PREFIX + "service"                     # Services named in a provisioned certificate
+A_OUTBOUND_CA_SECRET = PREFIX + "outbound-ca-secret"
+A_OUTBOUND_CERT_SECRET = PREFIX + "outbound-cert-secret"
 A_RESOURCES = {
     ("requests", "cpu"): PREFIX + "cpu-request",
     ("requests", "memory"): PREFIX + "memory-request",
@@ -56,6 +60,7 @@ A_RESOURCES = {
 KNOWN_ANNOTATIONS = frozenset({
     A_INJECT, A_STATUS, A_NATIVE, A_UPSTREAM_PORT, A_PORT, A_ADMIN_PORT, A_SECRET, A_PROTOCOL,
     A_HTTP_PORT, A_HTTP_MODE, A_CLIENT_CA, A_REQUIRE_CLIENT_CERT, A_OUTBOUND, A_LOG_LEVEL, A_ALPN,
+    A_PROVISION, A_SERVICE, A_OUTBOUND_CA_SECRET, A_OUTBOUND_CERT_SECRET,
     *A_ALLOW.values(), *A_RESOURCES.values(),
 })
 
@@ -65,6 +70,14 @@ TLS_VOLUME = "tlsproxy-tls"
 CLIENT_CA_VOLUME = "tlsproxy-client-ca"
 TLS_MOUNT = "/etc/tlsproxy/tls"             # the Secret directory: kubelet swaps ..data, we watch the dir
 CLIENT_CA_MOUNT = "/etc/tlsproxy/client-ca"
+KUBE_API_VOLUME = "tlsproxy-kube-api"
+# The standard place of a service-account token: the in-cluster configuration reads it there. The
+# ServiceAccount admission plugin runs before webhooks, so it never mounts a token into a container a
+# webhook adds: the sidecar gets its own projected token (rotated by the kubelet, re-read by tlsproxy).
+KUBE_API_MOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
+KUBE_TOKEN_SECONDS = 3607                   # the kubelet's own default for projected tokens
+OUTBOUND_CERT_VOLUME = "tlsproxy-outbound-tls"
+OUTBOUND_CERT_MOUNT = "/etc/tlsproxy/outbound"
 DEFAULT_PORT = 9443                         # the same default as `serve --listen`
 DEFAULT_ADMIN_PORT = 9901                   # the same default as `serve --admin`
 DEFAULT_UPSTREAM_PORT = 8080                # `serve`'s own default upstream, when the pod declares no port
@@ -208,9 +221,37 @@ def _build(annotations: Mapping[str, str], spec: Mapping[str, Any],
     elif http_mode is not None:
         raise _Invalid(f"annotation {A_HTTP_MODE} needs {A_HTTP_PORT} (the plain-HTTP port to listen on)")
 
-    volumes = [{"name": TLS_VOLUME, "secret": {"secretName": secret}}]
-    # No subPath: a subPath mount is a bind of one file at start and never sees a rotated Secret.
-    mounts = [{"name": TLS_VOLUME, "mountPath": TLS_MOUNT, "readOnly": True}]
+    provision = _boolean(annotations, A_PROVISION, False)
+    if provision:
+        # the Secret is read, filled and followed through the API, not mounted (k8s/secrets.py)
+        args[args.index("--cert-dir"):args.index("--cert-dir") + 2] = ["--provision-secret", secret]
+        volumes: list[dict[str, Any]] = []
+        mounts: list[dict[str, Any]] = []
+        for service in _list(annotations, A_SERVICE) if A_SERVICE in annotations else ():
+            if not re.match(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$", service):
+                raise _Invalid(f'annotation {A_SERVICE}: "{service}" is not a Service name')
+            args += ["--provision-service", service]
+    else:
+        if A_SERVICE in annotations:
+            raise _Invalid(f'annotation {A_SERVICE} names the provisioned certificate: it needs '
+                           f'{A_PROVISION}: "true"')
+        volumes = [{"name": TLS_VOLUME, "secret": {"secretName": secret}}]
+        # No subPath: a subPath mount is a bind of one file at start and never sees a rotated Secret.
+        mounts = [{"name": TLS_VOLUME, "mountPath": TLS_MOUNT, "readOnly": True}]
+    if A_OUTBOUND_CA_SECRET in annotations:
+        try:      # NAME (the pod's namespace) or NAMESPACE/NAME: the peer's Secret may live elsewhere
+            ref = parse_object_ref(annotations[A_OUTBOUND_CA_SECRET])
+        except ValueError as exc:
+            raise _Invalid(f"annotation {A_OUTBOUND_CA_SECRET}: {exc}") from None
+        args += ["--outbound-ca-secret", str(ref)]
+    if A_OUTBOUND_CERT_SECRET in annotations:
+        volumes.append({"name": OUTBOUND_CERT_VOLUME,
+                        "secret": {"secretName": _name(annotations, A_OUTBOUND_CERT_SECRET, "")}})
+        mounts.append({"name": OUTBOUND_CERT_VOLUME, "mountPath": OUTBOUND_CERT_MOUNT, "readOnly": True})
+        args += ["--outbound-cert-dir", OUTBOUND_CERT_MOUNT]
+    if provision or A_OUTBOUND_CA_SECRET in annotations:
+        volumes.append(_kube_api_volume())
+        mounts.append({"name": KUBE_API_VOLUME, "mountPath": KUBE_API_MOUNT, "readOnly": True})
     # Mutual TLS: a CA from a ConfigMap (tlsproxy.io/client-ca), or the ca.crt that cert-manager puts
     # in the serving Secret itself (tlsproxy.io/require-client-cert: "true").
     mtls = False
@@ -273,6 +314,16 @@ def _build(annotations: Mapping[str, str], spec: Mapping[str, Any],
     if _is_native(annotations):
         container["restartPolicy"] = "Always"
     return container, volumes
+
+
+def _kube_api_volume() -> dict[str, Any]:
+    """What the ServiceAccount admission plugin mounts (kube-api-access-*), for the sidecar alone."""
+    return {"name": KUBE_API_VOLUME, "projected": {"defaultMode": 0o444, "sources": [
+        {"serviceAccountToken": {"path": "token", "expirationSeconds": KUBE_TOKEN_SECONDS}},
+        {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+        {"downwardAPI": {"items": [{"path": "namespace",
+                                    "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}]}},
+    ]}}
 
 
 def _patch(has_metadata: bool, metadata: Mapping[str, Any], spec: Mapping[str, Any],

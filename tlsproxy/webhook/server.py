@@ -59,6 +59,7 @@ class WebhookConfig:
     settings: Settings
     options: InjectOptions
     reload_check_s: float | None = None       # None: --reload-interval (the proxy's own setting)
+    webhook_configuration: str | None = None  # keep this MutatingWebhookConfiguration's caBundle current
 
 
 class Answerer:
@@ -94,18 +95,35 @@ class Answerer:
 class Webhook:
     def __init__(self, cfg: WebhookConfig) -> None:
         s = cfg.settings
-        if s.cert_dir is None and s.cert is None:
-            raise ConfigError("webhook needs --cert-dir DIR or --cert FILE --key FILE: the API server "
-                              "only calls a webhook whose certificate its caBundle trusts")
+        if cfg.webhook_configuration and s.provision_secret is None:
+            raise ConfigError("--webhook-configuration keeps caBundle equal to the provisioned CA: it needs "
+                              "--provision-secret")
+        if s.cert_dir is None and s.cert is None and s.provision_secret is None:
+            raise ConfigError("webhook needs --cert-dir DIR, --cert FILE --key FILE, or --provision-secret "
+                              "NAME: the API server only calls a webhook whose certificate its caBundle "
+                              "trusts")
         if cfg.reload_check_s:
             s = s.replace(reload_check_interval_s=cfg.reload_check_s)
         self.cfg = cfg
         self.settings = s
-        self.source = CertSource(cert_dir=s.cert_dir, cert=s.cert, key=s.key)
         self.metrics = Metrics()
+        self.keeper = None
+        if s.provision_secret is not None:    # own certificate in a Secret, caBundle kept (k8s/)
+            from ..k8s.cabundle import CABundleKeeper
+            from ..k8s.secrets import ProvisionedSecret
+
+            self.source = ProvisionedSecret.from_settings(s, self.metrics)
+            if cfg.webhook_configuration:
+                self.keeper = CABundleKeeper(cfg.webhook_configuration, self.source.ca_pem,
+                                             self.source.cluster, self.metrics)
+        else:
+            self.source = CertSource(cert_dir=s.cert_dir, cert=s.cert, key=s.key)
         self.served = ServedTLS(self.source, self._build, self.metrics)
         self.store = self.served.store
         self.reloader = self.served.reloader
+        if self.keeper is not None:           # every served CA change is a caBundle to keep equal
+            keeper = self.keeper
+            self.served.subscribe(lambda _old, _new: keeper.ca_changed())
         self.health = Health()
         self.runtime = Runtime(s, self.served, self.metrics, self.health, name="webhook")
         self.answerer = Answerer(cfg.options, self.metrics)
@@ -157,7 +175,10 @@ class Webhook:
         self.drain.start()     # wake idle keep-alive connections: they close now
 
     async def run(self, *, task_status: trio.TaskStatus[Webhook] = trio.TASK_STATUS_IGNORED) -> None:
-        await self.runtime.run(self, background=(self.drain.watchdog.run,), task_status=task_status)
+        background = [self.drain.watchdog.run]
+        if self.keeper is not None:
+            background.append(self.keeper.serve)
+        await self.runtime.run(self, background=tuple(background), task_status=task_status)
 
     async def run_with_signals(self) -> None:
         await self.runtime.run_with_signals(self.run)
