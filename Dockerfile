@@ -25,15 +25,18 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY tlsproxy ./tlsproxy
 # cffi's Python half and pycparser generate C at build time; at run time cryptography needs only
-# _cffi_backend, which stays. (tests/test_dockerfile.py imports every tlsproxy module in the image.)
+# _cffi_backend, which stays. PyYAML's C accelerator (yaml/_yaml*.so, ~1 MB stripped) goes too: tlsproxy
+# reads YAML with yaml.safe_load (pure Python), only for --config and `inject`. Type stubs (*.pyi)
+# are for type checkers. (tests/test_dockerfile.py imports every tlsproxy module in the image.)
 # The loop's $p globs on purpose (python3*, *.dist-info).
 # hadolint ignore=SC2086
 RUN python3 -m venv /opt/tlsproxy \
  && /opt/tlsproxy/bin/pip install --no-cache-dir --no-compile /src \
  && /opt/tlsproxy/bin/pip uninstall -y -q pip setuptools \
  && for p in _distutils_hack distutils-precedence.pth pkg_resources cffi cffi-*.dist-info pycparser \
-      pycparser-*.dist-info trio/_tests '*/tests'; do rm -rf /opt/tlsproxy/lib/python3*/site-packages/$p; done \
+      pycparser-*.dist-info trio/_tests '*/tests' 'yaml/_yaml.*.so' _yaml; do rm -rf /opt/tlsproxy/lib/python3*/site-packages/$p; done \
  && rm -f /opt/tlsproxy/bin/Activate.ps1 \
+ && find /opt/tlsproxy -name '*.pyi' -delete \
  && find /opt/tlsproxy -name '*.so' -exec strip --strip-unneeded {} + \
  && find /opt/tlsproxy -name __pycache__ -prune -exec rm -rf {} + \
  && python3 -m compileall -q -j0 --invalidation-mode unchecked-hash /opt/tlsproxy/lib

@@ -59,7 +59,7 @@ ALLOWED: dict[str, set[str]] = {
     "webhook": _CORE | {"__init__", "accept", "admin", "certs", "http", "k8s", "net", "runtime", "tls"},
     "app": _CORE | {"accept", "admin", "certs", "http", "inbound", "k8s", "net", "outbound", "runtime", "tls",
                     "workers"},
-    "demo": _CORE | {"app", "net", "runtime"},
+    "demo": _CORE | {"app", "http", "net", "runtime"},    # the demo app is a local handler of the engine
     # the CLI layer: argument helpers, the first-run lines, the subcommand shells, the table
     "args": {"config", "errors"},
     "firstrun": {"config", "certs"},
