@@ -280,6 +280,8 @@ async def _exchange(conn: Connection, st: H2Stream, req: Request, entry: AccessE
     max_body = route.limits.max_body_bytes
     if length is not None and max_body is not None and length.isdigit() and int(length) > max_body:
         raise HTTPError(413, f"request body larger than {max_body} bytes", kind="body_too_large")
+    if has_body and hdr.has_token(req.items, b"expect", b"100-continue"):
+        await sink.informational(100, [])    # the body waits in the stream's window, never unbounded
     pool = route.pool
     up = await fwd.acquire(pool)
     clean = False
