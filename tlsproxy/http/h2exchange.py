@@ -184,6 +184,12 @@ async def run_stream(conn: Connection, st: H2Stream, ev: Request | BadRequest) -
                 conn.core.reset(st.id, h2.errors.ErrorCodes.CANCEL if st.reset
                                 else h2.errors.ErrorCodes.INTERNAL_ERROR)
                 await conn.flush()
+            except Exception as exc:       # a bug costs this stream, never its connection
+                log.error("h2 stream failed", listener=fwd.route.name, client=conn.facts.client,
+                          error=repr(exc))
+                entry.status, entry.note = entry.status or 500, "internal_error"
+                conn.core.reset(st.id, h2.errors.ErrorCodes.INTERNAL_ERROR)
+                await conn.flush()
         if watch.scope.cancelled_caught:
             await _expired(conn, st, sink, watch, entry)
     finally:
@@ -273,7 +279,7 @@ async def _exchange(conn: Connection, st: H2Stream, req: Request, entry: AccessE
                                                       host_override=route.host_override,
                                                       te_trailers=req.te_trailers)
     entry.request_id = request_id
-    has_body = st.end is None
+    has_body = not req.ended         # (the body may have arrived, whole, before this task ran)
     length = hdr.header_value(req.items, b"content-length")
     if has_body and length is None:
         items.append((b"transfer-encoding", b"transfer-encoding", b"chunked"))
