@@ -290,7 +290,8 @@ class H2Core:
             events = self.h2.receive_data(data)
         except h2.exceptions.TooManyStreamsError:
             raise Refusal("concurrent_streams", f"more than {self.limits.max_concurrent_streams} "
-                          "streams at once", h2.errors.ErrorCodes.REFUSED_STREAM) from None
+                          "streams at once, ignoring SETTINGS_MAX_CONCURRENT_STREAMS",
+                          h2.errors.ErrorCodes.PROTOCOL_ERROR) from None
         except h2.exceptions.DenialOfServiceError as exc:
             raise Refusal("header_list", f"header list too large: {exc}") from None
         except h2.exceptions.ProtocolError as exc:

@@ -92,6 +92,7 @@ class Connection:
         self.nursery: trio.Nursery | None = None
         self.goaway_sent = False
         self.rwatch = None
+        self.refused_streams = 0
 
     async def flush(self) -> None:
         async with self.lock:
@@ -154,10 +155,12 @@ class Connection:
             finally:
                 self.watchdog.forget(rw)
             # woken: an idle timeout closes; a drain says GOAWAY and serves the streams in flight
-            if rw.expired is None or not self.streams or not (drain.draining or self.goaway_sent):
+            if rw.expired is None:
                 return
             if not self.goaway_sent:
                 await self._goaway()
+            if not self.streams:
+                return
             data = b""
 
     async def _goaway(self) -> None:
@@ -192,6 +195,11 @@ class Connection:
                 if self.goaway_sent:
                     self.core.reset(ev.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
                     continue
+                if len(streams) >= self.server.limits.max_concurrent_streams:
+                    # h2 enforces the setting only once the client acknowledged it: this holds before
+                    self.core.reset(ev.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+                    self._refused_stream()
+                    continue
                 st = streams[ev.stream_id] = H2Stream(ev.stream_id)
                 if ev.ended:
                     st.end = End()
@@ -221,6 +229,15 @@ class Connection:
                 self.nursery.start_soon(run_stream, self, H2Stream(ev.stream_id), ev)
             elif t is h2core.GoneAway:
                 self.goaway_sent = True     # the client leaves: no new streams, finish the rest
+
+    def _refused_stream(self) -> None:
+        self.refused_streams += 1
+        server = self.server
+        server.metrics.h2_defences.labels(self.fwd.route.name, "concurrent_streams").inc()
+        if self.refused_streams == 1:       # one line per connection, not one per stream
+            log.warning("h2 streams refused", listener=self.fwd.route.name, client=self.facts.client,
+                        defence="concurrent_streams",
+                        reason=f"more than {server.limits.max_concurrent_streams} streams at once")
 
     def done(self, st: H2Stream) -> None:
         """The exchange of ``st`` ended: the stream is gone from this connection."""
