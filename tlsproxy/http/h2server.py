@@ -1,12 +1,14 @@
-"""The I/O shell of an HTTP/2 client connection: one reader, one writer lock, one task per stream.
+"""The I/O shell of an HTTP/2 client connection: one reader, one writer, one task per stream.
 
 Theory of operation
 -------------------
 :meth:`H2Server.serve` runs one connection. The reader task receives bytes, feeds them to the
 sans-IO :class:`~.h2core.H2Core` and routes its events to per-stream :class:`H2Stream` values; a
 request starts an exchange task (:func:`.h2exchange.run_stream`) in the connection's nursery. Every
-task that made h2 queue bytes calls :meth:`H2Server.flush`, which sends them under one lock, so
-frames never interleave and at most one chunk per stream waits behind a slow socket.
+task that made h2 queue bytes awaits :meth:`Connection.flush`: the writer task (the only one that
+touches the socket) sends everything queued and wakes it, so frames never interleave, a stream
+cancelled mid-wait never leaves half a TLS record, and at most one chunk per stream waits behind a
+slow socket.
 
 Backpressure, both ways, with bounded memory:
 
@@ -43,7 +45,6 @@ from .shell import CLIENT_SEND, close_stream
 log = get_logger("http")
 
 READ_BYTES = 256 * 1024
-GOAWAY_FLUSH_S = 2.0         # the GOAWAY of a refused connection: sent within this, or dropped
 
 
 class H2Server:
@@ -86,7 +87,10 @@ class Connection:
         self.facts = facts
         self.core = H2Core(server.limits)
         self.streams: dict[int, H2Stream] = {}
-        self.lock = trio.Lock()
+        self.dirty = trio.Event()                # h2 has queued bytes for the writer
+        self.sent_event = trio.Event()           # the writer sent a batch
+        self.queued = self.sent = 0              # flush requests made / covered by a send
+        self.broken = False
         self.watchdog = self.fwd.drain.watchdog
         self.wwatch = self.watchdog.watch()      # the writer's: a client that stops reading
         self.nursery: trio.Nursery | None = None
@@ -95,27 +99,48 @@ class Connection:
         self.refused_streams = 0
 
     async def flush(self) -> None:
-        async with self.lock:
+        """Have what h2 queued so far sent; returns once it is on the socket (the backpressure a
+        stream feels). Only the writer task touches the socket: a stream cancelled while it waits
+        here never leaves half a TLS record behind."""
+        self.queued += 1
+        mine = self.queued
+        self.dirty.set()
+        while self.sent < mine:
+            await self.sent_event.wait()
+
+    async def _writer(self) -> None:
+        w = self.wwatch
+        timeout_s = self.fwd.route.limits.body_timeout_s
+        while True:
+            await self.dirty.wait()
+            self.dirty = trio.Event()
+            upto = self.queued
             data = self.core.h2.data_to_send()
-            if not data:
-                return
-            w = self.wwatch
-            w.arm(CLIENT_SEND, self.fwd.route.limits.body_timeout_s)
-            try:
-                await self.stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                self.nursery.cancel_scope.cancel()    # the client is gone: so are its streams
-            finally:
+            if data:
+                w.arm(CLIENT_SEND, timeout_s)
+                try:
+                    await self.stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    self.broken = True
+                    self.nursery.cancel_scope.cancel()    # the client is gone: so are its streams
+                    return
                 w.disarm()
+            self.sent = upto
+            event, self.sent_event = self.sent_event, trio.Event()
+            event.set()
 
     async def run(self, received: bytes) -> None:
         try:
             with self.wwatch.scope:
                 async with trio.open_nursery() as nursery:
                     self.nursery = nursery
+                    nursery.start_soon(self._writer)
                     await self.flush()           # our SETTINGS (and connection window) first
                     await self._read(received)
+                    await self.flush()           # a GOAWAY, the last resets
                     nursery.cancel_scope.cancel()
+                if self.goaway_sent and not self.broken:   # read and drop what the client still
+                    await self.stream.linger_close()       # sends, so that it reads the GOAWAY
         finally:
             self.watchdog.forget(self.wwatch)
 
@@ -175,8 +200,7 @@ class Connection:
         for st in self.streams.values():
             if st.scope is not None:
                 st.scope.cancel()
-        with trio.move_on_after(GOAWAY_FLUSH_S):
-            await self.flush()
+        await self.flush()              # bounded by the writer's watch
 
     def _dispatch(self, events: list) -> None:
         streams = self.streams
