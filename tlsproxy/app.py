@@ -243,7 +243,7 @@ class App:
     def _log_summary(self) -> None:
         s = self.settings
         log.info("starting", listen=str(s.listen), upstream=str(s.upstream), admin=str(s.admin),
-                 protocol=s.protocol, alpn=",".join(s.alpn) if s.protocol == "tcp" else "http/1.1",
+                 protocol=s.protocol, alpn=",".join(self.tls_options().alpn),
                  certificates=self.source.describe(), tls_min_version=s.tls_min_version,
                  access_log=s.access_log, max_connections=s.max_connections,
                  http_listen=str(s.http_listen) if s.http_listen else "off",

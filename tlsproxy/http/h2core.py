@@ -34,6 +34,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+from hyperframe.frame import GoAwayFrame
 
 from ..errors import HTTPError
 from . import headers as hdr
@@ -281,6 +282,7 @@ class H2Core:
         self._conn_unacked = 0
         self._stream_unacked: dict[int, int] = {}
         self.closing = False
+        self._out = b""           # frames written here, before what h2 queues next
 
     # ------------------------------------------------------------------ in
     def receive(self, data: bytes) -> list:
@@ -368,10 +370,26 @@ class H2Core:
         self.forget(stream_id)
 
     def goaway(self, code: int = h2.errors.ErrorCodes.NO_ERROR, reason: str = "") -> None:
-        """GOAWAY with the last stream id processed: streams above it go elsewhere (RFC 9113 §6.8)."""
-        if not self.closing:
-            self.closing = True
+        """GOAWAY with the last stream id processed: streams above it go elsewhere (RFC 9113 §6.8).
+
+        An error (``code`` not NO_ERROR) ends the connection: h2's ``close_connection``. A graceful
+        GOAWAY (drain, idle) must let the streams in flight finish, which h2's ``close_connection``
+        forbids (it closes its state machine), so that frame is written here and h2 goes on."""
+        if self.closing:
+            return
+        self.closing = True
+        if code != h2.errors.ErrorCodes.NO_ERROR:
             self.h2.close_connection(error_code=code, additional_data=reason.encode()[:256] or None)
+            return
+        frame = GoAwayFrame(0, last_stream_id=self.h2.highest_inbound_stream_id, error_code=0)
+        self._out += self.h2.data_to_send() + frame.serialize()
+
+    def data_to_send(self) -> bytes:
+        """Every byte queued for the client, in order."""
+        out = self.h2.data_to_send()
+        if self._out:
+            out, self._out = self._out + out, b""
+        return out
 
 
 def _pseudo(headers, name: bytes) -> bytes:

@@ -115,7 +115,7 @@ class Connection:
             await self.dirty.wait()
             self.dirty = trio.Event()
             upto = self.queued
-            data = self.core.h2.data_to_send()
+            data = self.core.data_to_send()
             if data:
                 w.arm(CLIENT_SEND, timeout_s)
                 try:
