@@ -37,17 +37,15 @@ from ..log import get_logger
 from . import framing
 from . import headers as hdr
 from .deadlines import Watch
-from .exchange import End, ResponseHead, Triple
-from .h1client import CLOSED, NEED_DATA, UpstreamProtocolError
+from .exchange import End, Triple
+from .h1client import UpstreamProtocolError
 from .h2core import CONNECTION_SPECIFIC, BadRequest, Request
 from .shell import (
     BODY_IN,
     CLIENT_SEND,
-    UPSTREAM_BODY,
     UPSTREAM_WAIT,
     AccessEntry,
     Close,
-    upstream_receive,
     upstream_send,
 )
 
@@ -59,6 +57,7 @@ log = get_logger("http")
 UPSTREAM_READ_BYTES = 256 * 1024
 FLUSH_BYTES = 256 * 1024
 GRPC_UNAVAILABLE = b"14"
+GRPC_HTTP1_MESSAGE = b"tlsproxy: the upstream speaks HTTP/1.1; gRPC needs an h2c:// upstream"
 
 
 class H2Stream:
@@ -87,9 +86,11 @@ class H2Stream:
 
 
 class H2Sink:
-    """The client side of one exchange on an HTTP/2 stream: head, data, end(trailers), 1xx."""
+    """The client side of one exchange on an HTTP/2 stream (the shape of ``sink.H1Sink``): head,
+    data, flush, end(trailers), 1xx. Fields are sent lowercased with ``:status`` first and no
+    connection-specific ones; body bytes go out within the client's windows only."""
 
-    __slots__ = ("conn", "st", "watch", "timeout_s", "sent")
+    __slots__ = ("conn", "st", "watch", "timeout_s", "sent", "flushed", "m_out", "stream")
 
     def __init__(self, conn: Connection, st: H2Stream, watch: Watch) -> None:
         self.conn = conn
@@ -97,22 +98,26 @@ class H2Sink:
         self.watch = watch
         self.timeout_s = conn.fwd.route.limits.body_timeout_s
         self.sent = 0
+        self.flushed = False
+        self.m_out = conn.server.m_out
+        self.stream = None                  # no byte stream of its own (an HTTP/1.1 sink's is)
 
-    async def informational(self, status: int, items: list[Triple]) -> None:
-        await self._headers(status, items, False)
+    async def informational(self, status: int, reason: bytes, items: list[Triple]) -> None:
+        self._headers(status, items, False)
+        await self.flush()
 
-    async def head(self, status: int, items: list[Triple], *, end: bool = False) -> None:
+    async def head(self, status: int, reason: bytes, items: list[Triple], *, close: bool = False,
+                   end: bool = False) -> None:
         self.st.responded = True
-        await self._headers(status, items, end)
+        self._headers(status, items, end)   # queued: it leaves with the first body bytes
 
-    async def _headers(self, status: int, items: list[Triple], end: bool) -> None:
+    def _headers(self, status: int, items: list[Triple], end: bool) -> None:
         fields = [(b":status", b"%d" % status)]
         fields += [(name, value) for _raw, name, value in items
                    if name not in CONNECTION_SPECIFIC and name != b"te" and name != b"host"]
         self._check()
         with _gone():
             self.conn.core.h2.send_headers(self.st.id, fields, end_stream=end)
-        await self.conn.flush()
 
     async def data(self, chunk: bytes | bytearray | memoryview) -> None:
         core, st, watch = self.conn.core, self.st, self.watch
@@ -123,7 +128,8 @@ class H2Sink:
             if room < 0:
                 raise Close("client reset the stream")
             if room == 0:                   # a zero window: wait for WINDOW_UPDATE, bounded
-                st.window = trio.Event()
+                st.window = trio.Event()     # before the flush: an update during it must wake us
+                await self.flush()
                 watch.arm(CLIENT_SEND, self.timeout_s)
                 await st.window.wait()
                 continue
@@ -131,17 +137,27 @@ class H2Sink:
             with _gone():
                 core.h2.send_data(st.id, bytes(part))
             self.sent += len(part)
-            await self.conn.flush()
+            await self.flush()
+
+    async def flush(self) -> None:
+        await self.conn.flush()
+        self.flushed = True
 
     async def end(self, trailers: tuple[Triple, ...] = ()) -> None:
         self._check()
-        fields = [(name, value) for _raw, name, value in trailers if name not in CONNECTION_SPECIFIC]
+        # an HTTP/2 client always takes trailers (gRPC needs them); the framing ones never cross
+        fields = [(name, value) for _raw, name, value in framing.relayable_trailers(trailers)
+                  if name not in CONNECTION_SPECIFIC]
         with _gone():
             if fields:
                 self.conn.core.h2.send_headers(self.st.id, fields, end_stream=True)
             else:
                 self.conn.core.h2.end_stream(self.st.id)
-        await self.conn.flush()
+        await self.flush()
+
+    @property
+    def keep_alive(self) -> bool:
+        return True                         # the connection's life is not one stream's to decide
 
     def _check(self) -> None:
         if self.st.reset:
@@ -198,7 +214,6 @@ async def run_stream(conn: Connection, st: H2Stream, ev: Request | BadRequest) -
         if not entry.status:
             entry.status = 499
         entry.bytes_out = sink.sent
-        conn.server.m_out.inc(sink.sent)
         conn.server.count_stream(entry.status)
         fwd.finish(entry, t0)
 
@@ -241,8 +256,8 @@ async def _refuse(conn: Connection, st: H2Stream, sink: H2Sink, err: HTTPError, 
         return
     body = (err.reason.rstrip("\n") + "\n").encode("utf-8", "replace")
     try:
-        await sink.head(err.status, [(b"content-type", b"content-type", b"text/plain; charset=utf-8"),
-                                     (b"content-length", b"content-length", b"%d" % len(body))])
+        await sink.head(err.status, b"", [(b"content-type", b"content-type", b"text/plain; charset=utf-8"),
+                                          (b"content-length", b"content-length", b"%d" % len(body))])
         entry.responded = True
         await sink.data(body)
         await sink.end()
@@ -268,11 +283,10 @@ async def _exchange(conn: Connection, st: H2Stream, req: Request, entry: AccessE
     if req.grpc:
         entry.status, entry.note = 200, "grpc_needs_h2_upstream"
         entry.responded = True
-        await sink.head(200, [(b"content-type", b"content-type", b"application/grpc"),
-                              (b"grpc-status", b"grpc-status", GRPC_UNAVAILABLE),
-                              (b"grpc-message", b"grpc-message",
-                               b"tlsproxy: the upstream speaks HTTP/1.1; gRPC needs an h2c:// upstream")],
-                        end=True)
+        await sink.head(200, b"", [(b"content-type", b"content-type", b"application/grpc"),
+                                   (b"grpc-status", b"grpc-status", GRPC_UNAVAILABLE),
+                                   (b"grpc-message", b"grpc-message", GRPC_HTTP1_MESSAGE)], end=True)
+        await sink.flush()
         _stop_request(conn, st)
         return
     items, request_id, _upgrade = hdr.rewrite_request(req.items, facts.forward,
@@ -287,7 +301,7 @@ async def _exchange(conn: Connection, st: H2Stream, req: Request, entry: AccessE
     if length is not None and max_body is not None and length.isdigit() and int(length) > max_body:
         raise HTTPError(413, f"request body larger than {max_body} bytes", kind="body_too_large")
     if has_body and hdr.has_token(req.items, b"expect", b"100-continue"):
-        await sink.informational(100, [])    # the body waits in the stream's window, never unbounded
+        await sink.informational(100, b"Continue", [])   # the body waits in the stream window, bounded
     pool = route.pool
     up = await fwd.acquire(pool)
     clean = False
@@ -415,48 +429,13 @@ async def _pump(conn: Connection, st: H2Stream, up, head_bytes: bytes, entry: Ac
 
 async def _respond(conn: Connection, st: H2Stream, up, req: Request, entry: AccessEntry, sink: H2Sink,
                    watch: Watch, pw: Watch | None) -> bool:
-    """Relay the upstream's response to the stream. True when the upstream leg ended cleanly."""
-    limits = conn.fwd.route.limits
-    upc = up.h11
-    got = 0
-    while True:                                       # the head, 1xx relayed on the way
-        event = upc.next_event()
-        if event is NEED_DATA:
-            data = await upstream_receive(up, got == 0)
-            got += len(data)
-            upc.receive_data(data)
-            continue
-        if event is CLOSED:
-            raise UpstreamError("closed", "upstream closed the connection before answering")
-        assert isinstance(event, ResponseHead)
-        if event.status >= 200:
-            break
-        if event.status != 100 and event.status != 101:
-            deadline, phase = watch.deadline, watch.phase
-            await sink.informational(event.status, hdr.rewrite_response(event.items))
-            watch.phase, watch.deadline = phase, deadline
-    entry.status = event.status
-    entry.responded = True
-    await sink.head(event.status, hdr.rewrite_response(event.items))
-    while True:
-        try:
-            event = upc.next_event()
-        except UpstreamProtocolError as exc:
-            conn.fwd.upstream_error("protocol")
-            raise Close(f"upstream broke the response body: {exc}") from None
-        if event is NEED_DATA:
-            watch.arm(UPSTREAM_BODY, limits.body_timeout_s)
-            try:
-                data = await up.stream.receive_some(UPSTREAM_READ_BYTES)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                conn.fwd.upstream_error("reset")
-                raise Close("upstream reset during the response body") from None
-            upc.receive_data(data)
-            continue
-        if type(event) is End:
-            await sink.end(framing.relayable_trailers(event.trailers))
-            return True
-        await sink.data(event)
+    """Relay the upstream's response to the stream through the engine's response side (1xx,
+    head, body, trailers). True when the upstream leg ended cleanly."""
+    fwd = conn.fwd
+    response = await fwd.read_response_head(sink, up, False, watch, None)
+    entry.status = response.status
+    await fwd.stream_response(sink, up, response, entry, watch, close=False)
+    return True
 
 
 def _first(group: BaseExceptionGroup) -> BaseException:
