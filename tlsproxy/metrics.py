@@ -148,8 +148,9 @@ class Metrics:
         self.h2_streams = _LeanFamily("counter", "tlsproxy_h2_streams", "HTTP/2 streams (requests) by "
                                       "answer class, or reset; also counted in tlsproxy_requests_total",
                                       ["listener", "code_class"], r)
-        self.h2_defences = Counter("tlsproxy_h2_defences", "HTTP/2 connections closed with GOAWAY by a "
-                                   "defence (rapid reset, floods, header block, streams)",
+        self.h2_defences = Counter("tlsproxy_h2_defences", "HTTP/2 defences triggered: a connection "
+                                   "closed with GOAWAY (rapid reset, floods, header block or list, "
+                                   "protocol errors) or a stream refused (concurrent_streams)",
                                    ["listener", "defence"], registry=r)
         self.outbound_errors = Counter("tlsproxy_outbound_errors", "Outbound failures by peer",
                                        ["peer", "kind"], registry=r)

@@ -72,6 +72,7 @@ class H2Server:
 
     async def serve(self, stream, facts: ConnFacts, received: bytes = b"") -> None:
         self.m_connections.inc()
+        facts.extra_log = {**facts.extra_log, "protocol": "h2"}    # on every access-log line
         conn = Connection(self, stream, facts)
         try:
             await conn.run(received)
