@@ -85,3 +85,24 @@ def test_an_app_reading_slowly_slows_its_own_stream_only(pki):
             assert time.monotonic() - t1 < 1.5
         finally:
             client.close()
+
+
+def test_a_trickling_request_body_is_cut_by_the_minimum_rate(pki, app):
+    settings = settings_for(pki, app.port, min_body_rate=100, min_body_rate_grace_s=2.0)
+    with running_proxy(settings) as proxy:
+        client = H2Client(proxy.port, pki)
+        try:
+            sid = client.headers("/trickle", "POST", [(b"content-length", b"100000")], end=False)
+            t0 = time.monotonic()
+            status = 0
+            while not status and time.monotonic() - t0 < 10:
+                client.conn.send_data(sid, b"x")      # a byte every 0.5 s: never idle, far too slow
+                client.flush()
+                for ev in client.events(0.5) or []:
+                    if isinstance(ev, h2.events.ResponseReceived) and ev.stream_id == sid:
+                        status = int(dict(ev.headers)[b":status"])
+            elapsed = time.monotonic() - t0
+            assert status == 408 and 1.5 <= elapsed <= 5, (status, elapsed)
+            assert client.get("/after")[0] == 200             # the connection lives on
+        finally:
+            client.close()

@@ -42,6 +42,7 @@ from .h1client import UpstreamProtocolError
 from .h2core import CONNECTION_SPECIFIC, BadRequest, Request
 from .shell import (
     BODY_IN,
+    BODY_RATE,
     CLIENT_SEND,
     UPSTREAM_WAIT,
     AccessEntry,
@@ -386,6 +387,7 @@ async def _pump(conn: Connection, st: H2Stream, up, head_bytes: bytes, entry: Ac
     upc = up.h11
     out = bytearray(head_bytes)
     sent = False
+    waited = 0.0            # time spent waiting for the client's bytes (what the minimum rate counts)
     while True:
         if st.body:
             chunks, st.body = st.body, []
@@ -423,8 +425,16 @@ async def _pump(conn: Connection, st: H2Stream, up, head_bytes: bytes, entry: Ac
             sent = True
             out = bytearray()
         st.wake = trio.Event()
-        pw.arm(BODY_IN, limits.body_timeout_s)
+        timeout, phase = limits.body_timeout_s, BODY_IN
+        rate = limits.min_body_rate_bps
+        if rate > 0:        # the same minimum average rate as an HTTP/1.1 body (body.py)
+            allowed = max(limits.min_body_rate_grace_s, st.data_bytes / rate) - waited
+            if allowed < timeout:
+                timeout, phase = max(allowed, 0.0), BODY_RATE
+        pw.arm(phase, timeout)
+        t = time.monotonic()
         await st.wake.wait()
+        waited += time.monotonic() - t
 
 
 async def _respond(conn: Connection, st: H2Stream, up, req: Request, entry: AccessEntry, sink: H2Sink,
