@@ -649,5 +649,7 @@ def check_settings(s: Settings) -> None:
         raise ConfigError("--alpn in HTTP mode: h2 and/or http/1.1 (other protocols need --protocol tcp)")
     if s.h2_stream_window < 65535 or s.h2_stream_window > 2**31 - 1:
         raise ConfigError("--h2-stream-window: between 64KiB (65535 bytes) and 2GiB")
+    if s.h2_max_header_block < 1024:
+        raise ConfigError("--h2-max-header-block: at least 1KiB (browsers send 1-8 KiB of headers)")
     if s.protocol == "http" and s.proxy_protocol != "off":
         raise ConfigError("--proxy-protocol is for --protocol tcp (HTTP mode sends X-Forwarded-For)")
