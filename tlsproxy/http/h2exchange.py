@@ -55,8 +55,8 @@ if TYPE_CHECKING:
 
 log = get_logger("http")
 
-UPSTREAM_READ_BYTES = 256 * 1024
-FLUSH_BYTES = 256 * 1024
+SINK_FLUSH_BYTES = 64 * 1024      # queue DATA frames up to this before waiting for the socket
+FLUSH_BYTES = 256 * 1024         # request body bytes coalesced per upstream send
 GRPC_UNAVAILABLE = b"14"
 GRPC_HTTP1_MESSAGE = b"tlsproxy: the upstream speaks HTTP/1.1; gRPC needs an h2c:// upstream"
 
@@ -91,7 +91,7 @@ class H2Sink:
     data, flush, end(trailers), 1xx. Fields are sent lowercased with ``:status`` first and no
     connection-specific ones; body bytes go out within the client's windows only."""
 
-    __slots__ = ("conn", "st", "watch", "timeout_s", "sent", "flushed", "m_out", "stream")
+    __slots__ = ("conn", "st", "watch", "timeout_s", "sent", "flushed", "m_out", "stream", "pending")
 
     def __init__(self, conn: Connection, st: H2Stream, watch: Watch) -> None:
         self.conn = conn
@@ -99,6 +99,7 @@ class H2Sink:
         self.watch = watch
         self.timeout_s = conn.fwd.route.limits.body_timeout_s
         self.sent = 0
+        self.pending = 0                    # body bytes queued in h2 since the last flush
         self.flushed = False
         self.m_out = conn.server.m_out
         self.stream = None                  # no byte stream of its own (an HTTP/1.1 sink's is)
@@ -138,9 +139,12 @@ class H2Sink:
             with _gone():
                 core.h2.send_data(st.id, bytes(part))
             self.sent += len(part)
-            await self.flush()
+            self.pending += len(part)
+            if self.pending >= SINK_FLUSH_BYTES:   # else the engine's next flush() or end() sends it
+                await self.flush()
 
     async def flush(self) -> None:
+        self.pending = 0
         await self.conn.flush()
         self.flushed = True
 

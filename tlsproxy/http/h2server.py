@@ -90,7 +90,8 @@ class Connection:
         self.streams: dict[int, H2Stream] = {}
         self.dirty = trio.Event()                # h2 has queued bytes for the writer
         self.sent_event = trio.Event()           # the writer sent a batch
-        self.queued = self.sent = 0              # flush requests made / covered by a send
+        self.queued = self.sent = 0              # batches handed to the writer / sent by it
+        self.outbuf = bytearray()                # taken from h2, not yet sent
         self.broken = False
         self.watchdog = self.fwd.drain.watchdog
         self.wwatch = self.watchdog.watch()      # the writer's: a client that stops reading
@@ -101,11 +102,16 @@ class Connection:
 
     async def flush(self) -> None:
         """Have what h2 queued so far sent; returns once it is on the socket (the backpressure a
-        stream feels). Only the writer task touches the socket: a stream cancelled while it waits
-        here never leaves half a TLS record behind."""
-        self.queued += 1
+        stream feels), at once when nothing is queued. Only the writer task touches the socket: a
+        stream cancelled while it waits here never leaves half a TLS record behind."""
+        data = self.core.data_to_send()
+        if data:
+            self.outbuf += data
+            self.queued += 1
+            self.dirty.set()
+        elif self.sent == self.queued:
+            return                       # nothing queued, nothing in flight
         mine = self.queued
-        self.dirty.set()
         while self.sent < mine:
             await self.sent_event.wait()
 
@@ -116,7 +122,8 @@ class Connection:
             await self.dirty.wait()
             self.dirty = trio.Event()
             upto = self.queued
-            data = self.core.data_to_send()
+            data = self.outbuf + self.core.data_to_send()
+            self.outbuf = bytearray()
             if data:
                 w.arm(CLIENT_SEND, timeout_s)
                 try:
