@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 
 from tests.inbound.test_mtls import SPIFFE_FRONT, der_of, front_client, write_client
-from tests.support import captured_logs, curl, running_proxy, settings_for
+from tests.support import captured_logs, curl, running_proxy, settings_for, wait_for
 
 
 def test_xfcc_on_every_stream_and_the_access_line_says_h2(pki, app, tmp_path):
@@ -17,6 +17,7 @@ def test_xfcc_on_every_stream_and_the_access_line_says_h2(pki, app, tmp_path):
         r = curl("--http2", "-sS", "--cacert", str(pki.ca_file), "--cert", cert, "--key", key,
                  "-H", "x-forwarded-client-cert: Hash=forged", "-w", "|%{http_version}\n",
                  f"{proxy.url}/one", f"{proxy.url}/two", timeout=20)
+        assert wait_for(lambda: sum(rec.getMessage() == "request" for rec in lines) == 2, 5)
     assert r.returncode == 0, r.stderr
     digest = hashlib.sha256(der_of(client)).hexdigest()
     expected = f'Hash={digest};Subject="CN=front,OU=shop";URI={SPIFFE_FRONT};DNS=front.shop.svc'
