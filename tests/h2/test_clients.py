@@ -159,3 +159,28 @@ def test_errors_are_answered_on_the_stream_and_the_connection_lives(pki, app):
             assert client.get("/after")[0] == 200       # same connection, next stream
         finally:
             client.close()
+
+
+def test_request_trailers_go_upstream_chunked(pki):
+    raw: list[bytes] = []
+
+    def app(conn) -> None:
+        conn.sink = bytearray()
+        conn.read_request(timeout=10)
+        raw.append(bytes(conn.sink))
+        conn.sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    with scripted_upstream(app) as up, running_proxy(settings_for(pki, up.port)) as proxy:
+        client = H2Client(proxy.port, pki)
+        try:
+            sid = client.headers("/up", "POST", [(b"te", b"trailers")], end=False)
+            client.conn.send_data(sid, b"hello")
+            client.conn.send_headers(sid, [(b"x-checksum", b"42")], end_stream=True)
+            client.flush()
+            status, body, _ = client.response(sid)
+        finally:
+            client.close()
+    assert (status, body) == (200, b"ok")
+    wire = raw[0].lower()
+    assert b"transfer-encoding: chunked\r\n" in wire and b"te: trailers\r\n" in wire
+    assert wire.endswith(b"5\r\nhello\r\n0\r\nx-checksum: 42\r\n\r\n"), wire
