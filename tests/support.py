@@ -7,6 +7,7 @@ proxy runs its own trio loop in a thread, so synchronous clients can be used dir
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import http.server
 import json
 import logging
@@ -93,7 +94,7 @@ class _EchoHandler(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args) -> None:  # quiet
         pass
 
-    def _body(self) -> int:
+    def _body(self, hasher=None) -> int:
         total = 0
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
             while True:
@@ -105,6 +106,8 @@ class _EchoHandler(http.server.BaseHTTPRequestHandler):
                 remaining = size
                 while remaining:
                     chunk = self.rfile.read(min(remaining, 1 << 20))
+                    if hasher is not None:
+                        hasher.update(chunk)
                     remaining -= len(chunk)
                     total += len(chunk)
                 self.rfile.readline()
@@ -114,12 +117,15 @@ class _EchoHandler(http.server.BaseHTTPRequestHandler):
                 chunk = self.rfile.read(min(remaining, 1 << 20))
                 if not chunk:
                     break
+                if hasher is not None:
+                    hasher.update(chunk)
                 remaining -= len(chunk)
                 total += len(chunk)
         return total
 
     def _handle(self) -> None:
-        n = self._body()
+        hasher = hashlib.sha256() if self.path == "/sha256" else None
+        n = self._body(hasher)
         self.app.seen.append(Seen(self.command, self.path, list(self.headers.items()), n))
         path = self.path
         if path.startswith("/bytes/"):
@@ -135,6 +141,13 @@ class _EchoHandler(http.server.BaseHTTPRequestHandler):
                     part = block[: min(left, len(block))]
                     self.wfile.write(part)
                     left -= len(part)
+            return
+        if hasher is not None:          # the SHA-256 of the request body, in hex
+            digest = hasher.hexdigest().encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(digest)))
+            self.end_headers()
+            self.wfile.write(digest)
             return
         if path.startswith("/status/"):
             code = int(path.split("/")[2])

@@ -27,6 +27,8 @@ from .errors import CertError, ConfigError
 from .http.deadlines import tick_for
 from .http.exchange import Drain, Limits, Route
 from .http.forward import Forwarder
+from .http.h2core import H2Limits
+from .http.h2server import H2Server
 from .http.pool import Pool
 from .inbound import mtls
 from .inbound import tcp as tcp_mode
@@ -36,7 +38,7 @@ from .log import get_logger
 from .metrics import Metrics
 from .outbound.server import Outbound
 from .runtime import Bound, Runtime, run_main
-from .tls.contexts import ALPN_HTTP1, ServerTLSOptions, server_context
+from .tls.contexts import ALPN_HTTP, ServerTLSOptions, server_context
 from .tls.served import ServedTLS
 from .tls.store import Generation
 
@@ -104,8 +106,8 @@ class App:
         """Context options; with mTLS on, the client CA comes from ``bundle`` (read with it)."""
         s = self.settings
         client_ca = mtls.client_ca_pem(self.mtls, bundle) if bundle is not None else None
-        # ALPN: HTTP mode always offers http/1.1 (never h2); tcp mode offers --alpn (default none).
-        alpn = s.alpn if s.protocol == "tcp" else ALPN_HTTP1
+        # ALPN: HTTP mode offers --alpn, default h2,http/1.1; tcp mode offers --alpn (default none).
+        alpn = s.alpn if s.protocol == "tcp" else (s.alpn or ALPN_HTTP)
         return ServerTLSOptions(min_version=s.tls_min_version, session_tickets=s.tls_session_tickets,
                                 client_ca_pem=client_ca, alpn=alpn)
 
@@ -182,7 +184,7 @@ class App:
         if s.protocol == "tcp":     # the same listener; the handshaken stream goes to a byte relay
             serve = tcp_mode.make_serve(tcp_mode.TCPConfig.from_settings(s), self.metrics)
         else:
-            serve = Forwarder(route, self.metrics, self.drain).serve
+            serve = self._http_serve(Forwarder(route, self.metrics, self.drain))
         handler = ConnectionHandler(tls_cfg, self.store, self.metrics, serve,
                                     peer_policy=mtls.make_policy(self.mtls), protocol=s.protocol)
         self.bound.tls = await accepting.start(net.serve, handler.listener(), handler, handlers)
@@ -192,6 +194,23 @@ class App:
         if self.outbound.enabled:
             self.bound.extra.update(await self.outbound.start(accepting, handlers))
         self._announce()
+
+    def _http_serve(self, fwd: Forwarder):
+        """HTTP mode's connection server: HTTP/2 when the client chose ALPN h2, else HTTP/1.1."""
+        s = self.settings
+        h2 = H2Server(fwd, H2Limits(
+            max_concurrent_streams=s.h2_max_concurrent_streams, stream_window_bytes=s.h2_stream_window,
+            connection_window_bytes=max(1024 * 1024, s.h2_stream_window),
+            max_header_list_bytes=s.max_head_bytes, max_header_block_bytes=s.h2_max_header_block,
+            max_resets_per_s=s.h2_max_resets, max_control_frames_per_s=s.h2_max_control_frames), self.metrics)
+
+        async def serve(stream, facts) -> None:
+            if stream.selected_alpn_protocol() == "h2":
+                await h2.serve(stream, facts)
+            else:
+                await fwd.serve(stream, facts)
+
+        return serve
 
     def on_drain(self) -> None:
         self.drain.start()
@@ -228,7 +247,7 @@ class App:
     def _log_summary(self) -> None:
         s = self.settings
         log.info("starting", listen=str(s.listen), upstream=str(s.upstream), admin=str(s.admin),
-                 protocol=s.protocol, alpn=",".join(s.alpn) if s.protocol == "tcp" else "http/1.1",
+                 protocol=s.protocol, alpn=",".join(self.tls_options().alpn),
                  certificates=self.source.describe(), tls_min_version=s.tls_min_version,
                  access_log=s.access_log, max_connections=s.max_connections,
                  http_listen=str(s.http_listen) if s.http_listen else "off",

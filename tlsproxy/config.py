@@ -414,6 +414,22 @@ class Settings:
     tls_session_tickets: int = opt(2, parse_int, "TLS 1.3 session tickets issued per handshake "
                                    "(0 disables resumption; OpenSSL's default is 2)", metavar="N",
                                    group="tls")
+    # HTTP/2 (docs/http2.md)
+    h2_max_concurrent_streams: int = opt(100, parse_positive_int, "HTTP/2: streams a client may have open "
+                                         "at once (SETTINGS_MAX_CONCURRENT_STREAMS; RFC 9113 suggests at "
+                                         "least 100)", metavar="N", group="http2")
+    h2_stream_window: int = opt(256 * 1024, parse_size, "HTTP/2: receive window per stream: request body "
+                                "bytes one stream may buffer here (memory per connection is at most "
+                                "streams x window)", metavar="SIZE", group="http2")
+    h2_max_header_block: int = opt(64 * 1024, parse_size, "HTTP/2: largest encoded header block across "
+                                   "HEADERS and CONTINUATION frames (GOAWAY beyond); the decoded list is "
+                                   "bounded by --max-head-size", metavar="SIZE", group="http2")
+    h2_max_resets: int = opt(100, parse_positive_int, "HTTP/2: stream resets a client may send per second "
+                             "before GOAWAY ENHANCE_YOUR_CALM (rapid reset, CVE-2023-44487)", metavar="N",
+                             group="http2")
+    h2_max_control_frames: int = opt(100, parse_positive_int, "HTTP/2: SETTINGS, PING, PRIORITY and empty "
+                                     "DATA frames a client may send per second before GOAWAY "
+                                     "ENHANCE_YOUR_CALM", metavar="N", group="http2")
     # limits and timeouts
     max_head_bytes: int = opt(MAX_HEAD_BYTES, parse_size, "largest request line + headers (431/414 "
                               "beyond)", flag="max-head-size", metavar="SIZE", group="limits")
@@ -484,9 +500,10 @@ class Settings:
                              metavar="PORT", group="listeners")
     protocol: str = opt("http", choice("http", "tcp"), "http (HTTP/1.1 proxy) or tcp (byte relay after "
                         "the handshake)", metavar="PROTO", group="listeners")
-    alpn: tuple[str, ...] = opt((), parse_alpn, "tcp mode: ALPN protocols offered to clients, in order "
-                                "of preference (e.g. h2,http/1.1); default none. HTTP mode always offers "
-                                "http/1.1", metavar="LIST", group="tcp mode")
+    alpn: tuple[str, ...] = opt((), parse_alpn, "ALPN protocols offered to clients, in order of "
+                                "preference. tcp mode: any (e.g. h2,http/1.1), default none. HTTP mode: "
+                                "h2 and/or http/1.1, default h2,http/1.1 (http/1.1 alone turns HTTP/2 off)",
+                                metavar="LIST", group="listeners")
     proxy_protocol: str = opt("off", choice("off", "v2"), "tcp mode: send a PROXY protocol v2 header (client "
                               "address, TLS version, SNI, client identity) to the upstream first",
                               metavar="off|v2", group="tcp mode")
@@ -718,7 +735,11 @@ def check_settings(s: Settings) -> None:
         raise ConfigError(f"--protocol tcp relays bytes: give --upstream tcp://HOST:PORT (not {s.upstream})")
     if s.protocol == "http" and s.upstream.scheme == "tcp":
         raise ConfigError(f"--upstream {s.upstream} is a byte relay: it needs --protocol tcp")
-    if s.protocol == "http" and s.alpn:
-        raise ConfigError("--alpn is for --protocol tcp: HTTP mode always offers http/1.1")
+    if s.protocol == "http" and set(s.alpn) - {"h2", "http/1.1"}:
+        raise ConfigError("--alpn in HTTP mode: h2 and/or http/1.1 (other protocols need --protocol tcp)")
+    if s.h2_stream_window < 65535 or s.h2_stream_window > 2**31 - 1:
+        raise ConfigError("--h2-stream-window: between 64KiB (65535 bytes) and 2GiB")
+    if s.h2_max_header_block < 1024:
+        raise ConfigError("--h2-max-header-block: at least 1KiB (browsers send 1-8 KiB of headers)")
     if s.protocol == "http" and s.proxy_protocol != "off":
         raise ConfigError("--proxy-protocol is for --protocol tcp (HTTP mode sends X-Forwarded-For)")

@@ -142,6 +142,16 @@ class Metrics:
         self.last_reload = Gauge("tlsproxy_certificate_last_reload_timestamp_seconds",
                                  "When certificates were last reloaded successfully (Unix time)",
                                  ["role"], registry=r)
+        self.h2_connections = Counter("tlsproxy_h2_connections", "Client connections that negotiated "
+                                      "HTTP/2 (ALPN h2); also counted in tlsproxy_connections_total",
+                                      ["listener"], registry=r)
+        self.h2_streams = _LeanFamily("counter", "tlsproxy_h2_streams", "HTTP/2 streams (requests) by "
+                                      "answer class, or reset; also counted in tlsproxy_requests_total",
+                                      ["listener", "code_class"], r)
+        self.h2_defences = Counter("tlsproxy_h2_defences", "HTTP/2 defences triggered: a connection "
+                                   "closed with GOAWAY (rapid reset, floods, header block or list, "
+                                   "protocol errors) or a stream refused (concurrent_streams)",
+                                   ["listener", "defence"], registry=r)
         self.outbound_errors = Counter("tlsproxy_outbound_errors", "Outbound failures by peer",
                                        ["peer", "kind"], registry=r)
         # self-provisioned certificates (--provision-secret, --outbound-ca-secret, the webhook's caBundle)

@@ -163,7 +163,8 @@ def test_trailers_dropped_for_a_client_that_did_not_ask(pki):
 def test_curl_gets_the_trailers_it_asked_for(pki):
     seen: list[bytes] = []
     with scripted_upstream(_trailer_app(seen)) as up, running_proxy(settings_for(pki, up.port)) as proxy:
-        p = subprocess.run(["curl", "-sS", "--raw", "--cacert", str(pki.ca_file), "-H", "TE: trailers",
+        p = subprocess.run(["curl", "-sS", "--http1.1", "--raw", "--cacert", str(pki.ca_file),
+                            "-H", "TE: trailers",
                             "-H", "Transfer-Encoding: chunked", "--data-binary", "abc", f"{proxy.url}/t"],
                            capture_output=True, timeout=30)
     assert p.returncode == 0, p.stderr
@@ -208,8 +209,9 @@ def test_proxy_sends_100_itself_when_the_app_says_nothing(pki):
 
     with scripted_upstream(silent_reader) as up, running_proxy(settings_for(pki, up.port)) as proxy:
         t0 = time.monotonic()
-        p = subprocess.run(["curl", "-sS", "-v", "--cacert", str(pki.ca_file), "-H", "Expect: 100-continue",
-                            "--expect100-timeout", "20", "--data-binary", "@-", f"{proxy.url}/up"],
+        p = subprocess.run(["curl", "-sS", "-v", "--http1.1", "--cacert", str(pki.ca_file),
+                            "-H", "Expect: 100-continue", "--expect100-timeout", "20",
+                            "--data-binary", "@-", f"{proxy.url}/up"],
                            input=b"z" * 100_000, capture_output=True, timeout=30)
         elapsed = time.monotonic() - t0
     assert p.returncode == 0, p.stderr

@@ -54,18 +54,24 @@ def test_tls12_opt_in(pki, app):
         assert r.returncode == 0, r.stderr
 
 
-def test_alpn_offers_http11_only(pki, app):
+def _alpn(port: int, pki, offer: list[str]) -> str | None:
+    ctx = ssl.create_default_context(cafile=str(pki.ca_file))
+    ctx.set_alpn_protocols(offer)
+    with socket.create_connection(("127.0.0.1", port)) as raw, \
+            ctx.wrap_socket(raw, server_hostname="localhost") as s:
+        return s.selected_alpn_protocol()
+
+
+def test_alpn_offers_h2_and_http11_by_default(pki, app):
     with running_proxy(settings_for(pki, app.port)) as proxy:
-        ctx = ssl.create_default_context(cafile=str(pki.ca_file))
-        ctx.set_alpn_protocols(["h2", "http/1.1"])
-        with socket.create_connection(("127.0.0.1", proxy.port)) as raw, \
-                ctx.wrap_socket(raw, server_hostname="localhost") as s:
-            assert s.selected_alpn_protocol() == "http/1.1"
-        ctx2 = ssl.create_default_context(cafile=str(pki.ca_file))
-        ctx2.set_alpn_protocols(["h2"])
-        with socket.create_connection(("127.0.0.1", proxy.port)) as raw, \
-                ctx2.wrap_socket(raw, server_hostname="localhost") as s:
-            assert s.selected_alpn_protocol() is None   # h2 is never selected in HTTP mode
+        assert _alpn(proxy.port, pki, ["h2", "http/1.1"]) == "h2"
+        assert _alpn(proxy.port, pki, ["http/1.1"]) == "http/1.1"
+
+
+def test_alpn_narrowed_to_http11_turns_h2_off(pki, app):
+    with running_proxy(settings_for(pki, app.port, alpn=("http/1.1",))) as proxy:
+        assert _alpn(proxy.port, pki, ["h2", "http/1.1"]) == "http/1.1"
+        assert _alpn(proxy.port, pki, ["h2"]) is None
 
 
 def test_keepalive_and_pipelining(pki, app):
@@ -148,8 +154,9 @@ def test_head_and_bodyless_statuses(pki, app):
 def test_expect_100_continue(pki, app):
     with running_proxy(settings_for(pki, app.port)) as proxy:
         body = b"a" * 200_000
-        p = subprocess.run(["curl", "-sS", "-v", "--cacert", str(pki.ca_file), "-H", "Expect: 100-continue",
-                            "--expect100-timeout", "10", "--data-binary", "@-", f"{proxy.url}/upload"],
+        p = subprocess.run(["curl", "-sS", "-v", "--http1.1", "--cacert", str(pki.ca_file),
+                            "-H", "Expect: 100-continue", "--expect100-timeout", "10",
+                            "--data-binary", "@-", f"{proxy.url}/upload"],
                            input=body, capture_output=True, timeout=30)
         assert p.returncode == 0, p.stderr
         assert b"HTTP/1.1 100 Continue" in p.stderr

@@ -30,7 +30,7 @@ def test_tcp_settings_and_defaults():
 
 
 @pytest.mark.parametrize("flags, message", [
-    ({"alpn": "h2"}, "--alpn is for --protocol tcp: HTTP mode always offers http/1.1"),
+    ({"alpn": "spdy/3"}, "--alpn in HTTP mode: h2 and/or http/1.1"),
     ({"protocol": "tcp"}, "--protocol tcp relays bytes: give --upstream tcp://HOST:PORT"),
     ({"upstream": "tcp://127.0.0.1:1"}, "is a byte relay: it needs --protocol tcp"),
     ({"proxy-protocol": "v2"}, "--proxy-protocol is for --protocol tcp"),
@@ -45,9 +45,10 @@ def test_bad_tcp_settings(flags, message):
 
 
 def test_cli_error_is_one_line_exit_2():
-    proc = subprocess.run([TLSPROXY, "serve", "--alpn", "h2"], capture_output=True, text=True, timeout=30)
+    proc = subprocess.run([TLSPROXY, "serve", "--alpn", "spdy/3"], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2
-    assert proc.stderr == "tlsproxy: error: --alpn is for --protocol tcp: HTTP mode always offers http/1.1\n"
+    assert proc.stderr == ("tlsproxy: error: --alpn in HTTP mode: h2 and/or http/1.1 (other protocols need "
+                           "--protocol tcp)\n")
 
 
 def test_yaml_tls_route_with_alpn():

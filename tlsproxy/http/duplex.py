@@ -91,9 +91,9 @@ class Flow:
         self.http10 = False                 # the app is known to speak HTTP/1.0: no 100 from it
         self.pump_done = False              # the request went upstream (or could go no further)
 
-    async def send_interim(self, stream, data: bytes, watch: Watch) -> None:
+    async def send_interim(self, sink, status: int, reason: bytes, items) -> None:
         async with self.lock:
-            await client_send(stream, data, watch, self.fwd.route.limits.body_timeout_s)
+            await sink.informational(status, reason, items)
 
     async def app_continued(self, stream, watch: Watch) -> None:
         """The app sent ``100 Continue``: pass it on (once) and let the pump go."""
@@ -161,12 +161,12 @@ async def _run(fwd: Forwarder, stream, flow: Flow, upstream_req, entry: AccessEn
             nursery.start_soon(_pump, fwd, stream, flow, upstream_req, entry, watch)
             try:
                 watch.disarm()    # no response deadline while the body streams (the pump's bound it)
-                response = await fwd.read_response_head(stream, flow.up, False, watch, flow)
+                sink = fwd.h1_sink(stream, flow.head, watch)
+                response = await fwd.read_response_head(sink, flow.up, False, watch, flow)
                 await flow.start_response()
                 entry.status = response.status
                 close = not flow.continued or flow.upstream_broken
-                keep = await fwd.stream_response(stream, flow.head, flow.up, response, entry, watch,
-                                                 close=close)
+                keep = await fwd.stream_response(sink, flow.up, response, entry, watch, close=close)
                 if not flow.body.done:
                     flow.stop_pump()       # an early answer: the rest of the body is not the app's
             except (HTTPError, Close, UpstreamError) as exc:

@@ -54,7 +54,7 @@ from .h1client import CLOSED, NEED_DATA, UpstreamProtocolError
 from .h1server import RequestHead, parse_request_head
 from .local import answer_locally
 from .pool import Pool, UpstreamConn
-from .response import FramingError, ResponseWriter, informational_head
+from .response import FramingError, informational_head
 from .shell import (
     BODY_IN,
     BODY_RATE,
@@ -73,11 +73,10 @@ from .shell import (
     upstream_receive,
     upstream_send,
 )
+from .sink import H1Sink
 
 log = get_logger("http")
 
-FLUSH_BYTES = 256 * 1024          # coalesce body writes up to this before sending
-DIRECT_BYTES = 16 * 1024          # a body chunk this large goes out as it is (no copy into a buffer)
 UPSTREAM_READ_BYTES = 256 * 1024  # large upstream reads: fewer trips through Python per byte
 REFUSE_TIMEOUT_S = 5.0            # an error answer and its lingering close, at most
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
@@ -280,7 +279,8 @@ class Forwarder:
                     await upstream_send(up, data, False, watch)
                     entry.request_done = True
                     watch.arm(UPSTREAM_WAIT, limits.upstream_response_timeout_s)
-                    response = await self.read_response_head(stream, up, upgrade is not None, watch, None)
+                    sink = self.h1_sink(stream, head, watch)
+                    response = await self.read_response_head(sink, up, upgrade is not None, watch, None)
                     break
                 except UpstreamError as exc:
                     if retryable and up.reused and exc.sent_nothing:
@@ -299,7 +299,7 @@ class Forwarder:
         if response.status == 101:
             return await self._switch(stream, head, pending, up, response, entry, pool, watch)
         try:
-            keep = await self.stream_response(stream, head, up, response, entry, watch, close=False)
+            keep = await self.stream_response(sink, up, response, entry, watch, close=False)
         except BaseException:
             pool.discard(up)
             raise
@@ -333,10 +333,11 @@ class Forwarder:
     def upstream_error(self, kind: str) -> None:
         self.metrics.upstream_errors.labels(self.route.name, kind).inc()
 
-    async def read_response_head(self, stream, up: UpstreamConn, upgrading: bool, watch: Watch,
+    async def read_response_head(self, sink, up: UpstreamConn, upgrading: bool, watch: Watch,
                                  flow) -> ResponseHead:
-        """The final response head (or a 101). 1xx answers before it are relayed to the client
-        (``flow``: the body exchange's shared state, which owns the ``100 Continue`` decision)."""
+        """The final response head (or a 101). 1xx answers before it are relayed to the client's
+        ``sink`` (``flow``: an HTTP/1.1 body exchange's shared state, which owns the ``100
+        Continue`` decision; without one a ``100`` stays here)."""
         got = 0
         upc = up.h11
         while True:
@@ -361,82 +362,61 @@ class Forwarder:
             phase = watch.phase
             if status == 100:
                 if flow is not None:
-                    await flow.app_continued(stream, watch)
+                    await flow.app_continued(sink.stream, watch)
             else:                        # 103 etc. pass through
-                interim = informational_head(status, event.reason, hdr.rewrite_response(event.items))
+                items = hdr.rewrite_response(event.items)
                 if flow is not None:
-                    await flow.send_interim(stream, interim, watch)
+                    await flow.send_interim(sink, status, event.reason, items)
                 else:
-                    await client_send(stream, interim, watch, self.route.limits.body_timeout_s)
+                    await sink.informational(status, event.reason, items)
             watch.phase, watch.deadline = phase, deadline
             if flow is not None and flow.pump_done and watch.deadline == math.inf:
                 # the request ended while we relayed the 1xx: the head's deadline starts now
                 watch.arm(UPSTREAM_WAIT, self.route.limits.upstream_response_timeout_s)
 
-    async def stream_response(self, stream, head: RequestHead, up: UpstreamConn, response: ResponseHead,
-                              entry: AccessEntry, watch: Watch, *, close: bool) -> bool:
-        """Send the response; True when the client connection may carry another request."""
+    async def stream_response(self, sink, up: UpstreamConn, response: ResponseHead, entry: AccessEntry,
+                              watch: Watch, *, close: bool) -> bool:
+        """Relay the response to the client's ``sink`` (``sink.py``: an HTTP/1.1 connection or an
+        HTTP/2 stream); True when the client connection may carry another request."""
         limits = self.route.limits
-        writer = ResponseWriter()
-        out = bytearray(writer.head(
-            response.status, response.reason, hdr.rewrite_response(response.items),
-            request_method=head.method, client_http11=head.http_version == b"1.1",
-            client_keep_alive=head.keep_alive, close=close or self.drain.draining))
+        await sink.head(response.status, response.reason, hdr.rewrite_response(response.items),
+                        close=close or self.drain.draining)
         entry.responded = True
-        sent = 0
-        flushed = False          # until the head is on the wire, a broken body can still be a 502
         upc = up.h11
-        while True:
-            try:
-                event = upc.next_event()
-            except UpstreamProtocolError as exc:
-                self.upstream_error("protocol")
-                if not flushed:
-                    raise HTTPError(502, f"upstream sent an invalid response: {exc}",
-                                    kind="upstream_protocol") from None
-                raise Close(f"upstream broke the response body: {exc}") from None
-            if event is NEED_DATA:
-                if out:
-                    await client_send(stream, out, watch, limits.body_timeout_s)
-                    out = bytearray()
-                    flushed = True
-                watch.arm(UPSTREAM_BODY, limits.body_timeout_s)
+        try:
+            while True:
                 try:
-                    data = await up.stream.receive_some(UPSTREAM_READ_BYTES)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    self.upstream_error("reset")
-                    raise Close("upstream reset during the response body") from None
-                upc.receive_data(data)
-                continue
-            if type(event) is End:
-                trailers = framing.relayable_trailers(event.trailers) if head.te_trailers else ()
-                try:
-                    out += writer.end(trailers)
-                except FramingError as exc:
+                    event = upc.next_event()
+                except UpstreamProtocolError as exc:
                     self.upstream_error("protocol")
-                    raise Close(f"upstream body does not match its framing: {exc}") from None
-                break
-            sent += len(event)
-            try:
-                parts = writer.data(event)
-            except FramingError as exc:
-                self.upstream_error("protocol")
-                raise Close(f"upstream body does not match its framing: {exc}") from None
-            if not out and len(event) >= DIRECT_BYTES and len(parts) == 1:
-                await client_send(stream, event, watch, limits.body_timeout_s)   # no copy
-                flushed = True
-                continue
-            for part in parts:   # no join: one copy
-                out += part
-            if len(out) >= FLUSH_BYTES:
-                await client_send(stream, out, watch, limits.body_timeout_s)
-                out = bytearray()
-                flushed = True
-        if out:
-            await client_send(stream, out, watch, limits.body_timeout_s)
-        entry.bytes_out = sent
-        self._m_out.inc(sent)
-        return writer.keep_alive
+                    if not sink.flushed:    # nothing reached the client yet: still a clean 502
+                        raise HTTPError(502, f"upstream sent an invalid response: {exc}",
+                                        kind="upstream_protocol") from None
+                    raise Close(f"upstream broke the response body: {exc}") from None
+                if event is NEED_DATA:
+                    await sink.flush()
+                    watch.arm(UPSTREAM_BODY, limits.body_timeout_s)
+                    try:
+                        data = await up.stream.receive_some(UPSTREAM_READ_BYTES)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        self.upstream_error("reset")
+                        raise Close("upstream reset during the response body") from None
+                    upc.receive_data(data)
+                    continue
+                if type(event) is End:
+                    await sink.end(event.trailers)
+                    break
+                await sink.data(event)
+        except FramingError as exc:
+            self.upstream_error("protocol")
+            raise Close(f"upstream body does not match its framing: {exc}") from None
+        finally:
+            entry.bytes_out = sink.sent
+            sink.m_out.inc(sink.sent)
+        return sink.keep_alive
+
+    def h1_sink(self, stream, head: RequestHead, watch: Watch) -> H1Sink:
+        return H1Sink(stream, head, watch, self.route.limits.body_timeout_s, self._m_out)
 
     async def _switch(self, stream, head: RequestHead, pending: bytearray, up: UpstreamConn,
                       response: ResponseHead, entry: AccessEntry, pool: Pool, watch: Watch) -> bool:

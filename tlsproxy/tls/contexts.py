@@ -17,13 +17,14 @@ from ..certs.bundle import Bundle
 from ..errors import CertError
 
 ALPN_HTTP1 = ("http/1.1",)
+ALPN_HTTP = ("h2", "http/1.1")     # HTTP mode's default: HTTP/2 preferred (docs/http2.md)
 
 
 @dataclass(frozen=True)
 class ServerTLSOptions:
     min_version: str = "1.3"               # "1.3", or "1.2" as an opt-in
     session_tickets: int = 2               # TLS 1.3 tickets per handshake; 0 disables resumption
-    alpn: tuple[str, ...] = ALPN_HTTP1     # never h2 in HTTP mode
+    alpn: tuple[str, ...] = ALPN_HTTP1     # the inbound listener passes --alpn (HTTP mode: h2,http/1.1)
     client_ca_pem: bytes | None = None     # when set, client certificates are required and verified
 
 
