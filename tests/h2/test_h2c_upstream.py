@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from tests.h2.asgi_app import BLOCK, pattern
+from tests.h2.grpc_apps import UNARY, EchoApp
 from tests.h2.scripted_app import ScriptedApp
 from tests.h2.support import h2c_settings, hypercorn_app
 from tests.support import client_context, curl, raw_exchange, running_proxy
@@ -239,3 +240,56 @@ def test_websocket_upgrade_to_h2c_upstream_is_refused(pki):
         assert code == 502 and b"upgrade" in body
 
 
+
+
+def _grpc_frame(message: bytes) -> bytes:
+    return b"\x00" + len(message).to_bytes(4, "big") + message
+
+
+def _dechunk(body: bytes) -> tuple[bytes, bytes]:
+    """(data, trailer section) of a chunked body."""
+    data = b""
+    while True:
+        size_line, _, body = body.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            return data, body
+        data, body = data + body[:size], body[size + 2:]
+
+
+def test_grpc_app_behind_h2c_answers_an_http11_client_with_trailers(pki, tmp_path):
+    """A gRPC call written by hand over HTTP/1.1 (chunked, TE: trailers) reaches grpcio's server
+    over h2c; grpc-status comes back as a chunked trailer, the client's identity as XFCC."""
+    client = pki.issue("front", client=True, server=False, uris=("spiffe://cluster.local/ns/shop/sa/front",))
+    cert, key = tmp_path / "c.crt", tmp_path / "c.key"
+    cert.write_bytes(client.cert_pem)
+    key.write_bytes(client.key_pem)
+    with EchoApp() as app, running_proxy(h2c_settings(pki, app.port, client_ca=pki.ca_file)) as proxy:
+        for message, status in ((b"hello grpc", b"0"), (b"fail", b"3")):
+            body = _grpc_frame(message)
+            request = (b"POST %s HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/grpc\r\n"
+                       b"TE: trailers\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+                       % (UNARY.encode(), len(body), body))
+            ctx = client_context(pki)
+            ctx.load_cert_chain(str(cert), str(key))
+            raw = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+            with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+                tls.sendall(request)
+                data = b""
+                while chunk := tls.recv(65536):
+                    data += chunk
+            head, _, rest = data.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 "), data
+            assert b"content-type: application/grpc" in head.lower()
+            payload, trailers = _dechunk(rest)
+            assert b"grpc-status: " + status in trailers, trailers
+            if status == b"0":
+                assert payload == _grpc_frame(message)
+                assert b"seen-xfcc: " in head.lower()
+                assert b"URI=spiffe://cluster.local/ns/shop/sa/front" in head
+            else:
+                assert b"grpc-message: the app refused this message" in trailers
+        assert len(app.seen) == 2
+        for method, metadata in app.seen:
+            assert method == UNARY
+            assert "URI=spiffe://cluster.local/ns/shop/sa/front" in metadata["x-forwarded-client-cert"]

@@ -235,10 +235,11 @@ class H2Core:
                 conn_events.append(ev)
         return streams, conn_events
 
-    def open_stream(self, codec: StreamCodec) -> int:
-        """Send the recorded head (with END_STREAM when the end is recorded and there is no body)."""
+    def open_stream(self, codec: StreamCodec, body_follows: bool) -> int:
+        """Send the recorded head (with END_STREAM when the end is recorded, without trailers, and
+        no body data follows)."""
         sid = self.conn.get_next_available_stream_id()
-        end_now = codec.end is not None and not codec.end
+        end_now = not body_follows and codec.end is not None and not codec.end
         self.conn.send_headers(sid, codec.head, end_stream=end_now)
         codec.head = None
         if end_now:

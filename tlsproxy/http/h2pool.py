@@ -78,14 +78,14 @@ class H2Channel:
         conn, core, codec = self.conn, self.conn.core, self.codec
         self._check()
         try:
+            view = memoryview(data)
+            pos, size = 0, len(view)
             if not self.sid:
                 if not core.open:
                     self.fail("the upstream sent GOAWAY before this stream opened", refused=True)
                     self._check()
-                self.sid = core.open_stream(codec)
+                self.sid = core.open_stream(codec, size > 0)
                 conn.streams[self.sid] = self
-            view = memoryview(data)
-            pos, size = 0, len(view)
             while pos < size:
                 self._check()
                 n = min(core.window(self.sid), size - pos)
