@@ -83,7 +83,8 @@ class App:
         if settings.upstream.scheme == "h2c":    # its connections' tasks run in the root nursery
             timeout_s = settings.upstream_connect_timeout_s
             self._pool = H2Pool(upstream_mod.tcp_opener(settings.upstream, timeout_s),
-                                connect_timeout_s=timeout_s, label=str(settings.upstream))
+                                connect_timeout_s=timeout_s, label=str(settings.upstream),
+                                metrics=self.metrics)
 
     # ------------------------------------------------------------------ certificates
     def _cert_source(self) -> CertSource:

@@ -32,6 +32,10 @@ def _split(r: subprocess.CompletedProcess) -> tuple[bytes, int]:
     return body, int(code or 0)
 
 
+def _open_connections(proxy) -> float:
+    return proxy.app.metrics.registry.get_sample_value("tlsproxy_upstream_h2_connections")
+
+
 def test_get_reaches_h2c_app_with_forwarded_headers(pki):
     with hypercorn_app() as app, running_proxy(h2c_settings(pki, app.port)) as proxy:
         body, code = _split(_get(proxy, pki, "/conn", "-H", "X-Request-Id: h2c-1"))
@@ -136,7 +140,9 @@ def test_many_concurrent_requests_share_few_connections(pki):
         with ThreadPoolExecutor(n) as ex:
             clients = set(ex.map(one, range(n)))
         assert len(clients) == 2, clients          # the app saw two connections for 150 requests
-        assert proxy.app._pool.opened == 2
+        reg = proxy.app.metrics.registry
+        assert reg.get_sample_value("tlsproxy_upstream_h2_connections") == 2
+        assert reg.get_sample_value("tlsproxy_upstream_h2_streams") == 0
 
 
 def test_slow_app_stream_does_not_stall_another(pki):
@@ -149,7 +155,7 @@ def test_slow_app_stream_does_not_stall_another(pki):
             body, code = _split(_get(proxy, pki, "/bytes/4000000"))
             assert code == 200 and body == pattern(4000000)
             assert time.monotonic() - t0 < 4
-            assert proxy.app._pool.opened == 1        # the same connection carried both
+            assert _open_connections(proxy) == 1        # the same connection carried both
 
 
 def test_slow_client_does_not_stall_another_stream(pki):
@@ -166,7 +172,7 @@ def test_slow_client_does_not_stall_another_stream(pki):
                 body, code = _split(_get(proxy, pki, "/bytes/8000000"))
                 assert code == 200 and len(body) == 8000000
             assert time.monotonic() - t0 < 10
-            assert proxy.app._pool.opened == 1
+            assert _open_connections(proxy) == 1
 
 
 def test_goaway_before_serving_is_retried_on_a_new_connection(pki):
@@ -192,6 +198,11 @@ def test_goaway_refused_stream_gets_502_never_a_hang(pki):
         assert time.monotonic() - t0 < 5
         body, code = _split(_get(proxy, pki, "/ok"))
         assert code == 200
+        assert app.goaways >= 2
+        reg = proxy.app.metrics.registry
+        closed = sum(reg.get_sample_value("tlsproxy_upstream_h2_connections_closed_total", {"reason": r}) or 0
+                     for r in ("goaway", "closed"))
+        assert closed >= 2
 
 
 def test_app_dying_mid_stream_closes_the_response(pki):

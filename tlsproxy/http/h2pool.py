@@ -43,6 +43,7 @@ import trio
 
 from ..errors import UpstreamError
 from ..log import get_logger
+from ..metrics import Metrics
 from .h2client import H2ConnectionError, H2Core, StreamCodec
 
 log = get_logger("http")
@@ -175,6 +176,7 @@ class H2Conn:
         self.active = 0              # legs handed out and not yet released
         self.served = 0
         self.dead: str | None = None
+        self.ended = ""              # why it ended, for tlsproxy_upstream_h2_connections_closed_total
         self.closing = False
         self.idle_since = trio.current_time()
         self._ping_sent: float | None = None
@@ -226,11 +228,12 @@ class H2Conn:
                 self._progress.set()
                 self._progress = trio.Event()
                 if self.closing and self.active == 0:
+                    self._end("drain" if self.core.open else "goaway", "closed by the proxy")
                     break            # the GOAWAY is out and no stream is left: the connection ends
         except trio.TooSlowError:
-            self.dead = f"the upstream stopped reading for {WRITE_TIMEOUT_S:g}s"
+            self._end("write_timeout", f"the upstream stopped reading for {WRITE_TIMEOUT_S:g}s")
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            self.dead = f"connection lost while sending: {exc}"
+            self._end("reset", f"connection lost while sending: {exc}")
         self._scope.cancel()
 
     async def _reader(self) -> None:
@@ -239,19 +242,19 @@ class H2Conn:
                 try:
                     data = await self.stream.receive_some(READ_BYTES)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                    self.dead = f"connection lost: {exc}"
+                    self._end("reset", f"connection lost: {exc}")
                     return
             if timer.cancelled_caught:
                 await self._quiet()
                 continue
             if not data:
-                self.dead = "the upstream closed the connection"
+                self._end("closed", "the upstream closed the connection")
                 return
             self._ping_sent = None
             try:
                 streams, conn_events = self.core.receive(data)
             except H2ConnectionError as exc:
-                self.dead = str(exc)
+                self._end("protocol", str(exc))
                 log.warning("upstream error", upstream=self.pool.label, reason=self.dead)
                 self.core.close()
                 await self._flush_briefly()
@@ -273,20 +276,21 @@ class H2Conn:
             self.kick()      # settings and ping acks, window updates
             if not self.core.open and not self.streams:
                 await self._flush_briefly()
+                self._end("goaway", "the upstream sent GOAWAY")
                 return
 
     async def _quiet(self) -> None:
         """Nothing received for a while: close when idle, else make sure the app is alive."""
         now = trio.current_time()
         if self._ping_sent is not None:
-            self.dead = f"the upstream did not answer a PING within {PING_TIMEOUT_S:g}s"
+            self._end("ping_timeout", f"the upstream did not answer a PING within {PING_TIMEOUT_S:g}s")
             log.warning("upstream error", upstream=self.pool.label, reason=self.dead)
         elif not self.streams and self.active == 0:
             if now - self.idle_since >= IDLE_TIMEOUT_S:
                 self.closing = True
                 self.core.close()
                 await self._flush_briefly()
-                self.dead = "idle"
+                self._end("idle", "idle")
         else:
             self._ping_sent = now
             self.core.ping(b"tlsproxy")
@@ -309,9 +313,12 @@ class H2Conn:
             elif ev.error_code != h2.errors.ErrorCodes.NO_ERROR:
                 channel.fail(f"the upstream closed the connection ({self.core.goaway_error})")
 
-    def _fail_all(self, reason: str) -> None:
+    def _end(self, kind: str, reason: str) -> None:
         if self.dead is None:
-            self.dead = reason
+            self.dead, self.ended = reason, kind
+
+    def _fail_all(self, reason: str) -> None:
+        self._end("closed", reason)
         for channel in self.streams.values():
             channel.fail(reason)
         self._progress.set()
@@ -325,6 +332,7 @@ class H2Conn:
                 self.kick()
         self.active -= 1
         self.served += 1
+        self.pool.stream_done()
         if self.active == 0:
             self.idle_since = trio.current_time()
             if self.closing or not self.core.open:
@@ -337,8 +345,9 @@ class H2Pool:
     """Upstream HTTP/2 connections shared by every exchange of a route. See the module docstring."""
 
     def __init__(self, opener: Callable[[], Awaitable[trio.abc.Stream]], *, connect_timeout_s: float,
-                 label: str = "") -> None:
+                 label: str = "", metrics: Metrics | None = None) -> None:
         self._opener = opener
+        self._metrics = metrics
         self._connect_timeout_s = connect_timeout_s
         self.label = label
         self._conns: list[H2Conn] = []
@@ -370,6 +379,8 @@ class H2Pool:
             for conn in self._conns:
                 if conn.usable and conn.active < conn.core.max_streams:
                     conn.active += 1
+                    if self._metrics is not None:
+                        self._metrics.upstream_h2_streams.inc()
                     return H2Leg(conn)
             if self._dialling is not None:
                 done = self._dialling
@@ -423,12 +434,24 @@ class H2Pool:
         conn = H2Conn(self, stream, core)
         self._conns.append(conn)
         self.opened += 1
+        if self._metrics is not None:
+            self._metrics.upstream_h2_connections.inc()
         conn.kick()                  # the SETTINGS ack
         self._nursery.start_soon(conn.run)
 
     def forget(self, conn: H2Conn) -> None:
         if conn in self._conns:
             self._conns.remove(conn)
+            if self._metrics is not None:
+                self._metrics.upstream_h2_connections.dec()
+                self._metrics.upstream_h2_closed.labels(conn.ended or "closed").inc()
+            if conn.ended not in ("idle", "drain", "goaway"):
+                log.info("upstream connection ended", upstream=self.label, reason=conn.dead,
+                         streams_failed=len(conn.streams))
+
+    def stream_done(self) -> None:
+        if self._metrics is not None:
+            self._metrics.upstream_h2_streams.dec()
 
     def release(self, leg: H2Leg) -> None:
         """After a complete exchange (both ends of the stream closed)."""
