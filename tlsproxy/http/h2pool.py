@@ -49,10 +49,14 @@ from .h2client import H2ConnectionError, H2Core, StreamCodec
 log = get_logger("http")
 
 IDLE_TIMEOUT_S = 30.0        # as the HTTP/1.1 pool: below common app keep-alive timeouts
-PING_IDLE_S = 15.0           # silence with streams open before we ask the app whether it is alive
+# Silence with streams open before we ask the app whether it is alive. Never more often: a gRPC
+# server counts a PING sooner than 5 minutes after the last (without data) as abuse and answers
+# GOAWAY ENHANCE_YOUR_CALM after two (grpc core's min_recv_ping_interval_without_data, max_ping_strikes).
+PING_IDLE_S = 300.0
 PING_TIMEOUT_S = 10.0        # ... and how long its PING ack may take
 WRITE_TIMEOUT_S = 30.0       # as shell.UPSTREAM_WRITE_TIMEOUT_S: an app not reading for this long is dead
 READ_BYTES = 256 * 1024
+FLUSH_BYTES = 256 * 1024     # a stream's DATA queued ahead of the writer, at most
 CLOSE_FLUSH_S = 1.0          # a closing connection's GOAWAY gets this long to go out
 
 
@@ -87,16 +91,24 @@ class H2Channel:
                     self._check()
                 self.sid = core.open_stream(codec, size > 0)
                 conn.streams[self.sid] = self
+            queued = 0
             while pos < size:
                 self._check()
                 n = min(core.window(self.sid), size - pos)
                 if n <= 0:                   # the app's window is closed: wait for its WINDOW_UPDATE
+                    if queued:
+                        await conn.flushed()
+                        queued = 0
+                        continue
                     self._window = trio.Event()
                     await self._window.wait()
                     continue
                 core.send_body(self.sid, view[pos:pos + n])
                 pos += n
-                await conn.flushed()
+                queued += n
+                if queued >= FLUSH_BYTES:    # bounded: what this stream queued waits to be written
+                    await conn.flushed()
+                    queued = 0
             if codec.end is not None:
                 core.finish(self.sid, codec.end)
                 codec.end = None
@@ -180,6 +192,7 @@ class H2Conn:
         self.closing = False
         self.idle_since = trio.current_time()
         self._ping_sent: float | None = None
+        self._last_rx = self.idle_since
         self._dirty = trio.Event()
         self._progress = trio.Event()
         self._taken = 0              # writer passes started
@@ -238,7 +251,13 @@ class H2Conn:
 
     async def _reader(self) -> None:
         while self.dead is None:
-            with trio.move_on_after(PING_IDLE_S if self._ping_sent is None else PING_TIMEOUT_S) as timer:
+            if self._ping_sent is not None:
+                wait_s = PING_TIMEOUT_S
+            elif self.active == 0:
+                wait_s = IDLE_TIMEOUT_S
+            else:
+                wait_s = PING_IDLE_S
+            with trio.move_on_after(wait_s) as timer:
                 try:
                     data = await self.stream.receive_some(READ_BYTES)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
@@ -251,6 +270,7 @@ class H2Conn:
                 self._end("closed", "the upstream closed the connection")
                 return
             self._ping_sent = None
+            self._last_rx = trio.current_time()
             try:
                 streams, conn_events = self.core.receive(data)
             except H2ConnectionError as exc:
@@ -291,7 +311,7 @@ class H2Conn:
                 self.core.close()
                 await self._flush_briefly()
                 self._end("idle", "idle")
-        else:
+        elif now - self._last_rx >= PING_IDLE_S:
             self._ping_sent = now
             self.core.ping(b"tlsproxy")
             self.kick()
