@@ -240,7 +240,7 @@ def test_http11_app_behind_h2c_is_a_clear_502(pki, app):
     with running_proxy(h2c_settings(pki, app.port)) as proxy:
         body, code = _split(_get(proxy, pki, "/"))
         assert code == 502, body
-        assert b"HTTP/2" in body
+        assert b"does not speak HTTP/2" in body and b"SETTINGS" in body
 
 
 def test_websocket_upgrade_to_h2c_upstream_is_refused(pki):

@@ -193,6 +193,7 @@ class H2Core:
             client_side=True, header_encoding=None))
         self.goaway_last_id: int | None = None      # the app's GOAWAY: streams above it were not served
         self.goaway_error: str = ""
+        self._first: bytes | None = b""             # the server preface, until it is seen
 
     def start(self) -> None:
         conn = self.conn
@@ -217,6 +218,16 @@ class H2Core:
 
     def receive(self, data: bytes) -> tuple[dict[int, list], list]:
         """Feed bytes; returns (events by stream id, connection events). Raises H2ConnectionError."""
+        if self._first is not None:
+            # RFC 9113 §3.4: the server's preface is a SETTINGS frame. Anything else (an HTTP/1.1
+            # server's "HTTP/1.1 400") is refused at once, not after a frame length of megabytes.
+            self._first += data
+            if len(self._first) < 4:
+                return {}, []
+            if self._first[3] != 0x4:
+                raise H2ConnectionError("its first bytes are not an HTTP/2 SETTINGS frame: "
+                                        f"{self._first[:16]!r}")
+            data, self._first = self._first, None
         try:
             events = self.conn.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
