@@ -249,6 +249,10 @@ def test_websocket_upgrade_to_h2c_upstream_is_refused(pki):
               "-H", "Sec-WebSocket-Key: dGhlIHNhbXBsZQ==")
         body, code = _split(_get(proxy, pki, "/conn", *ws))
         assert code == 502 and b"upgrade" in body
+        # with a body the Upgrade is ignored (RFC 9110 section 7.8): an ordinary request
+        body, code = _split(_get(proxy, pki, "/echo", "-H", "Connection: Upgrade", "-H", "Upgrade: h2c",
+                                 "--data-binary", "payload"))
+        assert code == 200 and body == b"payload"
 
 
 

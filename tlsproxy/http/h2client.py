@@ -27,7 +27,9 @@ specific fields (``Connection``, ``Keep-Alive``, ``Proxy-Connection``, ``Transfe
 proxy answers it itself (the codec says its app never sends ``100``), and the stream's window bounds
 what an app that does not want the body receives. A response's ``:status`` becomes the
 status and its standard reason phrase (HTTP/2 has none). An HTTP/1.1 upgrade (WebSocket) cannot be
-carried: the request is refused with an :class:`~tlsproxy.errors.UpstreamError` (502, said plainly).
+carried: a bodiless one (a WebSocket handshake) is refused with an
+:class:`~tlsproxy.errors.UpstreamError` (502, said plainly); on a request with a body the Upgrade
+is ignored, as RFC 9110 §7.8 allows.
 """
 
 from __future__ import annotations
@@ -134,7 +136,9 @@ class StreamCodec:
         if self.our_state is not h11.IDLE:
             raise h11.LocalProtocolError("a request is already in progress")
         self.head, self.upgrade = request_headers(method, target, items)
-        if self.upgrade:
+        # A bodiless upgrade (a WebSocket handshake) is refused plainly; on a request with a body
+        # the Upgrade is ignored (RFC 9110 §7.8 allows it) and the request goes as it is.
+        if self.upgrade and not any(n in (b"content-length", b"transfer-encoding") for _r, n, _v in items):
             raise UpstreamError("protocol", "an HTTP/1.1 upgrade (WebSocket) cannot be forwarded to an "
                                 "h2c:// upstream")
         self.our_state = h11.SEND_BODY
