@@ -5,7 +5,8 @@ loop in a thread and counts its connections.
 Behaviour by path: ``/ok`` (200 "ok"), ``/goaway-once`` (the first connection answers its first
 stream with GOAWAY, last stream id 0, and closes; later ones serve it), ``/goaway`` (always so),
 ``/die`` (response head and 64 KiB, then the socket closes), ``/reset`` (RST_STREAM INTERNAL_ERROR),
-``/silent`` (never answers), ``/trailers-in`` (the request's body length and trailers, as JSON).
+``/silent`` (never answers), ``/freeze`` (stops reading the connection: no PING ack),
+``/trailers-in`` (the request's body length and trailers, as JSON).
 """
 
 from __future__ import annotations
@@ -102,6 +103,9 @@ class ScriptedApp:
             return False
         if path == b"/silent":
             return False
+        if path == b"/freeze":               # stop reading the connection at all (no PING ack)
+            await trio.sleep(30)
+            return True
         if path == b"/trailers-in":
             body = json.dumps({"body": req["body"], "trailers": req["trailers"]}).encode()
         else:

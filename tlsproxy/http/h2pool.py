@@ -34,6 +34,7 @@ These are the pool's own tasks, not a client connection's waits, so they use tri
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import h2.errors
 import h2.events
@@ -58,6 +59,13 @@ WRITE_TIMEOUT_S = 30.0       # as shell.UPSTREAM_WRITE_TIMEOUT_S: an app not rea
 READ_BYTES = 256 * 1024
 FLUSH_BYTES = 256 * 1024     # a stream's DATA queued ahead of the writer, at most
 CLOSE_FLUSH_S = 1.0          # a closing connection's GOAWAY gets this long to go out
+
+
+@dataclass(frozen=True)
+class Timers:
+    idle_timeout_s: float = IDLE_TIMEOUT_S
+    ping_idle_s: float = PING_IDLE_S
+    ping_timeout_s: float = PING_TIMEOUT_S
 
 
 class H2Channel:
@@ -198,6 +206,7 @@ class H2Conn:
         self._taken = 0              # writer passes started
         self._done = 0               # writer passes finished
         self._scope: trio.CancelScope | None = None
+        self._timer: trio.CancelScope | None = None     # the reader's current wait
 
     @property
     def usable(self) -> bool:
@@ -250,14 +259,16 @@ class H2Conn:
         self._scope.cancel()
 
     async def _reader(self) -> None:
+        t = self.pool.timers
         while self.dead is None:
             if self._ping_sent is not None:
-                wait_s = PING_TIMEOUT_S
+                wait_s = t.ping_timeout_s
             elif self.active == 0:
-                wait_s = IDLE_TIMEOUT_S
+                wait_s = t.idle_timeout_s
             else:
-                wait_s = PING_IDLE_S
+                wait_s = t.ping_idle_s
             with trio.move_on_after(wait_s) as timer:
+                self._timer = timer
                 try:
                     data = await self.stream.receive_some(READ_BYTES)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
@@ -302,16 +313,17 @@ class H2Conn:
     async def _quiet(self) -> None:
         """Nothing received for a while: close when idle, else make sure the app is alive."""
         now = trio.current_time()
+        t = self.pool.timers
         if self._ping_sent is not None:
-            self._end("ping_timeout", f"the upstream did not answer a PING within {PING_TIMEOUT_S:g}s")
+            self._end("ping_timeout", f"the upstream did not answer a PING within {t.ping_timeout_s:g}s")
             log.warning("upstream error", upstream=self.pool.label, reason=self.dead)
         elif not self.streams and self.active == 0:
-            if now - self.idle_since >= IDLE_TIMEOUT_S:
+            if now - self.idle_since >= t.idle_timeout_s:
                 self.closing = True
                 self.core.close()
                 await self._flush_briefly()
                 self._end("idle", "idle")
-        elif now - self._last_rx >= PING_IDLE_S:
+        elif now - self._last_rx >= t.ping_idle_s:
             self._ping_sent = now
             self.core.ping(b"tlsproxy")
             self.kick()
@@ -354,7 +366,9 @@ class H2Conn:
         self.served += 1
         self.pool.stream_done()
         if self.active == 0:
-            self.idle_since = trio.current_time()
+            self.idle_since = now = trio.current_time()
+            if self._timer is not None:       # the reader's wait now ends at the idle deadline
+                self._timer.deadline = min(self._timer.deadline, now + self.pool.timers.idle_timeout_s)
             if self.closing or not self.core.open:
                 self.closing = True
                 self.core.close()
@@ -365,25 +379,25 @@ class H2Pool:
     """Upstream HTTP/2 connections shared by every exchange of a route. See the module docstring."""
 
     def __init__(self, opener: Callable[[], Awaitable[trio.abc.Stream]], *, connect_timeout_s: float,
-                 label: str = "", metrics: Metrics | None = None) -> None:
+                 label: str = "", metrics: Metrics | None = None, timers: Timers = Timers()) -> None:
         self._opener = opener
+        self.timers = timers
         self._metrics = metrics
         self._connect_timeout_s = connect_timeout_s
         self.label = label
         self._conns: list[H2Conn] = []
         self._nursery: trio.Nursery | None = None
-        self._running = trio.Event()
         self._dialling: trio.Event | None = None
         self._dial_error: UpstreamError | None = None
         self.opened = 0
         self.http10 = False          # the engine's HTTP/1.0 checks: never for HTTP/2
 
-    async def run(self) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The connections' tasks live here: run it in the application's root nursery."""
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                self._running.set()
+                task_status.started()
                 await trio.sleep_forever()
         finally:
             self._nursery = None
