@@ -309,3 +309,22 @@ def test_grpc_app_behind_h2c_answers_an_http11_client_with_trailers(pki, tmp_pat
         for method, metadata in app.seen:
             assert method == UNARY
             assert "URI=spiffe://cluster.local/ns/shop/sa/front" in metadata["x-forwarded-client-cert"]
+
+
+def test_drain_lets_streams_in_flight_finish(pki):
+    with hypercorn_app() as app:
+        proxy = running_proxy(h2c_settings(pki, app.port, drain_timeout_s=10.0))
+        with proxy as p:
+            with ThreadPoolExecutor(1) as ex:
+                request = b"GET /sleep/1000 HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+                pending = ex.submit(raw_exchange, p.port, pki, request, 15)
+                time.sleep(0.4)
+                t0 = time.monotonic()
+                p.stop()                                   # SIGTERM's drain, in this thread
+                assert time.monotonic() - t0 < 5
+                data = pending.result(15)
+            assert data.startswith(b"HTTP/1.1 200 "), data[:200]
+            reg = p.app.metrics.registry
+            closed = reg.get_sample_value("tlsproxy_upstream_h2_connections_closed_total",
+                                          {"reason": "drain"})
+            assert closed == 1                             # closed with a GOAWAY once its stream ended
