@@ -207,6 +207,7 @@ class H2Conn:
         self._done = 0               # writer passes finished
         self._scope: trio.CancelScope | None = None
         self._timer: trio.CancelScope | None = None     # the reader's current wait
+        self._writing = False
 
     @property
     def usable(self) -> bool:
@@ -232,9 +233,21 @@ class H2Conn:
                 await self._reader()
                 nursery.cancel_scope.cancel()
         finally:
+            if self.dead is None:           # cancelled: the process is stopping
+                if not self._writing:       # (a write cut short leaves no room for a frame after it)
+                    await self._goodbye()   # what is queued (a GOAWAY already?) and a GOAWAY
+                self._end("drain", "the proxy is stopping")
             self._fail_all(self.dead or "the connection closed")
             self.pool.forget(self)
             self.stream.close_now()
+
+    async def _goodbye(self) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_FLUSH_S):
+            self.core.close()
+            try:
+                await self.stream.send_all(self.core.outgoing())
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
 
     async def _writer(self) -> None:
         try:
@@ -244,8 +257,10 @@ class H2Conn:
                 data = self.core.outgoing()
                 self._taken += 1
                 if data:
+                    self._writing = True
                     with trio.fail_after(WRITE_TIMEOUT_S):
                         await self.stream.send_all(data)
+                    self._writing = False
                 self._done = self._taken
                 self._progress.set()
                 self._progress = trio.Event()
@@ -278,7 +293,9 @@ class H2Conn:
                 await self._quiet()
                 continue
             if not data:
-                self._end("closed", "the upstream closed the connection")
+                # after a GOAWAY either way, an EOF is the expected end of the connection
+                kind = "goaway" if not self.core.open else "drain" if self.closing else "closed"
+                self._end(kind, "the upstream closed the connection")
                 return
             self._ping_sent = None
             self._last_rx = trio.current_time()
