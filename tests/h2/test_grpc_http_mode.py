@@ -52,7 +52,9 @@ def _channel(pki: PKI, port: int, cert_key: tuple[bytes, bytes] | None):
     creds = grpc.ssl_channel_credentials(root_certificates=pki.ca_file.read_bytes(),
                                          private_key=cert_key[1] if cert_key else None,
                                          certificate_chain=cert_key[0] if cert_key else None)
-    channel = grpc.secure_channel(f"localhost:{port}", creds)
+    # the proxy listens on 127.0.0.1 only; its certificate names localhost
+    channel = grpc.secure_channel(f"127.0.0.1:{port}", creds,
+                                  options=(("grpc.ssl_target_name_override", "localhost"),))
     try:
         yield channel
     finally:
