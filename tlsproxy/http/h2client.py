@@ -50,7 +50,6 @@ from .exchange import End, ResponseHead, Triple
 
 NEED_DATA = "need_data"
 PAUSED = "paused"
-CLOSED = "closed"
 
 # Our receive windows. Per stream: what an app may send ahead of a slow client (the memory one
 # stream may hold); 256 KiB keeps a 64 MiB transfer at loopback speed (the window is reopened as the

@@ -124,8 +124,14 @@ class H2Channel:
         except h2.exceptions.TooManyStreamsError:
             self.fail("the upstream lowered its stream limit", refused=True)
             self._check()
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as exc:
+        except h2.exceptions.StreamClosedError as exc:
             self.fail(f"the stream closed while sending: {exc}")
+            self._check()
+        except h2.exceptions.ProtocolError as exc:
+            # h2 refused what we asked it to send (a header it will not encode): the HPACK state
+            # may be half-updated, so no new stream goes on this connection
+            conn.closing = True
+            self.fail(f"the request cannot be sent over HTTP/2: {exc}")
             self._check()
 
     async def receive_some(self, max_bytes: int | None = None) -> list:
