@@ -147,6 +147,8 @@ class H2Channel:
         return events
 
     def _check(self) -> None:
+        if self.error is None and self.conn.dead is not None:
+            self.error = self.conn.dead      # the connection died (perhaps before this stream opened)
         if self.error is not None:
             raise trio.BrokenResourceError(self.error)
 
@@ -214,6 +216,7 @@ class H2Conn:
         self._scope: trio.CancelScope | None = None
         self._timer: trio.CancelScope | None = None     # the reader's current wait
         self._writing = False
+        self._goaway_seen: tuple[int, int] | None = None
 
     @property
     def usable(self) -> bool:
@@ -360,8 +363,10 @@ class H2Conn:
 
     def _goaway(self, ev) -> None:
         last = self.core.goaway_last_id or 0
-        log.info("upstream GOAWAY", upstream=self.pool.label, last_stream_id=last,
-                 error=self.core.goaway_error, open_streams=len(self.streams))
+        if (last, ev.error_code) != self._goaway_seen:       # an app may repeat its GOAWAY
+            self._goaway_seen = (last, ev.error_code)
+            log.info("upstream GOAWAY", upstream=self.pool.label, last_stream_id=last,
+                     error=self.core.goaway_error, open_streams=len(self.streams))
         for sid, channel in list(self.streams.items()):
             if sid > last:
                 channel.fail("the upstream sent GOAWAY before serving this stream", refused=True)
