@@ -47,9 +47,7 @@ import h11
 
 from ..errors import UpstreamError
 from .exchange import End, ResponseHead, Triple
-
-NEED_DATA = "need_data"
-PAUSED = "paused"
+from .h1client import NEED_DATA, PAUSED  # the same sentinels: the engine compares by identity
 
 # Our receive windows. Per stream: what an app may send ahead of a slow client (the memory one
 # stream may hold); 256 KiB keeps a 64 MiB transfer at loopback speed (the window is reopened as the
