@@ -6,7 +6,8 @@ Behaviour by path: ``/ok`` (200 "ok"), ``/goaway-once`` (the first connection an
 stream with GOAWAY, last stream id 0, and closes; later ones serve it), ``/goaway`` (always so),
 ``/die`` (response head and 64 KiB, then the socket closes), ``/reset`` (RST_STREAM INTERNAL_ERROR),
 ``/silent`` (never answers), ``/freeze`` (stops reading the connection: no PING ack),
-``/trailers-in`` (the request's body length and trailers, as JSON).
+``/trailers-in`` (the request's body length and trailers, as JSON), ``/early`` (403 at the request
+head, then RST_STREAM NO_ERROR).
 """
 
 from __future__ import annotations
@@ -69,15 +70,24 @@ class ScriptedApp:
                     for ev in conn.receive_data(data):
                         if isinstance(ev, h2.events.RequestReceived):
                             requests[ev.stream_id] = {"headers": dict(ev.headers), "body": 0, "trailers": {}}
+                            if dict(ev.headers).get(b":path") == b"/early":
+                                # refuse before the body: 403, then RST_STREAM NO_ERROR (RFC 9113 8.1)
+                                conn.send_headers(ev.stream_id, [(b":status", b"403"),
+                                                                 (b"content-length", b"2")])
+                                conn.send_data(ev.stream_id, b"no", end_stream=True)
+                                conn.reset_stream(ev.stream_id, h2.errors.ErrorCodes.NO_ERROR)
+                                requests.pop(ev.stream_id)
                         elif isinstance(ev, h2.events.DataReceived):
-                            requests[ev.stream_id]["body"] += len(ev.data)
                             conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                            if ev.stream_id in requests:
+                                requests[ev.stream_id]["body"] += len(ev.data)
                         elif isinstance(ev, h2.events.TrailersReceived):
                             requests[ev.stream_id]["trailers"] = {k.decode(): v.decode()
                                                                   for k, v in ev.headers}
-                        elif isinstance(ev, h2.events.StreamEnded) and await self._answer(
-                                conn, stream, ev.stream_id, requests.pop(ev.stream_id), first):
-                            return
+                        elif isinstance(ev, h2.events.StreamEnded) and ev.stream_id in requests:
+                            req = requests.pop(ev.stream_id)
+                            if await self._answer(conn, stream, ev.stream_id, req, first):
+                                return
                     await stream.send_all(conn.data_to_send())
         except (trio.BrokenResourceError, trio.ClosedResourceError, h2.exceptions.ProtocolError):
             pass

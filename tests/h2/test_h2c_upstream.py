@@ -218,6 +218,18 @@ def test_app_dying_mid_stream_closes_the_response(pki):
         assert code == 200
 
 
+def test_early_answer_before_the_body_reaches_the_client(pki, tmp_path):
+    upload = tmp_path / "up.bin"
+    upload.write_bytes(b"u" * (4 * MIB))
+    with ScriptedApp() as app, running_proxy(h2c_settings(pki, app.port)) as proxy:
+        t0 = time.monotonic()
+        body, code = _split(_get(proxy, pki, "/early", "--data-binary", f"@{upload}"))
+        assert code == 403 and body == b"no"
+        assert time.monotonic() - t0 < 5
+        body, code = _split(_get(proxy, pki, "/ok"))                # the connection still serves
+        assert code == 200 and app.connections == 1
+
+
 def test_app_that_never_answers_gets_504(pki):
     with ScriptedApp() as app, running_proxy(h2c_settings(pki, app.port, upstream_response_timeout_s=1.0)) \
             as proxy:
