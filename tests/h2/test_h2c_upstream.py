@@ -219,8 +219,11 @@ def test_app_dying_mid_stream_closes_the_response(pki):
 
 
 def test_early_answer_before_the_body_reaches_the_client(pki, tmp_path):
+    # under the engine's 1 MiB discard bound: the proxy reads and drops the rest of the body and
+    # the client reads the answer (a larger body is cut with a close, and curl may then report its
+    # send failure instead of the answer: the same for any upstream, see docs/errors.md)
     upload = tmp_path / "up.bin"
-    upload.write_bytes(b"u" * (4 * MIB))
+    upload.write_bytes(b"u" * (512 * 1024))
     with ScriptedApp() as app, running_proxy(h2c_settings(pki, app.port)) as proxy:
         t0 = time.monotonic()
         body, code = _split(_get(proxy, pki, "/early", "--data-binary", f"@{upload}"))
