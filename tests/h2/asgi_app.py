@@ -3,7 +3,8 @@
 Routes: ``GET /bytes/N`` (N bytes of :func:`pattern`), ``POST /echo`` (the body back, streamed as it
 comes), ``GET /trailers`` (a body and trailers, sent when the request has ``TE: trailers``),
 ``GET /conn`` (the client's address: which upstream connection carried the stream),
-``GET /sleep/MS`` (answers after MS milliseconds), ``GET /slow`` (one chunk, then a chunk every 5 s).
+``GET /sleep/MS`` (answers after MS milliseconds), ``GET /hold/N`` (answers once N requests are
+held at once), ``GET /slow`` (one chunk, then a chunk every 5 s).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import asyncio
 import json
 
 BLOCK = bytes(range(256)) * 256        # 64 KiB
+_held: list[None] = []                  # requests that reached /hold/N so far
 
 
 def pattern(n: int) -> bytes:
@@ -68,6 +70,18 @@ async def app(scope, receive, send):
     elif path.startswith("/sleep/"):
         await asyncio.sleep(int(path.rsplit("/", 1)[1]) / 1000)
         body = json.dumps({"client": list(scope["client"])}).encode()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+    elif path.startswith("/hold/"):
+        # answers once N requests are held at once (or after 10 s): all N are in flight together
+        want = int(path.rsplit("/", 1)[1])
+        _held.append(None)
+        for _ in range(1000):
+            if len(_held) >= want:
+                break
+            await asyncio.sleep(0.01)
+        body = json.dumps({"client": list(scope["client"]), "held": len(_held)}).encode()
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})

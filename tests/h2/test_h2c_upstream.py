@@ -132,10 +132,12 @@ def test_many_concurrent_requests_share_few_connections(pki):
     n = 150        # hypercorn allows 100 streams per connection: two connections are enough
     with hypercorn_app() as app, running_proxy(h2c_settings(pki, app.port)) as proxy:
         def one(_i: int) -> tuple:
-            data = raw_exchange(proxy.port, pki, b"GET /sleep/1500 HTTP/1.1\r\nHost: localhost\r\n"
-                                b"Connection: close\r\n\r\n", timeout=30)
+            data = raw_exchange(proxy.port, pki, b"GET /hold/%d HTTP/1.1\r\nHost: localhost\r\n"
+                                b"Connection: close\r\n\r\n" % n, timeout=30)
             assert data.startswith(b"HTTP/1.1 200 "), data[:200]
-            return tuple(json.loads(data.partition(b"\r\n\r\n")[2])["client"])
+            seen = json.loads(data.partition(b"\r\n\r\n")[2])
+            assert seen["held"] >= n                 # all 150 were in flight at once
+            return tuple(seen["client"])
 
         with ThreadPoolExecutor(n) as ex:
             clients = set(ex.map(one, range(n)))
