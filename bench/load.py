@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
+import ssl
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -125,6 +127,35 @@ def parse_h2load_log(text: str, duration_s: float) -> RateResult:
     return RateResult(percentile(lat, 50), percentile(lat, 99), len(lat) / duration_s, failed)
 
 
+@dataclass(frozen=True)
+class H2Result:
+    rps: float
+    requests: int          # succeeded
+    errors: int            # failed + errored + timeout
+    protocol: str          # what h2load negotiated ("h2")
+
+
+def parse_h2load(text: str) -> H2Result:
+    """h2load's summary: ``finished in 1.00s, 9630.00 req/s, …`` and the ``requests:`` line."""
+    fin = re.search(r"finished in [\d.]+m?s, ([\d.]+) req/s", text)
+    req = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed, "
+                    r"(\d+) errored, (\d+) timeout", text)
+    if not fin or not req:
+        raise ValueError("h2load printed no summary:\n" + text[-2000:])
+    proto = re.search(r"Application protocol: (\S+)", text)
+    return H2Result(float(fin.group(1)), int(req.group(1)), sum(int(x) for x in req.groups()[1:]),
+                    proto.group(1) if proto else "?")
+
+
+def combine_h2(slices: list[H2Result]) -> H2Result:
+    """One figure from h2load runs of equal length: the mean rate, requests and errors summed."""
+    if not slices:
+        raise ValueError("no h2load results to combine")
+    protocols = {r.protocol for r in slices}
+    return H2Result(sum(r.rps for r in slices) / len(slices), sum(r.requests for r in slices),
+                    sum(r.errors for r in slices), protocols.pop() if len(protocols) == 1 else "mixed")
+
+
 def parse_reconnect(text: str) -> tuple[int, int]:
     """``openssl s_client -reconnect`` output → (new sessions, reused sessions)."""
     return len(re.findall(r"^New, TLSv1\.3", text, re.M)), len(re.findall(r"^Reused, TLSv1\.3", text, re.M))
@@ -167,6 +198,21 @@ def paced(port: int, *, rate: int, connections: int, duration_s: float, ca: Path
             "--warmup", f"{WARMUP_S:g}", "--cafile", str(ca)]
     out = _run(argv, env, duration_s + 30)
     return PaceResult(**json.loads(out.strip().splitlines()[-1]))
+
+
+def h2load(url: str, *, clients: int, streams: int, duration_s: float, env: dict) -> H2Result:
+    """HTTP/2 over TLS (ALPN h2): ``clients`` connections with ``streams`` requests in flight each."""
+    return parse_h2load(_run(["h2load", "-c", str(clients), "-m", str(streams), "-D", f"{duration_s:g}",
+                              "--tls13-ciphers", CIPHERSUITE, "--groups", GROUP, url], env, duration_s + 30))
+
+
+def offers_h2(port: int, ca: Path, timeout_s: float = 10) -> bool:
+    """Whether the TLS server on ``port`` selects ALPN h2 for a client that offers only h2."""
+    ctx = ssl.create_default_context(cafile=str(ca))
+    ctx.set_alpn_protocols(["h2"])
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as raw, \
+            ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+        return tls.selected_alpn_protocol() == "h2"
 
 
 def curl_download_mib_s(url: str, ca: Path, env: dict, timeout_s: float = 120) -> float:

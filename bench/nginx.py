@@ -5,7 +5,8 @@ Three roles, each its own nginx instance so each can be pinned to its own CPU:
 * ``upstream_conf``: the app behind both proxies (plain HTTP: a small body, 1 MiB and 64 MiB
   files) plus a TLS listener used as the *peer* of the outbound row;
 * ``proxy_conf``: nginx as the TLS 1.3-only terminating proxy that tlsproxy is compared with; one
-  port with resumption off (no tickets, no session cache) and one with tickets on;
+  port with resumption off (no tickets, no session cache), one with tickets on, and one speaking
+  HTTP/2 to clients (row (h));
 * ``outbound_conf``: nginx originating TLS (``proxy_pass https://``) to the peer.
 
 Like-for-like choices (see docs/performance.md): access logs off, keep-alive to the upstream
@@ -70,12 +71,13 @@ http {{
 
 
 def _tls_server(port: int, cert: Path, key: Path, upstream: str, *, resumption: bool,
-                access_log: str, reuseport: bool) -> str:
+                access_log: str, reuseport: bool, http2: bool = False) -> str:
     tickets = "on" if resumption else "off"
     cache = "shared:bench:10m" if resumption else "off"
+    h2 = " http2" if http2 else ""        # nginx 1.22: `listen … ssl http2` (1.25+: `http2 on;`)
     return f"""
     server {{
-        listen 127.0.0.1:{port} ssl backlog=4096{" reuseport" if reuseport else ""};
+        listen 127.0.0.1:{port} ssl{h2} backlog=4096{" reuseport" if reuseport else ""};
         ssl_certificate {cert};
         ssl_certificate_key {key};
         ssl_protocols TLSv1.3;
@@ -96,9 +98,11 @@ def _tls_server(port: int, cert: Path, key: Path, upstream: str, *, resumption: 
 
 
 def proxy_conf(work: Path, *, port: int, resume_port: int, upstream_port: int, cert: Path, key: Path,
-               workers: int = 1, name: str = "proxy") -> str:
+               workers: int = 1, name: str = "proxy", h2_port: int | None = None) -> str:
     """nginx as the terminating proxy: ``port`` has resumption off, ``resume_port`` on. With more
-    than one worker, ``port`` listens with ``reuseport`` (one socket per worker), as ``--workers`` does."""
+    than one worker, ``port`` listens with ``reuseport`` (one socket per worker), as ``--workers`` does.
+    ``h2_port``: a third server, resumption off, that speaks HTTP/2 (ALPN h2) to clients; the
+    upstream leg stays HTTP/1.1 keep-alive, as tlsproxy's ``http://`` upstream."""
     up = f"bench_app_{name}"
     return _main(work, name, workers) + f"""
 http {{
@@ -109,6 +113,8 @@ http {{
     }}
 {_tls_server(port, cert, key, up, resumption=False, access_log="access_log off;", reuseport=workers > 1)}
 {_tls_server(resume_port, cert, key, up, resumption=True, access_log="access_log off;", reuseport=False)}
+{_tls_server(h2_port, cert, key, up, resumption=False, access_log="access_log off;", reuseport=False,
+             http2=True) if h2_port else ""}
 }}
 """
 

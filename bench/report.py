@@ -80,6 +80,7 @@ FIGURES = [
            floor=("≤ nginx + 2 ms", lambda t, n: t - n <= 2.0), per_cpu="req"),
     Figure("fixed_p50", "(g) p50 latency at a fixed 1,000 req/s, paced", "ms", False),
     Figure("burst_p99", "(g') p99 at 1,000 req/s as h2load sends it (bursts)", "ms", False, per_cpu="req"),
+    Figure("h2_rps", "(h) HTTP/2 small requests, h2load -c10 -m10", "req/s", per_cpu="req"),
 ]
 
 
@@ -130,8 +131,12 @@ def rows(results: Results) -> list[list[str]]:
     for f in FIGURES:
         t, n = results.median(f.key, "tlsproxy"), results.median(f.key, "nginx")
         floor = f.floor[0] if f.floor else ""
-        if f.key in results.missing and t is None:
-            out.append([f.label, f.units, results.missing[f.key], "", "", "", "", "", "", floor, "", ""])
+        if f.key in results.missing and t is None:     # nginx's side may still have been measured
+            pn = results.median(per_cpu_key(f.key), "nginx") if f.per_cpu else None
+            cn = results.median(cpu_key(f.key), "nginx") if f.per_cpu else None
+            out.append([f.label, f.units, results.missing[f.key], _fmt(n) if n is not None else "", "", "",
+                        _fmt(pn) if pn is not None else "", "", f"— / {_fmt(cn)}" if cn is not None else "",
+                        floor, "", ""])
             continue
         holds = ""
         if f.floor is not None and t is not None and n is not None:

@@ -93,6 +93,7 @@ class Ports:
     tp_out_admin: int
     tp_out: int
     ng_out: int
+    ng_h2: int
 
     @classmethod
     def pick(cls) -> Ports:
@@ -132,8 +133,9 @@ class Bench:
         self._nginx("upstream", nginx.upstream_conf(w, pt.upstream, pt.peer, self.cert, self.key),
                     procs.CPU_LOAD, [pt.upstream, pt.peer])
         self._nginx("proxy", nginx.proxy_conf(w, port=pt.ng, resume_port=pt.ng_resume,
-                                              upstream_port=pt.upstream, cert=self.cert, key=self.key),
-                    procs.CPU_PROXY, [pt.ng, pt.ng_resume])
+                                              upstream_port=pt.upstream, cert=self.cert, key=self.key,
+                                              h2_port=pt.ng_h2),
+                    procs.CPU_PROXY, [pt.ng, pt.ng_resume, pt.ng_h2])
         self._nginx("proxy2", nginx.proxy_conf(w, port=pt.ng2, resume_port=pt.ng2_resume,
                                                upstream_port=pt.upstream, cert=self.cert, key=self.key,
                                                workers=2, name="proxy2"), None, [pt.ng2])
@@ -143,7 +145,16 @@ class Bench:
                        "--tls-session-tickets", "0")
         self._tlsproxy("tp2", pt.tp2, pt.tp2_admin, None, "--tls-session-tickets", "0", "--workers", "2")
         self._outbound_setup()
+        self._h2_setup()
         self._verify()
+
+    def _h2_setup(self) -> None:
+        """Row (h) needs tlsproxy to negotiate h2 on its TLS port; until it does the row says so."""
+        self.h2 = load.offers_h2(self.ports.tp, self.ca)
+        if not self.h2:
+            self.results.missing["h2_rps"] = "n/a (tlsproxy does not negotiate h2)"
+        if not load.offers_h2(self.ports.ng_h2, self.ca):
+            raise RuntimeError("nginx's http2 server did not negotiate h2")
 
     def _nginx(self, name: str, conf: str, cpu: str | None, ports: list[int]) -> None:
         path = self.work / f"{name}.conf"
@@ -255,6 +266,17 @@ class Bench:
                 self._add_wrk("w2_rps", server, r[server])
                 w1 = self.results.samples[("ka_rps", server)][-1]     # row (a), this run
                 self.results.add("w2_gain", server, r[server].wrk.rps / w1)
+            self._progress("http/2")
+            h2_targets = {"tlsproxy": (self.url(pt.tp), "tp"), "nginx": (self.url(pt.ng_h2), "proxy")}
+            if not self.h2:
+                del h2_targets["tlsproxy"]       # the row says why; nginx's side is still measured
+            r2 = self._h2_step(h2_targets)
+            for server, res in r2.items():
+                self.results.add_step("h2_rps", server, res[0].rps, count=res[0].requests, cpu_s=res[1])
+                if res[0].errors:
+                    self.notes.append(f"(h) {server}: h2load reported {res[0].errors} failed requests")
+                if res[0].protocol != "h2":
+                    raise RuntimeError(f"(h) {server}: h2load negotiated {res[0].protocol}, not h2")
             self._progress("fixed rate")
             fixed_s = max(d, 1.0)
             for server, port, proc in (("tlsproxy", pt.tp, "tp"), ("nginx", pt.ng, "proxy")):
@@ -298,6 +320,19 @@ class Bench:
             got[name].append(result)
             cpu[name] += cpu_s
         return {name: Step(load.combine(slices), cpu[name]) for name, slices in got.items()}
+
+    def _h2_step(self, targets: dict[str, tuple[str, str]]) -> dict[str, tuple[load.H2Result, float]]:
+        """h2load ``-c10 -m10`` against each target, scheduled as the wrk steps are; each target's
+        combined result and the proxy CPU-seconds it cost."""
+        got: dict[str, list[load.H2Result]] = {name: [] for name in targets}
+        cpu: dict[str, float] = dict.fromkeys(targets, 0.0)
+        for name, seconds in schedule(list(targets), self.plan.duration_s, sequential=self.plan.sequential):
+            url, proc = targets[name]
+            result, cpu_s = self._on_cpu(proc, load.h2load, url, clients=10, streams=10, duration_s=seconds,
+                                         env=self.env)
+            got[name].append(result)
+            cpu[name] += cpu_s
+        return {name: (load.combine_h2(slices), cpu[name]) for name, slices in got.items()}
 
     def _on_cpu(self, proc: str, fn, *args, **kwargs):
         """``fn(*args, **kwargs)`` → (its result, CPU-seconds the process tree of our process

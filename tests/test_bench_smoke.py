@@ -66,7 +66,8 @@ def test_smoke_run_prints_the_whole_table(tmp_path):
         row = next((line for line in lines if line.startswith(fig.label)), None)
         assert row is not None, f"missing row {fig.label!r}:\n{r.stdout}"
         if "n/a" in row:
-            assert fig.key == "outbound"      # the only row allowed to be absent
+            # the only rows allowed to be absent: outbound, and HTTP/2 while tlsproxy offers no h2
+            assert fig.key == "outbound" or (fig.key == "h2_rps" and "does not negotiate h2" in row), row
             continue
         c = _cells(header, row)
         assert c["figure"] == fig.label and c["unit"] == fig.units, row
@@ -121,6 +122,21 @@ def test_parse_h2load_log_and_reconnect():
     assert (rr.p50_ms, rr.p99_ms, rr.achieved_rps, rr.failed) == (51.0, 99.0, 50.0, 1)
     text = "New, TLSv1.3, Cipher is X\ndrop connection and then reconnect\nReused, TLSv1.3, Cipher is X\n"
     assert load.parse_reconnect(text) == (1, 1)
+
+
+def test_parse_h2load_summary():
+    text = """starting benchmark...
+Application protocol: h2
+finished in 1.00s, 9630.50 req/s, 1.02MB/s
+requests: 9630 total, 9730 started, 9630 done, 9600 succeeded, 20 failed, 10 errored, 0 timeout
+status codes: 9600 2xx, 0 3xx, 0 4xx, 30 5xx
+"""
+    r = load.parse_h2load(text)
+    assert (r.rps, r.requests, r.errors, r.protocol) == (9630.5, 9600, 30, "h2")
+    both = load.combine_h2([r, load.H2Result(9000.0, 9000, 0, "h2")])
+    assert (both.rps, both.requests, both.errors, both.protocol) == (9315.25, 18600, 30, "h2")
+    with pytest.raises(ValueError):
+        load.parse_h2load("h2load: No protocol negotiated")
 
 
 def test_report_ratios_floors_and_missing_rows():

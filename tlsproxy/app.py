@@ -28,6 +28,7 @@ from .http.deadlines import tick_for
 from .http.exchange import Drain, Limits, Route
 from .http.forward import Forwarder
 from .http.h2core import H2Limits
+from .http.h2pool import H2Pool
 from .http.h2server import H2Server
 from .http.pool import Pool
 from .inbound import mtls
@@ -80,7 +81,12 @@ class App:
             raise ConfigError(f"outbound: {exc}") from None
         if self.outbound.enabled:
             self.health.add_check("outbound", self.outbound.readiness)
-        self._pool: Pool | None = None
+        self._pool: Pool | H2Pool | None = None
+        if settings.upstream.scheme == "h2c":    # its connections' tasks run in the root nursery
+            timeout_s = settings.upstream_connect_timeout_s
+            self._pool = H2Pool(upstream_mod.tcp_opener(settings.upstream, timeout_s),
+                                connect_timeout_s=timeout_s, label=str(settings.upstream),
+                                metrics=self.metrics)
 
     # ------------------------------------------------------------------ certificates
     def _cert_source(self) -> CertSource:
@@ -139,7 +145,7 @@ class App:
 
         if self.mtls.enabled:
             self.health.add_check("client_ca", ca_check)
-        if self.settings.upstream.scheme in ("http", "tcp"):
+        if self.settings.upstream.scheme in ("http", "h2c", "tcp"):
             up = self.settings.upstream
 
             async def upstream_check() -> str | None:
@@ -176,7 +182,9 @@ class App:
         s = self.settings
         if self.worker is not None and self.bound.admin is not None:
             self.worker.announce_admin(self.bound.admin)
-        pool = self._pool = Pool(upstream_mod.tcp_opener(s.upstream, s.upstream_connect_timeout_s))
+        if self._pool is None:
+            self._pool = Pool(upstream_mod.tcp_opener(s.upstream, s.upstream_connect_timeout_s))
+        pool = self._pool
         route = Route(name="inbound", pool=pool, limits=self.limits(), access_log=s.access_log,
                       upstream_label=str(s.upstream))
         tls_cfg = TLSListenerConfig(name="inbound", addr=s.listen, handshake_timeout_s=s.handshake_timeout_s,
@@ -220,13 +228,15 @@ class App:
 
     async def run(self, *, task_status: trio.TaskStatus[App] = trio.TASK_STATUS_IGNORED) -> None:
         self._log_summary()
-        await self.runtime.run(self, background=(self.drain.watchdog.run,),
-                               task_status=task_status)
+        background = [self.drain.watchdog.run]
+        if isinstance(self._pool, H2Pool):
+            background.append(self._pool.run)
+        await self.runtime.run(self, background=tuple(background), task_status=task_status)
 
     async def run_with_signals(self) -> None:
         await self.runtime.run_with_signals(self.run)
 
-    def _plain_handler(self, pool: Pool) -> PlainHandler | None:
+    def _plain_handler(self, pool: Pool | H2Pool) -> PlainHandler | None:
         """The ``--http-listen`` listener's handler, or None when it is not configured (or
         ``--http-mode off``)."""
         s = self.settings

@@ -192,7 +192,8 @@ def parse_hostport(raw: Any) -> HostPort:
 
 @dataclass(frozen=True, slots=True)
 class Upstream:
-    """Where requests go: ``scheme`` is ``http`` (HTTP/1.1), ``https`` or ``tcp``/``tls`` (byte relay)."""
+    """Where requests go: ``scheme`` is ``http`` (HTTP/1.1), ``h2c`` (HTTP/2 with prior knowledge),
+    ``https`` or ``tcp``/``tls`` (byte relay)."""
 
     scheme: str
     host: str
@@ -234,7 +235,7 @@ def parse_url(raw: Any, schemes: Iterable[str] = ("http",)) -> Upstream:
 
 
 def parse_upstream(raw: Any) -> Upstream:
-    return parse_url(raw, ("http", "tcp"))
+    return parse_url(raw, ("http", "h2c", "tcp"))
 
 
 def parse_alpn(raw: Any) -> tuple[str, ...]:
@@ -375,7 +376,8 @@ class Settings:
     listen: HostPort = opt(DEFAULT_LISTEN, parse_hostport, "TLS listener address", metavar="HOST:PORT",
                            group="listeners")
     upstream: Upstream = opt(DEFAULT_UPSTREAM, parse_upstream,
-                             "the app: http://HOST:PORT (or tcp://HOST:PORT with --protocol tcp)",
+                             "the app: http://HOST:PORT (HTTP/1.1), h2c://HOST:PORT (HTTP/2 with prior "
+                             "knowledge, e.g. a gRPC server), or tcp://HOST:PORT with --protocol tcp",
                              metavar="URL", group="listeners")
     admin: HostPort = opt(DEFAULT_ADMIN, parse_hostport, "plain-HTTP admin listener (/healthz, /readyz, "
                           "/metrics)", metavar="HOST:PORT", group="listeners")

@@ -164,11 +164,21 @@ class Metrics:
         self.cabundle_patches = Counter("tlsproxy_webhook_cabundle_patches", "Patches of the "
                                         "MutatingWebhookConfiguration's caBundle, by result", ["result"],
                                         registry=r)
+        # --upstream h2c://: the pooled HTTP/2 connections to the app and the streams they carry
+        self.upstream_h2_connections = Gauge("tlsproxy_upstream_h2_connections",
+                                             "Open HTTP/2 (h2c) connections to the upstream", registry=r)
+        self.upstream_h2_streams = Gauge("tlsproxy_upstream_h2_streams",
+                                         "Exchanges in flight on HTTP/2 (h2c) upstream connections",
+                                         registry=r)
+        self.upstream_h2_closed = Counter("tlsproxy_upstream_h2_connections_closed",
+                                          "HTTP/2 (h2c) upstream connections closed, by reason", ["reason"],
+                                          registry=r)
 
 
 # ---------------------------------------------------------------------------- --workers N: one /metrics
 
-_SUMMED_GAUGES = frozenset({"tlsproxy_connections_active"})   # per-process amounts: they add up
+_SUMMED_GAUGES = frozenset({"tlsproxy_connections_active", "tlsproxy_upstream_h2_connections",
+                            "tlsproxy_upstream_h2_streams"})   # per-process amounts: they add up
 
 
 def merge_expositions(texts: list[str]) -> bytes:

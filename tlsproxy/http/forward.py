@@ -36,7 +36,6 @@ Inbound and outbound both use this engine; they differ only in the pool's opener
 from __future__ import annotations
 
 import math
-import select
 import time
 
 import trio
@@ -319,11 +318,7 @@ class Forwarder:
 
     async def acquire(self, pool: Pool, fresh: bool = False) -> UpstreamConn:
         try:
-            while True:
-                up = await pool.acquire(fresh=fresh)
-                if not up.reused or not _stale(up.stream):
-                    return up
-                pool.discard(up)   # closed by the app, or stray bytes arrived while it sat idle
+            return await pool.acquire(fresh=fresh)
         except UpstreamError as exc:
             self.upstream_error(exc.kind)
             status = 504 if exc.kind == "connect_timeout" else 502
@@ -476,13 +471,3 @@ class Forwarder:
     def count_in(self, n: int) -> None:
         self._m_in.inc(n)
 
-
-def _stale(stream) -> bool:
-    """True when an idle pooled connection is readable: EOF (the app closed it) or bytes nobody
-    asked for (an app that answered twice). Either way it must not carry the next request."""
-    fd = stream.fileno()
-    if fd < 0:
-        return True
-    poller = select.poll()
-    poller.register(fd, select.POLLIN | select.POLLPRI)
-    return bool(poller.poll(0))

@@ -285,7 +285,7 @@ async def _exchange(conn: Connection, st: H2Stream, req: Request, entry: AccessE
     hdr.check_request(req.method, req.target, b"1.1", req.items)
     if facts.deny is not None:
         raise facts.deny
-    if req.grpc:
+    if req.grpc and not (route.pool is not None and route.pool.http2):
         entry.status, entry.note = 200, "grpc_needs_h2_upstream"
         entry.responded = True
         await sink.head(200, b"", [(b"content-type", b"content-type", b"application/grpc"),

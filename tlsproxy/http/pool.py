@@ -9,6 +9,7 @@ finished the exchange cleanly.
 
 from __future__ import annotations
 
+import select
 from collections.abc import Awaitable, Callable
 
 import h11
@@ -31,6 +32,10 @@ class UpstreamConn:
 
 
 class Pool:
+    """Keep-alive HTTP/1.1 connections to one upstream."""
+
+    http2 = False           # the leg speaks HTTP/1.1: no gRPC across it (h2pool.H2Pool says True)
+
     def __init__(self, opener: Callable[[], Awaitable[trio.abc.Stream]], *, max_idle: int = MAX_IDLE,
                  idle_timeout_s: float = IDLE_TIMEOUT_S) -> None:
         self._opener = opener
@@ -45,10 +50,10 @@ class Pool:
             now = trio.current_time()
             while self._idle:
                 conn = self._idle.pop()
-                if now - conn.idle_since < self._idle_timeout_s:
+                if now - conn.idle_since < self._idle_timeout_s and not _stale(conn.stream):
                     conn.reused = True
                     return conn
-                _close_now(conn)
+                _close_now(conn)   # too old, closed by the app, or stray bytes arrived while it sat idle
         stream = await self._opener()
         self.opened += 1
         return UpstreamConn(stream)
@@ -76,3 +81,14 @@ class Pool:
 
 def _close_now(conn: UpstreamConn) -> None:
     conn.stream.close_now()
+
+
+def _stale(stream) -> bool:
+    """True when an idle pooled connection is readable: EOF (the app closed it) or bytes nobody
+    asked for (an app that answered twice). Either way it must not carry the next request."""
+    fd = stream.fileno()
+    if fd < 0:
+        return True
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLPRI)
+    return bool(poller.poll(0))
