@@ -33,11 +33,14 @@ from .run import Bench, Plan
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _start(b: Bench, mode: str, stats: Path, profiled: bool) -> tuple[int, str]:
+def _start(b: Bench, mode: str, stats: Path, profiled: bool, callgrind: bool = False) -> tuple[int, str]:
     """Start tlsproxy for ``mode``; its pid and the URL to load."""
     pt = b.ports
     wrapper = [sys.executable, "-m", "bench._profiled", str(stats)] if profiled \
         else [sys.executable, "-m", "tlsproxy"]
+    if callgrind:
+        wrapper = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={stats}",
+                   *wrapper]
     argv = [*wrapper, "serve", "--cert", str(b.cert), "--key", str(b.key),
             "--admin", f"127.0.0.1:{pt.tp_admin}", "--upstream", f"http://127.0.0.1:{pt.upstream}",
             "--access-log", "off", "--log-format", "json", "--drain-delay", "0", "--drain-timeout", "2"]
@@ -53,7 +56,7 @@ def _start(b: Bench, mode: str, stats: Path, profiled: bool) -> tuple[int, str]:
         port, url = pt.tp, b.url(pt.tp, "/small")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = b.p.start("tp", argv, cpu=procs.CPU_PROXY, env=env)
-    procs.wait_port(port, 30, proc)
+    procs.wait_port(port, 300 if callgrind else 30, proc)
     return proc.pid, url
 
 
@@ -103,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="idle mode: the Python allocations held per connection")
     ap.add_argument("--keep-stats", help="copy cProfile's stats file here (for pstats)")
     ap.add_argument("--no-profile", action="store_true", help="only CPU µs per request, unprofiled")
+    ap.add_argument("--callgrind", action="store_true",
+                    help="instructions per request: tlsproxy under valgrind's callgrind, counting only "
+                         "during the load (slow: use --seconds 20 --connections 10)")
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="tlsproxy-calls-"))
     b = Bench(Plan(runs=1, duration_s=args.seconds), work)
@@ -122,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.mode == "idle":
             return _idle(b, args)
         stats = work / "calls.prof"
-        profiled = not (args.strace or args.no_profile)
-        pid, url = _start(b, args.mode, stats, profiled)
+        profiled = not (args.strace or args.no_profile or args.callgrind)
+        pid, url = _start(b, args.mode, stats, profiled, args.callgrind)
         close = args.mode in ("close", "resumed")
         load.wrk(url, connections=args.connections, duration_s=1, env=b.env, close=close)   # warm up
         tracer = None
@@ -135,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         elif profiled:
             b.p.running["tp"].send_signal(signal.SIGUSR1)
             time.sleep(0.2)
+        elif args.callgrind:
+            subprocess.run(["callgrind_control", "-i", "on", str(pid)], check=True, capture_output=True,
+                           timeout=60)
         cpu0 = procs.cpu_seconds(pid)
         r = load.wrk(url, connections=args.connections, duration_s=args.seconds, env=b.env, close=close)
         cpu = procs.cpu_seconds(pid) - cpu0
@@ -142,7 +151,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.mode}: wrk -c{args.connections} {r.rps:.0f} req/s, {r.requests} requests, "
               f"errors {r.errors}; tlsproxy CPU {1e6 * cpu / n:.0f} µs per request"
               + (" (profiled)" if profiled else " (straced)" if tracer else ""))
-        if tracer is not None:
+        if args.callgrind:
+            subprocess.run(["callgrind_control", "-i", "off", str(pid)], check=True, capture_output=True,
+                           timeout=60)
+            b.p.stop("tp", 120)
+            if args.keep_stats:
+                shutil.copy(stats, args.keep_stats)
+            totals = [line for line in stats.read_text(errors="replace").splitlines()
+                      if line.startswith(("summary:", "totals:"))]
+            ir = int(totals[-1].split()[1])
+            print(f"instructions per request (callgrind, {r.requests} requests): {ir / n:,.0f}")
+        elif tracer is not None:
             tracer.send_signal(signal.SIGINT)
             tracer.wait(20)
             text = (work / "strace.txt").read_text()

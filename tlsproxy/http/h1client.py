@@ -68,8 +68,8 @@ class H1Client:
         self._reset()
 
     def _reset(self) -> None:
-        self.our_state = h11.IDLE
-        self.their_state = h11.IDLE
+        self.our_state: object = h11.IDLE       # one of h11's state sentinels (compared with ``is``)
+        self.their_state: object = h11.IDLE
         self._head_method = False
         self._upgrade = False
         self._req_close = False
