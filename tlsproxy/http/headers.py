@@ -80,8 +80,9 @@ def find_head_end(buf: bytes | bytearray, start: int = 0) -> int:
     scan of the whole buffer per record)."""
     i = buf.find(b"\n\r\n", start)
     j = buf.find(b"\n\n", start)
-    ends = [k for k in (i + 3 if i >= 0 else -1, j + 2 if j >= 0 else -1) if k >= 0]
-    return min(ends) if ends else -1
+    if j < 0:
+        return i + 3 if i >= 0 else -1
+    return j + 2 if i < 0 or j + 2 < i + 3 else i + 3
 
 
 # A field line as RFC 9110 §5.1/§5.5 define it: token ":" OWS value OWS CRLF, the value of HTAB, SP,
@@ -348,18 +349,21 @@ def rewrite_request(full_items: list[Triple], facts: ForwardFacts, *, host_overr
     if not _REQUEST_ID_RE.match(request_id):
         request_id = new_request_id()
     out: list[Triple] = []
-    drop = HOP_BY_HOP | tokens
+    drop = HOP_BY_HOP if tokens <= HOP_BY_HOP else HOP_BY_HOP | tokens   # usually no new set
+    kept_host = False
     for item in full_items:
         name = item[1]
         if (name in drop or name in CLIENT_CERT_HEADERS or name in FORWARDED_HEADERS
                 or name == b"x-forwarded-for" or name == b"x-request-id" or name == b"expect"):
             continue
-        if name == b"host" and host_override is not None:
-            continue
+        if name == b"host":
+            if host_override is not None:
+                continue
+            kept_host = True
         out.append(item)
     if host_override is not None:
         out.insert(0, (b"Host", b"host", host_override))
-    elif not any(item[1] == b"host" for item in out):
+    elif not kept_host:
         # an HTTP/1.0 client may omit Host; the upstream leg is HTTP/1.1, which needs one:
         # empty, as RFC 9112 §3.2 says for a target without an authority
         out.insert(0, (b"Host", b"host", b""))
@@ -388,7 +392,7 @@ def rewrite_response(full_items: list[Triple], *, upgrade: bool = False) -> list
     if upgrade:
         return [i for i in full_items if i[1] not in tokens or i[1] in (b"upgrade",)
                 if i[1] not in (b"keep-alive", b"proxy-connection", b"transfer-encoding")]
-    drop = HOP_BY_HOP | tokens
+    drop = HOP_BY_HOP if tokens <= HOP_BY_HOP else HOP_BY_HOP | tokens   # "keep-alive", "close"
     return [i for i in full_items if i[1] not in drop]
 
 
