@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 from . import load, nginx, procs
@@ -58,6 +59,17 @@ def _start(b: Bench, mode: str, stats: Path, profiled: bool, callgrind: bool = F
     proc = b.p.start("tp", argv, cpu=procs.CPU_PROXY, env=env)
     procs.wait_port(port, 300 if callgrind else 30, proc)
     return proc.pid, url
+
+
+def _handshakes(admin_port: int) -> str:
+    """tlsproxy's own count of full and resumed handshakes (did the client really resume?)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=30) as r:
+        text = r.read().decode()
+    counts = {"no": 0.0, "yes": 0.0}
+    for line in text.splitlines():
+        if line.startswith("tlsproxy_handshakes_total{"):
+            counts["yes" if 'resumed="yes"' in line else "no"] += float(line.rsplit(" ", 1)[1])
+    return f"{counts['no']:.0f} full, {counts['yes']:.0f} resumed"
 
 
 def _idle(b: Bench, args) -> int:
@@ -147,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         cpu0 = procs.cpu_seconds(pid)
         r = load.wrk(url, connections=args.connections, duration_s=args.seconds, env=b.env, close=close)
         cpu = procs.cpu_seconds(pid) - cpu0
+        if args.mode in ("close", "resumed"):
+            print(f"handshakes so far (tlsproxy_handshakes_total): {_handshakes(b.ports.tp_admin)}")
         n = max(r.requests, 1)
         print(f"{args.mode}: wrk -c{args.connections} {r.rps:.0f} req/s, {r.requests} requests, "
               f"errors {r.errors}; tlsproxy CPU {1e6 * cpu / n:.0f} µs per request"
