@@ -11,7 +11,7 @@ VENV ?= .venv
 APT_PACKAGES = python3-venv curl openssl nginx wrk nghttp2-client testssl.sh procps buildah debootstrap libnss3-tools chromium
 PYTEST_ARGS ?=
 
-.PHONY: demo test deps apt venv lint bench bench-smoke soak clean
+.PHONY: demo test deps apt venv lint bench bench-smoke soak clean compiled clean-compiled
 
 demo: venv
 	$(VENV)/bin/tlsproxy demo
@@ -49,5 +49,20 @@ bench-smoke: deps
 soak: deps
 	$(VENV)/bin/python -m bench.soak
 
-clean:
+# Optional: the sans-IO HTTP core compiled with mypyc into C extensions beside the .py files (Python
+# imports an extension before the source): ~12 % fewer instructions per keep-alive request
+# (docs/performance.md, "Round two"). Needs a C compiler and Python's headers (python3-dev). Without
+# them, or after `make clean-compiled`, the same modules run as pure Python. Rebuild after editing
+# one of them: tests/test_compiled.py fails while an extension is older than its source.
+COMPILED = headers framing h1server h1client
+
+compiled: venv
+	$(VENV)/bin/pip install -q -e '.[compile]'
+	for m in $(COMPILED); do $(VENV)/bin/mypyc --follow-imports=silent tlsproxy/http/$$m.py || exit 1; done
+	rm -rf build
+
+clean-compiled:
+	rm -rf build tlsproxy/http/*.so
+
+clean: clean-compiled
 	rm -rf $(VENV) build dist *.egg-info

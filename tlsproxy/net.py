@@ -280,6 +280,9 @@ class FdStream(trio.abc.Stream):
 
     YIELD_EVERY = 8   # calls that did not block between two scheduler passes
 
+    # No per-instance dict: every idle connection holds one stream (docs/performance.md, round two).
+    __slots__ = ("_fd", "_closed", "_receiving", "_sending", "_unyielded", "_sent_last")
+
     def __init__(self, fd: int) -> None:
         self._fd = fd
         self._closed = False
@@ -379,6 +382,8 @@ class PlainStream(FdStream, trio.abc.HalfCloseableStream):
     generator context managers, the socket wrapper's non-blocking helper, a scheduler pass each);
     here the system call is tried first, as :class:`FdStream` describes.
     """
+
+    __slots__ = ("socket",)
 
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)

@@ -113,7 +113,7 @@ class BodyReader:
             self._buf = b""
             return buf
         data = bytes(buf[:n])
-        self._buf = buf[n:] if type(buf) is bytes else _drop(buf, n)
+        self._buf = buf[n:] if isinstance(buf, bytes) else _drop(buf, n)
         return data
 
     def _end(self) -> End:
@@ -212,7 +212,7 @@ class BodyReader:
     def _consume(self, n: int) -> None:
         buf = self._buf
         self.wire_bytes += n
-        self._buf = buf[n:] if type(buf) is bytes else _drop(buf, n)
+        self._buf = buf[n:] if isinstance(buf, bytes) else _drop(buf, n)
 
     def _check_overhead(self) -> None:
         overhead = self.wire_bytes - self.data_bytes

@@ -32,7 +32,7 @@ import h11
 
 from . import framing
 from .exchange import End, ResponseHead, Triple
-from .headers import FIELD_LINE_RE, FIELD_LINES_RE, split_tokens
+from .headers import FIELD_LINE_RE, split_field_lines, split_tokens
 
 MAX_RESPONSE_HEAD = 64 * 1024      # an app's response head larger than this is not HTTP we forward
 
@@ -68,8 +68,8 @@ class H1Client:
         self._reset()
 
     def _reset(self) -> None:
-        self.our_state = h11.IDLE
-        self.their_state = h11.IDLE
+        self.our_state: object = h11.IDLE       # one of h11's state sentinels (compared with ``is``)
+        self.their_state: object = h11.IDLE
         self._head_method = False
         self._upgrade = False
         self._req_close = False
@@ -181,7 +181,8 @@ class H1Client:
         if m is None:
             raise UpstreamProtocolError(f"invalid status line {head[:min(eol, 80)]!r}")
         version, status, reason = m.group(1), int(m.group(2)), m.group(3) or b""
-        if FIELD_LINES_RE.fullmatch(head, eol + 2) is None:
+        fields = split_field_lines(head, eol + 2, len(head))
+        if fields is None:
             bad = _first_bad_line(head, eol + 2)
             raise UpstreamProtocolError(f"invalid header line {bad[:80]!r}")
         items = []
@@ -189,13 +190,14 @@ class H1Client:
         te = None
         close = version == b"1.0"
         self.http10 = close
-        for name, value in FIELD_LINE_RE.findall(head, eol + 2):
+        for name, value in fields:
             lname = name.lower()
             if lname == b"content-length":
-                values = {v.strip() for v in value.split(b",")}
-                if len(values) != 1 or not next(iter(values)).isdigit() or len(value) > 20:
-                    raise UpstreamProtocolError("invalid Content-Length")
-                value = values.pop()
+                if not (value.isdigit() and len(value) <= 20):   # else a list ("13, 13") or invalid
+                    values = {v.strip() for v in value.split(b",")}
+                    if len(values) != 1 or not next(iter(values)).isdigit() or len(value) > 20:
+                        raise UpstreamProtocolError("invalid Content-Length")
+                    value = values.pop()
                 if cl is not None and cl != int(value):
                     raise UpstreamProtocolError("conflicting Content-Length headers")
                 if cl is not None:

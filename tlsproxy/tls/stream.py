@@ -49,6 +49,8 @@ _cancel_shielded_checkpoint = trio.lowlevel.cancel_shielded_checkpoint
 class TLSStream(FdStream):
     """A TLS connection over a connected socket. Call :meth:`do_handshake` first."""
 
+    __slots__ = ("_ssl", "_broken", "_full")
+
     def __init__(self, sock: socket.socket, context: ssl.SSLContext, *, server_side: bool,
                  server_hostname: str | None = None) -> None:
         if sock.gettimeout() != 0.0:
@@ -56,9 +58,6 @@ class TLSStream(FdStream):
         self._ssl = context.wrap_socket(sock, server_side=server_side, server_hostname=server_hostname,
                                         do_handshake_on_connect=False, suppress_ragged_eofs=True)
         super().__init__(self._ssl.fileno())
-        self._read = self._ssl.read
-        self._write = self._ssl.write
-        self._pending = self._ssl.pending
         self._broken = False
         self._full = False        # the last SSL_read got all it asked for: see receive_some
 
@@ -92,22 +91,23 @@ class TLSStream(FdStream):
         self._check()
         await _checkpoint_if_cancelled()
         blocked = False
+        handshake = self._ssl.do_handshake
         while True:
             try:
-                self._ssl.do_handshake()
+                handshake()
                 break
             except ssl.SSLWantReadError:
-                blocked = True
-                await self._park(_wait_readable)
+                wait = _wait_readable
             except ssl.SSLWantWriteError:
-                blocked = True
-                await self._park(_wait_writable)
+                wait = _wait_writable
             except ssl.SSLError:
                 self._broken = True
                 raise
             except OSError as exc:
                 self._broken = True
                 raise trio.BrokenResourceError(f"handshake: {exc}") from exc
+            blocked = True
+            await wait(self._fd)     # outside the except clause: see receive_some
         if not blocked:
             await _cancel_shielded_checkpoint()
 
@@ -119,15 +119,15 @@ class TLSStream(FdStream):
         try:
             size = max_bytes or RECEIVE_SIZE
             blocked = False
-            ssl_recv = self._read
-            if self._sent_last and not (self._full and self._pending()):
+            ssl_recv = self._ssl.read
+            if self._sent_last and not (self._full and self._ssl.pending()):
                 # Right after a send, the peer has not answered yet (a response to our request, the
                 # next request after our response): an SSL_read now would only fail with WANT_READ,
                 # a syscall and an exception. Wait for the socket first; if data is there already,
                 # the wait ends on the scheduler's next pass.
                 self._sent_last = False
                 blocked = True
-                await self._park(_wait_readable)
+                await _wait_readable(self._fd)
             else:
                 await _checkpoint_if_cancelled()
             want = min(size, 16384)
@@ -136,11 +136,9 @@ class TLSStream(FdStream):
                     data = ssl_recv(want)
                     break
                 except ssl.SSLWantReadError:
-                    blocked = True
-                    await self._park(_wait_readable)
+                    wait = _wait_readable
                 except ssl.SSLWantWriteError:
-                    blocked = True
-                    await self._park_write_for_read()
+                    wait = _wait_writable   # rare (a key update while reading)
                 except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                     data = b""     # close_notify, or a ragged EOF (ssl.py's suppress_ragged_eofs)
                     break
@@ -150,6 +148,13 @@ class TLSStream(FdStream):
                         break
                     self._broken = True
                     raise trio.BrokenResourceError(f"receive: {exc}") from exc
+                # Parked outside the except clause: a task parked inside one keeps the exception
+                # (and its traceback) alive for as long as it waits — ~0.8 KiB per idle connection.
+                blocked = True
+                if wait is _wait_readable:
+                    await wait(self._fd)
+                else:
+                    await self._park_write_for_read()
             # SSL_read hands out one record at a time (no read-ahead): a read that got fewer bytes
             # than it asked for emptied its record, so OpenSSL holds nothing decrypted (no
             # SSL_pending call, which releases the GIL, needed); one that got all it asked for may
@@ -189,7 +194,7 @@ class TLSStream(FdStream):
     async def _park_write_for_read(self) -> None:
         # Rare (key update while reading). The send side may be parked on the same fd; share politely.
         try:
-            await self._park(_wait_writable)
+            await _wait_writable(self._fd)
         except trio.BusyResourceError:
             await trio.sleep(0.001)
 
@@ -202,29 +207,31 @@ class TLSStream(FdStream):
             await _checkpoint_if_cancelled()
             view = memoryview(data)
             blocked = False
-            ssl_send = self._write
+            ssl_send = self._ssl.write
             while view:
                 try:
                     sent = ssl_send(view)
+                    view = view[sent:]
+                    continue
                 except ssl.SSLWantWriteError:
-                    blocked = True
-                    try:
-                        await self._park(_wait_writable)
-                    except trio.Cancelled:
-                        self._broken = True   # OpenSSL now expects this exact write to be retried
-                        raise
-                    continue
+                    wait = _wait_writable
                 except ssl.SSLWantReadError:
-                    blocked = True
-                    try:
-                        await self._park(_wait_readable)
-                    except trio.BusyResourceError:
-                        await trio.sleep(0.001)
-                    continue
+                    wait = _wait_readable
                 except (ssl.SSLError, OSError) as exc:
                     self._broken = True
                     raise trio.BrokenResourceError(f"send: {exc}") from exc
-                view = view[sent:]
+                blocked = True          # parked outside the except clause (see receive_some)
+                if wait is _wait_writable:
+                    try:
+                        await wait(self._fd)
+                    except trio.Cancelled:
+                        self._broken = True   # OpenSSL now expects this exact write to be retried
+                        raise
+                else:
+                    try:
+                        await wait(self._fd)
+                    except trio.BusyResourceError:
+                        await trio.sleep(0.001)
             self._sent_last = True
             if not blocked:
                 await self._maybe_yield()
