@@ -27,7 +27,11 @@ COPY tlsproxy ./tlsproxy
 # cffi's Python half and pycparser generate C at build time; at run time cryptography needs only
 # _cffi_backend, which stays. PyYAML's C accelerator (yaml/_yaml*.so, ~1 MB stripped) goes too: tlsproxy
 # reads YAML with yaml.safe_load (pure Python), only for --config and `inject`. Type stubs (*.pyi)
-# are for type checkers. (tests/test_dockerfile.py imports every tlsproxy module in the image.)
+# are for type checkers. The dependencies ship as bytecode only (`compileall -b` puts each .pyc where
+# its .py was, then the .py goes): about a third of the layer, and nothing reads their sources at run
+# time; a traceback through them shows no source line. tlsproxy's own modules keep their sources
+# (with their bytecode in __pycache__), so its tracebacks stay readable.
+# (tests/test_dockerfile.py imports every tlsproxy module and each dependency in the image.)
 # The loop's $p globs on purpose (python3*, *.dist-info).
 # hadolint ignore=SC2086
 RUN python3 -m venv /opt/tlsproxy \
@@ -39,7 +43,9 @@ RUN python3 -m venv /opt/tlsproxy \
  && find /opt/tlsproxy -name '*.pyi' -delete \
  && find /opt/tlsproxy -name '*.so' -exec strip --strip-unneeded {} + \
  && find /opt/tlsproxy -name __pycache__ -prune -exec rm -rf {} + \
- && python3 -m compileall -q -j0 --invalidation-mode unchecked-hash /opt/tlsproxy/lib
+ && python3 -m compileall -q -j0 --invalidation-mode unchecked-hash /opt/tlsproxy/lib/python3.*/site-packages/tlsproxy \
+ && python3 -m compileall -q -j0 -b -x '/site-packages/tlsproxy/' --invalidation-mode unchecked-hash /opt/tlsproxy/lib \
+ && find /opt/tlsproxy/lib -name '*.py' -not -path '*/site-packages/tlsproxy/*' -delete
 
 FROM python
 COPY --from=build /opt/tlsproxy /opt/tlsproxy

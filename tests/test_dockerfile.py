@@ -165,7 +165,7 @@ def _check_image(work: Path) -> None:
         "bad = [m for m in ('pip', 'setuptools', 'wheel') if importlib.util.find_spec(m)]\n"
         "for m in pkgutil.walk_packages(tlsproxy.__path__, 'tlsproxy.'):\n"
         "    if m.name != 'tlsproxy.__main__': importlib.import_module(m.name)\n"
-        "import trio, watchfiles, yaml, prometheus_client, cryptography.x509\n"
+        "import trio, watchfiles, yaml, prometheus_client, cryptography.x509, h2.connection, httpx, h11\n"
         "from cryptography.hazmat.primitives.asymmetric import ec, rsa, ed25519\n"
         "site = pathlib.Path(tlsproxy.__file__).parent.parent\n"
         "uncompiled = [str(p) for p in site.rglob('*.py') if not importlib.util.cache_from_source(str(p))"

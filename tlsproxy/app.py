@@ -27,9 +27,6 @@ from .errors import CertError, ConfigError
 from .http.deadlines import tick_for
 from .http.exchange import Drain, Limits, Route
 from .http.forward import Forwarder
-from .http.h2core import H2Limits
-from .http.h2pool import H2Pool
-from .http.h2server import H2Server
 from .http.pool import Pool
 from .inbound import mtls
 from .inbound import tcp as tcp_mode
@@ -44,6 +41,8 @@ from .tls.served import ServedTLS
 from .tls.store import Generation
 
 if TYPE_CHECKING:
+    from .http.h2pool import H2Pool
+    from .http.h2server import H2Server
     from .workers import WorkerSet
 
 log = get_logger("")
@@ -82,7 +81,10 @@ class App:
         if self.outbound.enabled:
             self.health.add_check("outbound", self.outbound.readiness)
         self._pool: Pool | H2Pool | None = None
+        self._h2: H2Server | None = None
         if settings.upstream.scheme == "h2c":    # its connections' tasks run in the root nursery
+            from .http.h2pool import H2Pool
+
             timeout_s = settings.upstream_connect_timeout_s
             self._pool = H2Pool(upstream_mod.tcp_opener(settings.upstream, timeout_s),
                                 connect_timeout_s=timeout_s, label=str(settings.upstream),
@@ -205,20 +207,27 @@ class App:
 
     def _http_serve(self, fwd: Forwarder):
         """HTTP mode's connection server: HTTP/2 when the client chose ALPN h2, else HTTP/1.1."""
-        s = self.settings
-        h2 = H2Server(fwd, H2Limits(
-            max_concurrent_streams=s.h2_max_concurrent_streams, stream_window_bytes=s.h2_stream_window,
-            connection_window_bytes=max(1024 * 1024, s.h2_stream_window),
-            max_header_list_bytes=s.max_head_bytes, max_header_block_bytes=s.h2_max_header_block,
-            max_resets_per_s=s.h2_max_resets, max_control_frames_per_s=s.h2_max_control_frames), self.metrics)
-
         async def serve(stream, facts) -> None:
             if stream.selected_alpn_protocol() == "h2":
-                await h2.serve(stream, facts)
+                await (self._h2 or self._h2_server(fwd)).serve(stream, facts)
             else:
                 await fwd.serve(stream, facts)
 
         return serve
+
+    def _h2_server(self, fwd: Forwarder) -> H2Server:
+        """The HTTP/2 server, made when the first client negotiates h2: a proxy no HTTP/2 client
+        talks to never loads the h2 library (its idle memory budget, docs/performance.md)."""
+        from .http.h2core import H2Limits
+        from .http.h2server import H2Server
+
+        s = self.settings
+        self._h2 = H2Server(fwd, H2Limits(
+            max_concurrent_streams=s.h2_max_concurrent_streams, stream_window_bytes=s.h2_stream_window,
+            connection_window_bytes=max(1024 * 1024, s.h2_stream_window),
+            max_header_list_bytes=s.max_head_bytes, max_header_block_bytes=s.h2_max_header_block,
+            max_resets_per_s=s.h2_max_resets, max_control_frames_per_s=s.h2_max_control_frames), self.metrics)
+        return self._h2
 
     def on_drain(self) -> None:
         self.drain.start()
@@ -229,7 +238,7 @@ class App:
     async def run(self, *, task_status: trio.TaskStatus[App] = trio.TASK_STATUS_IGNORED) -> None:
         self._log_summary()
         background = [self.drain.watchdog.run]
-        if isinstance(self._pool, H2Pool):
+        if self._pool is not None and self._pool.http2:     # an h2c:// pool runs its connections
             background.append(self._pool.run)
         await self.runtime.run(self, background=tuple(background), task_status=task_status)
 
