@@ -166,13 +166,20 @@ def test_testssl_report_is_no_worse_than_nginx_on_any_line(targets):
     theirs = _testssl(pki, ports["nginx"], tmp / "nginx-testssl.json")
     for name, port in (("tlsproxy", ports["tlsproxy"]), ("nginx", ports["nginx"])):
         report = ours if name == "tlsproxy" else theirs
-        if any(text.startswith("WARN: check failed") for _rank, text in report.values()):
-            # testssl's own openssl timed out (a loaded machine): scan once more before judging
-            again = _testssl(pki, port, tmp / f"{name}-testssl-2.json")
-            if name == "tlsproxy":
-                ours = again
-            else:
-                theirs = again
+        for attempt in (2, 3):
+            if not any(text.startswith("WARN: check failed") for _rank, text in report.values()):
+                break
+            # A check of testssl's own failed, not the server: its openssl timed out (a loaded
+            # machine), or its TLS 1.3 session-resumption check lost a race — `s_client -sess_out
+            # </dev/null` exits as soon as the handshake is done, and saves no session when the
+            # server's NewSessionTicket arrives a moment later (about 1 connection in 20 against
+            # tlsproxy here, whose ticket follows the client's Finished by a scheduler wake-up).
+            # Scan again before judging.
+            report = _testssl(pki, port, tmp / f"{name}-testssl-{attempt}.json")
+        if name == "tlsproxy":
+            ours = report
+        else:
+            theirs = report
     assert len(ours) > 40 and len(theirs) > 40
     worse = {i: (ours[i][1], theirs.get(i, (0, "absent"))[1]) for i in ours
              if i not in SETUP and ours[i][0] > theirs.get(i, (0, ""))[0]}
