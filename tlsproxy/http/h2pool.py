@@ -239,7 +239,7 @@ class H2Conn:
             async with trio.open_nursery() as nursery:
                 self._scope = nursery.cancel_scope
                 nursery.start_soon(self._writer)
-                await self._reader()
+                await self._read_frames()
                 nursery.cancel_scope.cancel()
         finally:
             if self.dead is None:           # cancelled: the process is stopping
@@ -282,7 +282,7 @@ class H2Conn:
             self._end("reset", f"connection lost while sending: {exc}")
         self._scope.cancel()
 
-    async def _reader(self) -> None:
+    async def _read_frames(self) -> None:
         t = self.pool.timers
         while self.dead is None:
             if self._ping_sent is not None:
