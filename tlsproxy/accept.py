@@ -1,9 +1,15 @@
 """The connection handler of every TLS listener (the inbound proxy, the webhook).
 
 accept (``net.serve``) → wrap with the store's *current* context → handshake under
-``handshake_timeout_s`` → connection facts (client address, TLS version, verified identity, from
+``handshake_timeout_s`` → (where the client speaks first) its first byte, under
+``first_byte_timeout_s`` → connection facts (client address, TLS version, verified identity, from
 the optional peer policy) → ``serve(stream, facts)``: the forward engine, tcp mode's relay, or the
 webhook. The stream is closed when ``serve`` returns (whoever opened it closes it).
+
+Waiting for the first byte here, before any per-connection state of the engine exists, is what
+nginx does too (its request structures are made on the first byte): a handshaken connection that
+has sent nothing yet holds the TLS stream, this task and one watch — no engine coroutines, no
+cancel scope, no connection facts (docs/performance.md, "Idle memory").
 """
 
 from __future__ import annotations
@@ -12,11 +18,13 @@ import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import trio
+
 from . import net
 from .config import HostPort
 from .errors import HTTPError
 from .http import headers as hdr
-from .http.exchange import ConnFacts
+from .http.exchange import IDLE, ConnFacts, Drain
 from .log import get_logger
 from .metrics import Metrics
 from .tls.listener import HandshakeFailed, handshake
@@ -46,6 +54,10 @@ class TLSListenerConfig:
     max_connections: int
     reuse_port: bool = False
     default_port: bytes = b"443"      # X-Forwarded-Port when the Host header names none
+    # HTTP and the webhook: the client speaks first; a connection that sends nothing for this long
+    # after its handshake is closed quietly (and a drain closes it at once). None (tcp mode: the
+    # app may speak first): hand the stream to ``serve`` right after the handshake.
+    first_byte_timeout_s: float | None = None
 
 
 class ConnectionHandler:
@@ -53,8 +65,10 @@ class ConnectionHandler:
 
     def __init__(self, cfg: TLSListenerConfig, store: ContextStore, metrics: Metrics,
                  serve: Callable[[TLSStream, ConnFacts], Awaitable[None]],
-                 peer_policy: PeerPolicy | None = None, protocol: str = "http") -> None:
+                 peer_policy: PeerPolicy | None = None, protocol: str = "http",
+                 drain: Drain | None = None) -> None:
         self.cfg = cfg
+        self.drain = drain          # needed with first_byte_timeout_s: its watchdog and drain state
         self.store = store
         self.metrics = metrics
         self.serve = serve
@@ -89,6 +103,8 @@ class ConnectionHandler:
             if counter is None:
                 counter = self._handshakes[key] = self.metrics.handshakes.labels(self.cfg.name, *key)
             counter.inc()
+            if self.cfg.first_byte_timeout_s is not None and not await self._first_byte(stream):
+                return
             verdict = self.peer_policy(stream) if self.peer_policy else PeerVerdict()
             facts = ConnFacts(
                 client=f"{ip}:{port}",
@@ -100,3 +116,24 @@ class ConnectionHandler:
                 stream.close_now()
         finally:
             self._active.dec()
+
+    async def _first_byte(self, stream: TLSStream) -> bool:
+        """Wait until the client sends something (or EOF): False when it stayed silent past
+        ``first_byte_timeout_s`` or a drain started (close quietly, as an idle keep-alive)."""
+        drain = self.drain
+        if drain is None:
+            return True
+        if drain.draining:
+            return False
+        if stream.ssl_object.pending():
+            return True
+        watchdog = drain.watchdog
+        watch = watchdog.watch_fd(stream.fileno())
+        watch.arm(IDLE, self.cfg.first_byte_timeout_s)
+        try:
+            await trio.lowlevel.wait_readable(watch.fd)
+        except trio.ClosedResourceError:
+            pass          # woken by the watchdog: expired below
+        finally:
+            watchdog.forget(watch)
+        return watch.expired is None

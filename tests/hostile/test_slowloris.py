@@ -165,3 +165,26 @@ def test_client_hello_dribbled_byte_by_byte_is_cut_at_the_handshake_timeout(pki)
         failures = proxy.app.metrics.handshake_failures.labels("inbound", "timeout")
         assert wait_for(lambda: failures._value.get() == 1, 5)
         assert up.raw == b""
+
+
+def test_a_drain_closes_connections_that_have_not_sent_a_request_at_once(pki):
+    """A handshaken connection that has sent nothing waits for its first byte in the TLS listener
+    (no engine state yet): a drain must still close it at once, as it closes idle keep-alives, and
+    a connection that then sends its request is unaffected by the earlier ones' wait."""
+    with scripted_upstream(keepalive_ok) as up, \
+            running_proxy(settings_for(pki, up.port, head_timeout_s=30, idle_timeout_s=30,
+                                       drain_delay_s=0.0)) as proxy:
+        silent = [tls_socket(proxy.port, pki) for _ in range(3)]
+        talker = tls_socket(proxy.port, pki)
+        talker.sendall(b"GET /a HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert talker.recv(65536).endswith(b"/a")
+        active = proxy.app.metrics.connections_active.labels("inbound", "http")
+        assert wait_for(lambda: active.value == 4, 5), active.value
+        t0 = time.monotonic()
+        proxy.call(proxy.app.request_drain)
+        for s in [*silent, talker]:
+            data, how = read_all(s, 5)
+            s.close()
+            assert data == b"" and how == "eof"
+        assert time.monotonic() - t0 < 2.0        # not the 30 s head or idle timeout
+        assert wait_for(lambda: active.value == 0, 5)

@@ -121,8 +121,9 @@ def test_no_client_certificate_gets_certificate_required_alert(pki, app):
         assert "alert number 116" in text, text
         r = curl_with(pki, proxy, None)
         assert r.returncode != 0 and b"HTTP/1.1" not in r.stdout
-        value = proxy.app.metrics.handshake_failures.labels("inbound", "no_client_certificate")._value.get()
-        assert value >= 2
+        failures = proxy.app.metrics.handshake_failures.labels("inbound", "no_client_certificate")
+        # the client sees the alert before the proxy's task has counted the failure: wait for it
+        assert wait_for(lambda: failures._value.get() >= 2, timeout=5), failures._value.get()
 
 
 @pytest.mark.parametrize("case, alert", [
@@ -149,7 +150,7 @@ def test_bad_client_certificates_are_refused(pki, app, tmp_path, case, alert):
         assert r.returncode != 0, r.stdout
         assert len(app.seen) == before
         failures = proxy.app.metrics.handshake_failures.labels("inbound", "bad_client_certificate")
-        assert failures._value.get() >= 2
+        assert wait_for(lambda: failures._value.get() >= 2, timeout=5), failures._value.get()
 
 
 def test_certificate_without_any_eku_is_accepted(pki, app, tmp_path):

@@ -20,6 +20,13 @@ connection enough: a cancelled scope stays cancelled. This is the engine's one d
 outlive another are given a watch of their own, made only when needed: a request body's pump (its
 deadlines run beside the response's), the short wait for an app's ``100 Continue``, and an error
 answer after an expiry (a shielded watch: the connection's scope is already cancelled).
+
+A watch can also guard a single wait on a descriptor without any cancel scope (``Watch(fd=…)``,
+from :meth:`Watchdog.watch_fd`): an expiry (or a drain) wakes the wait with
+``trio.ClosedResourceError`` (``trio.lowlevel.notify_closing``), and the waiter, which then sees
+``expired`` set, closes the descriptor. The TLS listener waits for a connection's first byte this
+way: an idle connection that has not sent a request holds no scope and no engine state
+(docs/performance.md, "Idle memory").
 """
 
 from __future__ import annotations
@@ -45,13 +52,15 @@ _now = time.monotonic
 class Watch:
     """One client connection's current wait: what it is (``phase``) and until when (``deadline``)."""
 
-    __slots__ = ("scope", "deadline", "phase", "expired")
+    __slots__ = ("scope", "deadline", "phase", "expired", "fd")
 
-    def __init__(self) -> None:
-        self.scope = trio.CancelScope()
+    def __init__(self, fd: int = -1) -> None:
+        # A descriptor's watch (fd >= 0) needs no scope: an expiry wakes the wait on fd instead.
+        self.scope = trio.CancelScope() if fd < 0 else None
         self.deadline = math.inf
         self.phase = ""
         self.expired: str | None = None    # the phase whose deadline passed, once it did
+        self.fd = fd
 
     def arm(self, phase: str, timeout_s: float) -> None:
         self.phase = phase
@@ -74,6 +83,13 @@ class Watchdog:
         self.watches.add(w)
         return w
 
+    def watch_fd(self, fd: int) -> Watch:
+        """A watch over one wait on ``fd`` (no cancel scope): an expiry wakes the wait with
+        ``trio.ClosedResourceError``; the waiter must check ``expired`` and close ``fd``."""
+        w = Watch(fd)
+        self.watches.add(w)
+        return w
+
     def forget(self, w: Watch) -> None:
         self.watches.discard(w)
 
@@ -83,7 +99,13 @@ class Watchdog:
         if w.expired is None:
             w.expired = w.phase
         w.deadline = math.inf
-        w.scope.cancel()
+        if w.scope is not None:
+            w.scope.cancel()
+        else:
+            try:
+                trio.lowlevel.notify_closing(w.fd)
+            except (ValueError, OSError):
+                pass    # already closed
 
     def expire_due(self, now: float | None = None) -> int:
         now = _now() if now is None else now

@@ -159,7 +159,7 @@ class Webhook:
     async def start_listeners(self, accepting: trio.Nursery, handlers: trio.Nursery) -> None:
         s = self.settings
         tls_cfg = TLSListenerConfig(name="webhook", addr=s.listen, handshake_timeout_s=s.handshake_timeout_s,
-                                    max_connections=s.max_connections)
+                                    max_connections=s.max_connections, first_byte_timeout_s=s.head_timeout_s)
         limits = Limits(max_head_bytes=MAX_HEAD_BYTES, max_body_bytes=MAX_LOCAL_BODY_BYTES,
                         head_timeout_s=s.head_timeout_s, body_timeout_s=s.body_timeout_s,
                         idle_timeout_s=s.idle_timeout_s, min_body_rate_bps=float(s.min_body_rate),
@@ -167,7 +167,7 @@ class Webhook:
         route = Route(name="webhook", pool=None, limits=limits, access_log=False, local=self._local,
                       max_local_body_bytes=MAX_LOCAL_BODY_BYTES)
         forwarder = Forwarder(route, self.metrics, self.drain)
-        handler = ConnectionHandler(tls_cfg, self.store, self.metrics, forwarder.serve)
+        handler = ConnectionHandler(tls_cfg, self.store, self.metrics, forwarder.serve, drain=self.drain)
         self.runtime.bound.tls = await accepting.start(net.serve, handler.listener(), handler, handlers)
         log.info("webhook ready", listen=str(self.bound_tls), paths=list(PATHS), image=self.cfg.options.image)
 
