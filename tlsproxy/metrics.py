@@ -14,6 +14,7 @@ exposition at scrape time (``collect``); prometheus-client still does all the fo
 from __future__ import annotations
 
 from bisect import bisect_left
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -66,7 +67,7 @@ class _LeanFamily:
         self._series: dict[tuple[str, ...], _Series | _HistogramSeries] = {}
         registry.register(self)
 
-    def labels(self, *values) -> _Series | _HistogramSeries:
+    def labels(self, *values) -> Any:     # a _Series, or a _HistogramSeries for a histogram
         key = tuple(str(v) for v in values)
         if len(key) != len(self.labelnames):
             raise ValueError(f"{self.name}: {len(self.labelnames)} label values expected, got {len(key)}")

@@ -53,10 +53,11 @@ class Watch:
     """One client connection's current wait: what it is (``phase``) and until when (``deadline``)."""
 
     __slots__ = ("scope", "deadline", "phase", "expired", "fd")
+    scope: trio.CancelScope     # unset on a descriptor's watch (fd >= 0): an expiry wakes the wait on fd
 
     def __init__(self, fd: int = -1) -> None:
-        # A descriptor's watch (fd >= 0) needs no scope: an expiry wakes the wait on fd instead.
-        self.scope = trio.CancelScope() if fd < 0 else None
+        if fd < 0:
+            self.scope = trio.CancelScope()
         self.deadline = math.inf
         self.phase = ""
         self.expired: str | None = None    # the phase whose deadline passed, once it did
@@ -99,7 +100,7 @@ class Watchdog:
         if w.expired is None:
             w.expired = w.phase
         w.deadline = math.inf
-        if w.scope is not None:
+        if w.fd < 0:
             w.scope.cancel()
         else:
             try:

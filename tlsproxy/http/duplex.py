@@ -42,7 +42,7 @@ from .body import RequestBody
 from .deadlines import Watch
 from .exchange import End
 from .h1server import RequestHead
-from .pool import Pool, UpstreamConn
+from .pool import Leg, UpstreamPool
 from .response import informational_head
 from .shell import (
     DISCARD,
@@ -72,7 +72,7 @@ class Flow:
                  "response_started", "request_done", "error", "upstream_broken", "stopped", "http10",
                  "pump_done")
 
-    def __init__(self, fwd: Forwarder, head: RequestHead, body: RequestBody, up: UpstreamConn,
+    def __init__(self, fwd: Forwarder, head: RequestHead, body: RequestBody, up: Leg,
                  watch: Watch) -> None:
         self.fwd = fwd
         self.head = head
@@ -120,7 +120,7 @@ class Flow:
 
 
 async def exchange_with_body(fwd: Forwarder, stream, head: RequestHead, upstream_req, pending: bytearray,
-                             entry: AccessEntry, pool: Pool, watch: Watch) -> bool:
+                             entry: AccessEntry, pool: UpstreamPool, watch: Watch) -> bool:
     reader = head.body_reader()
     if pending:
         reader.feed(bytes(pending))

@@ -17,7 +17,7 @@ from .deadlines import Watchdog
 from .headers import ForwardFacts
 
 if TYPE_CHECKING:   # the pool imports the client codec; only its type is needed here
-    from .pool import Pool
+    from .pool import UpstreamPool
 
 Triple = tuple[bytes, bytes, bytes]     # (raw name, lowercased name, value), as a head carries fields
 
@@ -70,7 +70,7 @@ class Limits:
 class Destination:
     """Where one request goes when the route resolves requests one by one."""
 
-    pool: Pool
+    pool: UpstreamPool
     target: bytes                                # the request target sent upstream (origin-form)
     host_override: bytes | None = None
 
@@ -119,7 +119,7 @@ class Route:
     """What differs between listeners that share the engine."""
 
     name: str                                    # metrics/log label: "inbound", "http", "outbound:..."
-    pool: Pool | None
+    pool: UpstreamPool | None
     limits: Limits
     host_override: bytes | None = None           # outbound: Host becomes the peer's authority
     access_log: bool = True

@@ -52,7 +52,7 @@ from .exchange import IDLE, ConnFacts, Drain, End, ResponseHead, Route
 from .h1client import CLOSED, NEED_DATA, UpstreamProtocolError
 from .h1server import RequestHead, parse_request_head
 from .local import answer_locally
-from .pool import Pool, UpstreamConn
+from .pool import Leg, UpstreamPool
 from .response import FramingError, informational_head
 from .shell import (
     BODY_IN,
@@ -249,6 +249,7 @@ class Forwarder:
             pool, target, host_override = dest.pool, dest.target, dest.host_override
         else:
             target, items = hdr.to_origin_form(target, items)
+        assert pool is not None, "a route without a local handler has a pool"
         has_body = head.has_body
         out_items, request_id, upgrade = hdr.rewrite_request(
             items, entry.facts.forward, host_override=host_override,
@@ -266,7 +267,7 @@ class Forwarder:
                                         entry, pool, watch)
 
     async def _bodiless(self, stream, head: RequestHead, upstream_req, upgrade: bytes | None,
-                        pending: bytearray, entry: AccessEntry, pool: Pool, watch: Watch) -> bool:
+                        pending: bytearray, entry: AccessEntry, pool: UpstreamPool, watch: Watch) -> bool:
         """A request complete with its head: one task sends it and relays the answer."""
         limits = self.route.limits
         retryable = head.method in IDEMPOTENT
@@ -305,7 +306,7 @@ class Forwarder:
         self.release(pool, up)
         return keep
 
-    def release(self, pool: Pool, up: UpstreamConn) -> None:
+    def release(self, pool: UpstreamPool, up: Leg) -> None:
         if up.h11.trailing_data[0]:
             pool.discard(up)    # bytes beyond the response: never hand them to the next request
         else:
@@ -316,7 +317,7 @@ class Forwarder:
         status = 504 if exc.kind == "timeout" else 502
         return HTTPError(status, f"upstream failed: {exc.reason}", kind="upstream_" + exc.kind)
 
-    async def acquire(self, pool: Pool, fresh: bool = False) -> UpstreamConn:
+    async def acquire(self, pool: UpstreamPool, fresh: bool = False) -> Leg:
         try:
             return await pool.acquire(fresh=fresh)
         except UpstreamError as exc:
@@ -328,7 +329,7 @@ class Forwarder:
     def upstream_error(self, kind: str) -> None:
         self.metrics.upstream_errors.labels(self.route.name, kind).inc()
 
-    async def read_response_head(self, sink, up: UpstreamConn, upgrading: bool, watch: Watch,
+    async def read_response_head(self, sink, up: Leg, upgrading: bool, watch: Watch,
                                  flow) -> ResponseHead:
         """The final response head (or a 101). 1xx answers before it are relayed to the client's
         ``sink`` (``flow``: an HTTP/1.1 body exchange's shared state, which owns the ``100
@@ -369,7 +370,7 @@ class Forwarder:
                 # the request ended while we relayed the 1xx: the head's deadline starts now
                 watch.arm(UPSTREAM_WAIT, self.route.limits.upstream_response_timeout_s)
 
-    async def stream_response(self, sink, up: UpstreamConn, response: ResponseHead, entry: AccessEntry,
+    async def stream_response(self, sink, up: Leg, response: ResponseHead, entry: AccessEntry,
                               watch: Watch, *, close: bool) -> bool:
         """Relay the response to the client's ``sink`` (``sink.py``: an HTTP/1.1 connection or an
         HTTP/2 stream); True when the client connection may carry another request."""
@@ -413,8 +414,8 @@ class Forwarder:
     def h1_sink(self, stream, head: RequestHead, watch: Watch) -> H1Sink:
         return H1Sink(stream, head, watch, self.route.limits.body_timeout_s, self._m_out)
 
-    async def _switch(self, stream, head: RequestHead, pending: bytearray, up: UpstreamConn,
-                      response: ResponseHead, entry: AccessEntry, pool: Pool, watch: Watch) -> bool:
+    async def _switch(self, stream, head: RequestHead, pending: bytearray, up: Leg,
+                      response: ResponseHead, entry: AccessEntry, pool: UpstreamPool, watch: Watch) -> bool:
         """The app accepted an upgrade: answer 101, then relay bytes both ways until both end."""
         try:
             if not head.upgrade:    # cannot happen: the client leg asked, or h1client refused the 101

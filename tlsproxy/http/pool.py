@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import select
 from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
 import h11
 import trio
@@ -21,10 +22,34 @@ IDLE_TIMEOUT_S = 30.0   # below common app keep-alive timeouts (Go 90 s, nginx 7
 MAX_IDLE = 128          # idle connections kept per upstream
 
 
+class Leg(Protocol):
+    """What a pool lends the engine for one exchange: :class:`UpstreamConn` here, an
+    ``h2pool.H2Leg`` from the h2c pool. ``h11`` is the leg's codec (``h1client.H1Client`` or the
+    h2 stream's), ``stream`` what it reads and writes."""
+
+    @property
+    def stream(self) -> Any: ...
+    @property
+    def h11(self) -> Any: ...
+    @property
+    def reused(self) -> bool: ...
+
+
+class UpstreamPool(Protocol):
+    """What the engine needs of a pool (:class:`Pool`, ``h2pool.H2Pool``)."""
+
+    http2: bool          # the leg speaks HTTP/2 (trailers, gRPC)
+    http10: bool         # the app answered in HTTP/1.0 once (no 100 Continue to wait for)
+
+    async def acquire(self, *, fresh: bool = False) -> Any: ...
+    def release(self, conn: Any) -> None: ...
+    def discard(self, conn: Any) -> None: ...
+
+
 class UpstreamConn:
     __slots__ = ("stream", "h11", "idle_since", "reused")
 
-    def __init__(self, stream: trio.abc.Stream) -> None:
+    def __init__(self, stream: Any) -> None:     # a net.FdStream (plain TCP, or TLS outbound)
         self.stream = stream
         self.h11 = H1Client()    # h11's surface, a fraction of its cost (see h1client.py)
         self.idle_since = 0.0
@@ -36,7 +61,7 @@ class Pool:
 
     http2 = False           # the leg speaks HTTP/1.1: no gRPC across it (h2pool.H2Pool says True)
 
-    def __init__(self, opener: Callable[[], Awaitable[trio.abc.Stream]], *, max_idle: int = MAX_IDLE,
+    def __init__(self, opener: Callable[[], Awaitable[Any]], *, max_idle: int = MAX_IDLE,
                  idle_timeout_s: float = IDLE_TIMEOUT_S) -> None:
         self._opener = opener
         self._idle: list[UpstreamConn] = []

@@ -110,7 +110,7 @@ class ResponseWriter:
                 return LENGTH
         return CLOSE
 
-    def data(self, chunk: bytes | bytearray | memoryview) -> Iterable[bytes | bytearray | memoryview]:
+    def data(self, chunk: bytes | bytearray | memoryview) -> tuple[bytes | bytearray | memoryview, ...]:
         """The wire form of a body chunk (parts to concatenate; the chunk itself is not copied)."""
         n = len(chunk)
         if not n:
