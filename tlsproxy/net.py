@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import ipaddress
 import socket
 from collections.abc import Awaitable, Callable
@@ -47,7 +48,8 @@ def _addrinfos(addr: HostPort) -> list[tuple[int, Any]]:
                 pass
         return [(socket.AF_INET, ("0.0.0.0", addr.port))]
     infos = socket.getaddrinfo(addr.host, addr.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    seen, out = set(), []
+    seen: set[Any] = set()
+    out: list[tuple[int, Any]] = []
     for family, _type, _proto, _name, sockaddr in infos:
         if sockaddr[:2] not in seen:
             seen.add(sockaddr[:2])
@@ -204,8 +206,9 @@ async def serve(listener: Listener, handler: Handler, handlers: trio.Nursery, *,
     slots = trio.Semaphore(listener.max_connections)
     async with trio.open_nursery() as accepting:
         for s in sockets:
-            accepting.start_soon(lambda s=s: accept_loop(s, handler, handlers, slots, name=listener.name,
-                                                          on_accept_error=listener.on_accept_error))
+            accepting.start_soon(functools.partial(accept_loop, s, handler, handlers, slots,
+                                                   name=listener.name,
+                                                   on_accept_error=listener.on_accept_error))
         log.info(listener.log_event, listener=listener.name, addr=str(listener.addr), bound=str(bound),
                  **dict(listener.log_fields))
         task_status.started(bound)

@@ -15,7 +15,7 @@ import pytest
 
 from tests.h2.grpc_apps import BIDI, UNARY, EchoApp, bidi, unary
 from tests.h2.support import h2c_settings
-from tests.support import PKI, captured_logs, running_proxy
+from tests.support import PKI, captured_logs, running_proxy, wait_for
 
 FRONT = "spiffe://cluster.local/ns/shop/sa/front"
 OTHER = "spiffe://cluster.local/ns/other/sa/intruder"
@@ -62,6 +62,8 @@ def test_unary_and_bidi_calls_each_get_a_log_line_and_xfcc(pki, tmp_path):
         assert [m for m, _ in app.seen] == [UNARY] * 3 + [BIDI, UNARY]
         for _method, metadata in app.seen:
             assert f"URI={FRONT}" in metadata["x-forwarded-client-cert"]
+        # a stream's access line is written once its end went out: the client may see the end first
+        assert wait_for(lambda: len(_access_lines(logs)) >= 5, timeout=5)
         lines = _access_lines(logs)
         assert [line["path"] for line in lines] == [UNARY] * 3 + [BIDI, UNARY]
         assert all(line["status"] == 200 and line.get("identity") for line in lines)
@@ -79,4 +81,5 @@ def test_refused_identity_gets_permission_denied_per_call(pki, tmp_path):
                 unary(channel)(b"hello", timeout=10)
             assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
         assert app.seen == []
+        assert wait_for(lambda: len(_access_lines(logs)) >= 2, timeout=5)
         assert [line["status"] for line in _access_lines(logs)] == [403, 403]

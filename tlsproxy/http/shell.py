@@ -8,6 +8,8 @@ body pump's) :class:`~.deadlines.Watch` under a *phase* that says what an expiry
 
 from __future__ import annotations
 
+from typing import Any
+
 import trio
 
 from ..errors import UpstreamError
@@ -65,7 +67,9 @@ async def upstream_send(up, data: bytes | bytearray, sent_before: bool, watch: W
                             sent_nothing=not sent_before) from None
 
 
-async def upstream_receive(up, first: bool) -> bytes:
+async def upstream_receive(up, first: bool) -> Any:
+    """What the leg's stream gives its codec: bytes from an HTTP/1.1 leg, a list of h2 events from
+    an h2c one (``h2pool.H2Channel``)."""
     try:
         return await up.stream.receive_some()
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
