@@ -102,9 +102,23 @@ SUBCOMMANDS: dict[str, Subcommand] = {
 }
 
 
+class _Version(argparse.Action):
+    """``--version``: ``tlsproxy 0.1.0 (core: compiled (mypyc))`` or ``(core: pure Python)``. setup.py
+    compiles the sans-IO HTTP core when it can; Python then imports each module's extension before
+    its .py, so the module's file says which one runs (docs/performance.md, "mypyc")."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        from .http import headers
+
+        core = "pure Python" if headers.__file__.endswith(".py") else "compiled (mypyc)"
+        print(f"tlsproxy {__version__} (core: {core})")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="tlsproxy", description="A TLS 1.3 sidecar for plain-HTTP apps.")
-    parser.add_argument("--version", action="version", version=f"tlsproxy {__version__}")
+    parser.add_argument("--version", action=_Version, nargs=0,
+                        help="show the version and how the HTTP core runs (compiled or pure Python)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for name, command in SUBCOMMANDS.items():
         command.add_arguments(sub.add_parser(name, help=command.help, description=command.help))

@@ -1,0 +1,113 @@
+"""Builds tlsproxy with its sans-IO HTTP core compiled by mypyc, or as pure Python when it cannot.
+
+pyproject.toml holds the project's metadata; this file only adds the C extensions. The modules in
+CORE are compiled as ONE mypyc group, so their calls to each other are C calls (compiled one by one,
+each would call the others through Python: two thirds of the gain; docs/performance.md, "mypyc").
+The group's code is one shared library, `tlsproxy/http/core__mypyc*.so` (mypyc suffixes the last
+component of GROUP), and each module gets a small extension of its own name beside its .py that
+loads it; Python imports an extension before the source of the same name.
+
+TLSPROXY_MYPYC chooses (pip passes the environment to this build):
+  auto (the default)  compile when a C compiler and Python's headers are there; otherwise, or when
+                      the compile fails, build pure Python and say so in one line
+  require             compile or fail the build (`make compiled`)
+  0                   pure Python, no compile
+The same .py files run in both cases: compiled is an optimisation, never a different behaviour.
+`tlsproxy version` says which one runs (tlsproxy/__init__.py, core_build()).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import sysconfig
+from pathlib import Path
+
+from setuptools import Distribution, setup
+from setuptools.command.build_ext import build_ext
+
+CORE = [
+    "tlsproxy/http/headers.py",
+    "tlsproxy/http/framing.py",
+    "tlsproxy/http/h1server.py",
+    "tlsproxy/http/h1client.py",
+]
+GROUP = "tlsproxy.http.core"
+MODE = os.environ.get("TLSPROXY_MYPYC", "auto").strip().lower()
+if MODE not in ("auto", "require", "0"):
+    sys.exit(f"TLSPROXY_MYPYC={MODE!r}: expected auto, require or 0")
+
+
+def say(line: str) -> None:
+    # stderr: pip shows a build's stderr with -v, and on failure
+    print(f"tlsproxy build: {line}", file=sys.stderr, flush=True)
+
+
+def missing_toolchain() -> str | None:
+    """Why a C extension cannot be built here, before mypy spends ~20 s generating C for nothing."""
+    cc = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(cc) is None:
+        return f"no C compiler ({cc})"
+    include = sysconfig.get_paths()["include"]
+    if not Path(include, "Python.h").exists():
+        return f"no Python headers ({include}/Python.h; Debian: python3-dev)"
+    return None
+
+
+class CoreDistribution(Distribution):
+    # The extensions are made in build_ext.finalize_options, so only a command that builds pays for
+    # mypy; until then tell setuptools there will be some (a platform wheel, a build_ext step).
+    def has_ext_modules(self) -> bool:
+        return MODE != "0"
+
+
+class BuildCore(build_ext):
+    def finalize_options(self) -> None:
+        if MODE != "0" and not self.distribution.ext_modules:
+            self.distribution.ext_modules = self._mypycify()
+        super().finalize_options()
+
+    def _mypycify(self) -> list:
+        why = missing_toolchain()
+        if why is None:
+            try:
+                from mypyc.build import mypycify
+
+                # --ignore-missing-imports: the build environment has mypy, not the dependencies
+                # (h11 is used as Any, which compiles to the same generic calls as before).
+                # --cache-dir=/dev/null: no .mypy_cache left in the source tree.
+                return mypycify(
+                    ["--ignore-missing-imports", "--follow-imports=silent", "--cache-dir=/dev/null", *CORE],
+                    group_name=GROUP,
+                    opt_level="3",
+                )
+            except (Exception, SystemExit) as e:  # mypy reports type errors by exiting
+                why = f"mypyc failed ({type(e).__name__}: {str(e)[:120]})"
+        self._fallback(why)
+        return []
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except Exception as e:  # CompileError, LinkError, a missing compiler...
+            self._fallback(f"the C compile failed ({type(e).__name__}: {str(e)[:120]})")
+
+    def _fallback(self, why: str) -> None:
+        if MODE == "require":
+            raise SystemExit(f"tlsproxy build: TLSPROXY_MYPYC=require but {why}")
+        # Nothing half-built may be installed, and in an editable install no extension from an
+        # earlier build may outlive its failed rebuild (it would run code older than its source).
+        suffix = sysconfig.get_config_var("EXT_SUFFIX")
+        names = [m.removesuffix(".py").replace("/", ".") for m in CORE] + [f"{GROUP}__mypyc"]
+        for name in names:
+            relative = name.replace(".", "/") + suffix
+            if self.build_lib:
+                Path(self.build_lib, relative).unlink(missing_ok=True)
+            if self.inplace or self.editable_mode:
+                Path(relative).unlink(missing_ok=True)
+        self.extensions = []
+        self.distribution.ext_modules = []
+        say(f"the sans-IO core stays pure Python: {why}")
+
+setup(distclass=CoreDistribution, cmdclass={"build_ext": BuildCore})
