@@ -104,14 +104,16 @@ SUBCOMMANDS: dict[str, Subcommand] = {
 
 class _Version(argparse.Action):
     """``--version``: ``tlsproxy 0.1.0 (core: compiled (mypyc))`` or ``(core: pure Python)``. setup.py
-    compiles the sans-IO HTTP core when it can; Python then imports each module's extension before
-    its .py, so the module's file says which one runs (docs/performance.md, "mypyc")."""
+    compiles the sans-IO HTTP core when it can, into an extension beside each module's .py, which
+    Python imports before the .py (docs/performance.md, "mypyc"; tests/test_compiled.py holds this
+    to what actually runs). A file check: the CLI does not import the http layer."""
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
-        from .http import headers
+        import sysconfig
+        from pathlib import Path
 
-        core = "pure Python" if headers.__file__.endswith(".py") else "compiled (mypyc)"
-        print(f"tlsproxy {__version__} (core: {core})")
+        ext = Path(__file__).parent / "http" / f"headers{sysconfig.get_config_var('EXT_SUFFIX')}"
+        print(f"tlsproxy {__version__} (core: {'compiled (mypyc)' if ext.exists() else 'pure Python'})")
         parser.exit()
 
 
