@@ -32,13 +32,13 @@ COPY tlsproxy ./tlsproxy
 # its .py was, then the .py goes): about a third of the layer, and nothing reads their sources at run
 # time; a traceback through them shows no source line. tlsproxy's own modules keep their sources
 # (with their bytecode in __pycache__), so its tracebacks stay readable.
-# TLSPROXY_MYPYC=require: the image's HTTP core is compiled, or the build fails (a pure-Python
+# TLSPROXY_BUILD_MYPYC=require: the image's HTTP core is compiled, or the build fails (a pure-Python
 # fallback would be ~12 % more CPU per request, unnoticed; docs/performance.md, "mypyc").
 # (tests/test_dockerfile.py imports every tlsproxy module and each dependency in the image.)
 # The loop's $p globs on purpose (python3*, *.dist-info).
 # hadolint ignore=SC2086
 RUN python3 -m venv /opt/tlsproxy \
- && TLSPROXY_MYPYC=require /opt/tlsproxy/bin/pip install --no-cache-dir --no-compile /src \
+ && TLSPROXY_BUILD_MYPYC=require /opt/tlsproxy/bin/pip install --no-cache-dir --no-compile /src \
  && /opt/tlsproxy/bin/pip uninstall -y -q pip setuptools \
  && for p in _distutils_hack distutils-precedence.pth pkg_resources cffi cffi-*.dist-info pycparser \
       pycparser-*.dist-info trio/_tests '*/tests' 'yaml/_yaml.*.so' _yaml; do rm -rf /opt/tlsproxy/lib/python3*/site-packages/$p; done \

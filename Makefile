@@ -45,7 +45,7 @@ CORE_SOURCES = setup.py $(CORE:%=tlsproxy/http/%.py)
 $(VENV)/.installed: pyproject.toml $(CORE_SOURCES)
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	TLSPROXY_MYPYC=$(MYPYC) $(VENV)/bin/pip install -q -e '.[test]'
+	TLSPROXY_BUILD_MYPYC=$(MYPYC) $(VENV)/bin/pip install -q -e '.[test]'
 	@v=$$($(VENV)/bin/tlsproxy --version); case "$$v" in *pure*) [ "$(MYPYC)" = 0 ] || \
 	  v="$$v: not compiled, \`make compiled\` shows why (it needs gcc and python3-dev)";; esac; echo "$$v"
 	touch $@
@@ -65,7 +65,7 @@ soak: deps
 	$(VENV)/bin/python -m bench.soak
 
 compiled: venv
-	TLSPROXY_MYPYC=require $(VENV)/bin/pip install -q --no-deps -e .
+	TLSPROXY_BUILD_MYPYC=require $(VENV)/bin/pip install -q --no-deps -e .
 	$(VENV)/bin/tlsproxy --version
 
 clean-compiled:

@@ -7,7 +7,7 @@ The group's code is one shared library, `tlsproxy/http/core__mypyc*.so` (mypyc s
 component of GROUP), and each module gets a small extension of its own name beside its .py that
 loads it; Python imports an extension before the source of the same name.
 
-TLSPROXY_MYPYC chooses (pip passes the environment to this build):
+TLSPROXY_BUILD_MYPYC chooses (pip passes the environment to this build):
   auto (the default)  compile when a C compiler and Python's headers are there; otherwise, or when
                       the compile fails, build pure Python and say so in one line
   require             compile or fail the build (`make compiled`)
@@ -34,9 +34,9 @@ CORE = [
     "tlsproxy/http/h1client.py",
 ]
 GROUP = "tlsproxy.http.core"
-MODE = os.environ.get("TLSPROXY_MYPYC", "auto").strip().lower()
+MODE = os.environ.get("TLSPROXY_BUILD_MYPYC", "auto").strip().lower()
 if MODE not in ("auto", "require", "0"):
-    sys.exit(f"TLSPROXY_MYPYC={MODE!r}: expected auto, require or 0")
+    sys.exit(f"TLSPROXY_BUILD_MYPYC={MODE!r}: expected auto, require or 0")
 
 
 def say(line: str) -> None:
@@ -95,7 +95,7 @@ class BuildCore(build_ext):
 
     def _fallback(self, why: str) -> None:
         if MODE == "require":
-            raise SystemExit(f"tlsproxy build: TLSPROXY_MYPYC=require but {why}")
+            raise SystemExit(f"tlsproxy build: TLSPROXY_BUILD_MYPYC=require but {why}")
         # Nothing half-built may be installed, and in an editable install no extension from an
         # earlier build may outlive its failed rebuild (it would run code older than its source).
         suffix = sysconfig.get_config_var("EXT_SUFFIX")

@@ -66,7 +66,7 @@ def test_extensions_are_all_or_nothing() -> None:
 def test_the_compiled_core_is_what_runs() -> None:
     if not GROUP_LIB.exists():
         pytest.skip(f"no compiled core in this install ({GROUP_LIB.name} was not built: no C compiler "
-                    "or python3-dev, TLSPROXY_MYPYC=0, or `make clean-compiled`); pure Python runs")
+                    "or python3-dev, TLSPROXY_BUILD_MYPYC=0, or `make clean-compiled`); pure Python runs")
     for name in _core_modules():
         module = importlib.import_module(f"tlsproxy.http.{name}")
         assert module.__file__.endswith(SUFFIX), f"{module.__name__} runs from {module.__file__}"
