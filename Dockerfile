@@ -33,7 +33,7 @@ COPY tlsproxy ./tlsproxy
 # time; a traceback through them shows no source line. tlsproxy's own modules keep their sources
 # (with their bytecode in __pycache__), so its tracebacks stay readable.
 # TLSPROXY_BUILD_MYPYC=require: the image's HTTP core is compiled, or the build fails (a pure-Python
-# fallback would be ~12 % more CPU per request, unnoticed; docs/performance.md, "mypyc").
+# fallback would be ~15 % more instructions per request, unnoticed; docs/performance.md, "mypyc").
 # (tests/test_dockerfile.py imports every tlsproxy module and each dependency in the image.)
 # The loop's $p globs on purpose (python3*, *.dist-info).
 # hadolint ignore=SC2086
