@@ -58,14 +58,24 @@ def missing_toolchain() -> str | None:
 
 class CoreDistribution(Distribution):
     # The extensions are made in build_ext.finalize_options, so only a command that builds pays for
-    # mypy; until then tell setuptools there will be some (a platform wheel, a build_ext step).
+    # mypy. build_ext always runs: it builds the core, or clears an in-place build's old extensions.
     def has_ext_modules(self) -> bool:
-        return MODE != "0"
+        return True
+
+
+# Commands that build; pip's metadata steps (egg_info, dist_info) also finalize build_ext, each in a
+# process of its own, and must not pay for mypy.
+BUILDS = {"build", "build_ext", "bdist_wheel", "editable_wheel", "install", "develop"}
+SUFFIX = sysconfig.get_config_var("EXT_SUFFIX")
+OUTPUTS = [m.removesuffix(".py") + SUFFIX for m in CORE] + [GROUP.replace(".", "/") + "__mypyc" + SUFFIX]
 
 
 class BuildCore(build_ext):
+    tried = False   # setuptools may finalize this command more than once: mypyc runs (or fails) once
+
     def finalize_options(self) -> None:
-        if MODE != "0" and not self.distribution.ext_modules:
+        if MODE != "0" and not BuildCore.tried and BUILDS & set(self.distribution.commands):
+            BuildCore.tried = True
             self.distribution.ext_modules = self._mypycify()
         super().finalize_options()
 
@@ -90,26 +100,25 @@ class BuildCore(build_ext):
         return []
 
     def run(self) -> None:
-        try:
-            super().run()
-        except Exception as e:  # CompileError, LinkError, a missing compiler...
-            self._fallback(f"the C compile failed ({type(e).__name__}: {str(e)[:120]})")
+        inplace = self.inplace or self.editable_mode
+        if self.extensions:
+            try:
+                super().run()
+                return
+            except Exception as e:  # CompileError, LinkError, a missing compiler...
+                self._fallback(f"the C compile failed ({type(e).__name__}: {str(e)[:120]})")
+                self.extensions = []
+        # Pure Python: no extension may be installed, neither half of this build nor one an earlier
+        # build left in build/ (the wheel packs what is there), and in an editable install none may
+        # stay beside the sources (Python would import it before the .py: code older than its source).
+        for path in OUTPUTS:
+            Path(self.build_lib, path).unlink(missing_ok=True)
+            if inplace:
+                Path(path).unlink(missing_ok=True)
 
     def _fallback(self, why: str) -> None:
         if MODE == "require":
             raise SystemExit(f"tlsproxy build: TLSPROXY_BUILD_MYPYC=require but {why}")
-        # Nothing half-built may be installed, and in an editable install no extension from an
-        # earlier build may outlive its failed rebuild (it would run code older than its source).
-        suffix = sysconfig.get_config_var("EXT_SUFFIX")
-        names = [m.removesuffix(".py").replace("/", ".") for m in CORE] + [f"{GROUP}__mypyc"]
-        for name in names:
-            relative = name.replace(".", "/") + suffix
-            if self.build_lib:
-                Path(self.build_lib, relative).unlink(missing_ok=True)
-            if self.inplace or self.editable_mode:
-                Path(relative).unlink(missing_ok=True)
-        self.extensions = []
-        self.distribution.ext_modules = []
         say(f"the sans-IO core stays pure Python: {why}")
 
 setup(distclass=CoreDistribution, cmdclass={"build_ext": BuildCore})
