@@ -2,18 +2,19 @@
 
 pyproject.toml holds the project's metadata; this file only adds the C extensions. The modules in
 CORE are compiled as ONE mypyc group, so their calls to each other are C calls (compiled one by one,
-each would call the others through Python: two thirds of the gain; docs/performance.md, "mypyc").
+each would call the others through Python: three quarters of the gain; docs/performance.md, "mypyc").
 The group's code is one shared library, `tlsproxy/http/core__mypyc*.so` (mypyc suffixes the last
 component of GROUP), and each module gets a small extension of its own name beside its .py that
 loads it; Python imports an extension before the source of the same name.
 
 TLSPROXY_BUILD_MYPYC chooses (pip passes the environment to this build):
   auto (the default)  compile when a C compiler and Python's headers are there; otherwise, or when
-                      the compile fails, build pure Python and say so in one line
+                      mypyc or the compile fails, build pure Python (with one line why, which pip
+                      shows with -v)
   require             compile or fail the build (`make compiled`)
   0                   pure Python, no compile
 The same .py files run in both cases: compiled is an optimisation, never a different behaviour.
-`tlsproxy version` says which one runs (tlsproxy/__init__.py, core_build()).
+`tlsproxy --version` says which one runs (tlsproxy/cli.py), and `make venv` prints it last.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def say(line: str) -> None:
 
 
 def missing_toolchain() -> str | None:
-    """Why a C extension cannot be built here, before mypy spends ~20 s generating C for nothing."""
+    """Why a C extension cannot be built here, before mypy spends ~12 s generating C for nothing."""
     cc = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()[0]
     if shutil.which(cc) is None:
         return f"no C compiler ({cc})"
