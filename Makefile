@@ -8,7 +8,7 @@
 # (docs/performance.md). Any other Python >= 3.11: make PYTHON=/path/to/python3 test
 PYTHON ?= $(shell test -x /usr/bin/python3 && /usr/bin/python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null && echo /usr/bin/python3 || echo python3)
 VENV ?= .venv
-APT_PACKAGES = python3-venv curl openssl nginx wrk nghttp2-client testssl.sh procps buildah debootstrap libnss3-tools chromium
+APT_PACKAGES = python3-venv gcc python3-dev curl openssl nginx wrk nghttp2-client testssl.sh procps buildah debootstrap libnss3-tools chromium
 PYTEST_ARGS ?=
 
 .PHONY: demo test deps apt venv lint bench bench-smoke soak clean compiled clean-compiled
@@ -29,10 +29,25 @@ apt:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	fi
 
-$(VENV)/.installed: pyproject.toml
+# The sans-IO HTTP core (CORE, the same list as setup.py's) is compiled with mypyc into C extensions
+# beside its .py files when a C compiler and Python's headers are there (gcc, python3-dev): ~13 %
+# fewer instructions per keep-alive request (docs/performance.md, "mypyc"). Without them the build
+# still succeeds and the same modules run as pure Python; the last line of `make venv` says which
+# (`tlsproxy --version`). Editing a core module makes `make venv` (so `make test`) rebuild it:
+# tests/test_compiled.py fails while an extension is older than its source.
+#   make MYPYC=0 venv   pure Python (no compile)
+#   make compiled       compile or fail, showing the compiler's error
+#   make clean-compiled remove the extensions: pure Python until a core module changes
+MYPYC ?= auto
+CORE = headers framing h1server h1client response
+CORE_SOURCES = setup.py $(CORE:%=tlsproxy/http/%.py)
+
+$(VENV)/.installed: pyproject.toml $(CORE_SOURCES)
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[test]'
+	TLSPROXY_BUILD_MYPYC=$(MYPYC) $(VENV)/bin/pip install -q -e '.[test]'
+	@v=$$($(VENV)/bin/tlsproxy --version); case "$$v" in *pure*) [ "$(MYPYC)" = 0 ] || \
+	  v="$$v: not compiled, \`make compiled\` shows why (it needs gcc and python3-dev)";; esac; echo "$$v"
 	touch $@
 
 venv: $(VENV)/.installed
@@ -49,17 +64,9 @@ bench-smoke: deps
 soak: deps
 	$(VENV)/bin/python -m bench.soak
 
-# Optional: the sans-IO HTTP core compiled with mypyc into C extensions beside the .py files (Python
-# imports an extension before the source): ~12 % fewer instructions per keep-alive request
-# (docs/performance.md, "Round two"). Needs a C compiler and Python's headers (python3-dev). Without
-# them, or after `make clean-compiled`, the same modules run as pure Python. Rebuild after editing
-# one of them: tests/test_compiled.py fails while an extension is older than its source.
-COMPILED = headers framing h1server h1client
-
 compiled: venv
-	$(VENV)/bin/pip install -q -e '.[compile]'
-	for m in $(COMPILED); do $(VENV)/bin/mypyc --follow-imports=silent tlsproxy/http/$$m.py || exit 1; done
-	rm -rf build
+	TLSPROXY_BUILD_MYPYC=require $(VENV)/bin/pip install -q --no-deps -e .
+	$(VENV)/bin/tlsproxy --version
 
 clean-compiled:
 	rm -rf build tlsproxy/http/*.so

@@ -102,9 +102,25 @@ SUBCOMMANDS: dict[str, Subcommand] = {
 }
 
 
+class _Version(argparse.Action):
+    """``--version``: ``tlsproxy 0.1.0 (core: compiled (mypyc))`` or ``(core: pure Python)``. setup.py
+    compiles the sans-IO HTTP core when it can, into an extension beside each module's .py, which
+    Python imports before the .py (docs/performance.md, "mypyc"; tests/test_compiled.py holds this
+    to what actually runs). A file check: the CLI does not import the http layer."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        import sysconfig
+        from pathlib import Path
+
+        ext = Path(__file__).parent / "http" / f"headers{sysconfig.get_config_var('EXT_SUFFIX')}"
+        print(f"tlsproxy {__version__} (core: {'compiled (mypyc)' if ext.exists() else 'pure Python'})")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="tlsproxy", description="A TLS 1.3 sidecar for plain-HTTP apps.")
-    parser.add_argument("--version", action="version", version=f"tlsproxy {__version__}")
+    parser.add_argument("--version", action=_Version, nargs=0,
+                        help="show the version and how the HTTP core runs (compiled or pure Python)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for name, command in SUBCOMMANDS.items():
         command.add_arguments(sub.add_parser(name, help=command.help, description=command.help))
