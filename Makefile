@@ -29,8 +29,8 @@ apt:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	fi
 
-# The sans-IO HTTP core (CORE, the same list as setup.py's) is compiled with mypyc into C extensions
-# beside its .py files when a C compiler and Python's headers are there (gcc, python3-dev): ~13 %
+# The HTTP core (CORE, the same list as setup.py's: the sans-IO modules and the HTTP/1.1 engine's
+# I/O shell) is compiled with mypyc into C extensions beside its .py files when a C compiler and Python's headers are there (gcc, python3-dev): ~23 %
 # fewer instructions per keep-alive request (docs/performance.md, "mypyc"). Without them the build
 # still succeeds and the same modules run as pure Python; the last line of `make venv` says which
 # (`tlsproxy --version`). Editing a core module makes `make venv` (so `make test`) rebuild it:
@@ -39,7 +39,7 @@ apt:
 #   make compiled       compile or fail, showing the compiler's error
 #   make clean-compiled remove the extensions: pure Python until a core module changes
 MYPYC ?= auto
-CORE = headers framing h1server h1client response
+CORE = headers framing h1server h1client response forward shell sink deadlines pool
 CORE_SOURCES = setup.py $(CORE:%=tlsproxy/http/%.py)
 
 $(VENV)/.installed: pyproject.toml $(CORE_SOURCES)

@@ -35,7 +35,6 @@ from .inbound import upstream as upstream_mod
 from .inbound.plain import PlainHandler, PlainListenerConfig, redirect_handler
 from .log import get_logger
 from .metrics import Metrics
-from .outbound.server import Outbound
 from .runtime import Bound, Runtime, run_main
 from .tls.contexts import ALPN_HTTP, ServerTLSOptions, server_context
 from .tls.served import ServedTLS
@@ -44,6 +43,7 @@ from .tls.store import Generation
 if TYPE_CHECKING:
     from .http.h2pool import H2Pool
     from .http.h2server import H2Server
+    from .outbound.server import Outbound
     from .workers import WorkerSet
 
 log = get_logger("")
@@ -75,12 +75,18 @@ class App:
             own = self.runtime.metrics_text
             self.runtime.metrics_text = lambda: self._every_worker_metrics(own)
         self._install_checks()
-        try:   # outbound routes and their TLS material are checked before anything binds
-            self.outbound = Outbound(settings, self.metrics, self.drain, self.limits())
-        except CertError as exc:
-            raise ConfigError(f"outbound: {exc}") from None
-        if self.outbound.enabled:
-            self.health.add_check("outbound", self.outbound.readiness)
+        self.outbound: Outbound | None = None
+        if settings.outbound or settings.outbound_routes or settings.outbound_proxy is not None:
+            # loaded only when configured: ~0.5 MiB of idle memory a proxy without outbound
+            # routes does not pay (docs/performance.md, "Start-up and memory")
+            from .outbound.server import Outbound
+
+            try:   # outbound routes and their TLS material are checked before anything binds
+                self.outbound = Outbound(settings, self.metrics, self.drain, self.limits())
+            except CertError as exc:
+                raise ConfigError(f"outbound: {exc}") from None
+            if self.outbound.enabled:
+                self.health.add_check("outbound", self.outbound.readiness)
         self._pool: Pool | H2Pool | None = None
         self._h2: H2Server | None = None
         if settings.upstream.scheme == "h2c":    # its connections' tasks run in the root nursery
@@ -204,7 +210,7 @@ class App:
         plain = self._plain_handler(pool)
         if plain is not None:
             self.bound.extra["http"] = await accepting.start(net.serve, plain.listener(), plain, handlers)
-        if self.outbound.enabled:
+        if self.outbound is not None and self.outbound.enabled:
             self.bound.extra.update(await self.outbound.start(accepting, handlers))
         self._announce()
 
@@ -237,7 +243,8 @@ class App:
         self.drain.start()
         if self._pool is not None:
             self._pool.close_idle()
-        self.outbound.close_idle()
+        if self.outbound is not None:
+            self.outbound.close_idle()
 
     async def run(self, *, task_status: trio.TaskStatus[App] = trio.TASK_STATUS_IGNORED) -> None:
         self._log_summary()
