@@ -31,8 +31,9 @@ apt:
 
 # The HTTP core (CORE, the same list as setup.py's: the sans-IO modules and the HTTP/1.1 engine's
 # I/O shell) is compiled with mypyc into C extensions beside its .py files when a C compiler and
-# Python's headers are there (gcc, python3-dev): ~23 % fewer instructions per keep-alive request (docs/performance.md, "mypyc"). Without them the build
-# still succeeds and the same modules run as pure Python; the last line of `make venv` says which
+# Python's headers are there (gcc, python3-dev): ~23 % fewer instructions per keep-alive request
+# (docs/performance.md, "mypyc"). Without them the build still succeeds and the same modules run as
+# pure Python; the last line of `make venv` says which
 # (`tlsproxy --version`). Editing a core module makes `make venv` (so `make test`) rebuild it:
 # tests/test_compiled.py fails while an extension is older than its source.
 #   make MYPYC=0 venv   pure Python (no compile)
