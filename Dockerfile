@@ -1,9 +1,8 @@
 # tlsproxy: a TLS 1.3 sidecar. Three stages:
 #   python  bookworm-slim + Debian's python3 (built with PGO and LTO) + CA certificates: the base
-#   build   a virtualenv with the package (`pip install .`, as the README installs it; setup.py
-#           compiles the sans-IO HTTP core with mypyc, gcc and python3-dev are here for that only),
-#           then only what runs is kept: pip, setuptools and build-only code removed, tests removed,
-#           shared objects stripped, every module compiled to bytecode
+#   build   a virtualenv with the package (`pip install .`, as the README installs it), then only
+#           what runs is kept: pip, setuptools and build-only code removed, tests removed, shared
+#           objects stripped, every module compiled to bytecode
 #   final   the base + that one venv layer (docs/kubernetes.md records its size)
 # Runs as uid/gid 65532 (no shell, no home needed); the read-only root filesystem works because
 # nothing is written at run time: bytecode is compiled here (unchecked-hash .pyc files: the image
@@ -20,10 +19,10 @@ RUN apt-get update \
 FROM python AS build
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3-venv binutils gcc python3-dev \
+ && apt-get install -y --no-install-recommends python3-venv binutils \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml setup.py README.md ./
+COPY pyproject.toml README.md ./
 COPY tlsproxy ./tlsproxy
 # cffi's Python half and pycparser generate C at build time; at run time cryptography needs only
 # _cffi_backend, which stays. PyYAML's C accelerator (yaml/_yaml*.so, ~1 MB stripped) goes too: tlsproxy
@@ -32,13 +31,11 @@ COPY tlsproxy ./tlsproxy
 # its .py was, then the .py goes): about a third of the layer, and nothing reads their sources at run
 # time; a traceback through them shows no source line. tlsproxy's own modules keep their sources
 # (with their bytecode in __pycache__), so its tracebacks stay readable.
-# TLSPROXY_BUILD_MYPYC=require: the image's HTTP core is compiled, or the build fails (a pure-Python
-# fallback would be ~15 % more instructions per request, unnoticed; docs/performance.md, "mypyc").
 # (tests/test_dockerfile.py imports every tlsproxy module and each dependency in the image.)
 # The loop's $p globs on purpose (python3*, *.dist-info).
 # hadolint ignore=SC2086
 RUN python3 -m venv /opt/tlsproxy \
- && TLSPROXY_BUILD_MYPYC=require /opt/tlsproxy/bin/pip install --no-cache-dir --no-compile /src \
+ && /opt/tlsproxy/bin/pip install --no-cache-dir --no-compile /src \
  && /opt/tlsproxy/bin/pip uninstall -y -q pip setuptools \
  && for p in _distutils_hack distutils-precedence.pth pkg_resources cffi cffi-*.dist-info pycparser \
       pycparser-*.dist-info trio/_tests '*/tests' 'yaml/_yaml.*.so' _yaml; do rm -rf /opt/tlsproxy/lib/python3*/site-packages/$p; done \

@@ -1,4 +1,7 @@
-"""Builds tlsproxy with its sans-IO HTTP core compiled by mypyc, or as pure Python when it cannot.
+"""Builds tlsproxy as pure Python (the default), or, when asked, with its sans-IO HTTP core
+compiled by mypyc (`make compiled`). The compile is an experiment kept for re-measuring: on the
+machine it was measured on it cut ~13 % of the instructions per request and none of the CPU time
+(docs/performance.md, "mypyc: measured, not the default").
 
 pyproject.toml holds the project's metadata; this file only adds the C extensions. The modules in
 CORE are compiled as ONE mypyc group, so their calls to each other are C calls (compiled one by one,
@@ -8,11 +11,11 @@ component of GROUP), and each module gets a small extension of its own name besi
 loads it; Python imports an extension before the source of the same name.
 
 TLSPROXY_BUILD_MYPYC chooses (pip passes the environment to this build):
-  auto (the default)  compile when a C compiler and Python's headers are there; otherwise, or when
-                      mypyc or the compile fails, build pure Python (with one line why, which pip
-                      shows with -v)
+  0 (the default)     pure Python, no compile
+  auto                compile when mypyc (the `compile` extra, installed beside the build: pip's
+                      --no-build-isolation), a C compiler and Python's headers are there; otherwise,
+                      or when the compile fails, build pure Python (with one line why, pip -v shows it)
   require             compile or fail the build (`make compiled`)
-  0                   pure Python, no compile
 The same .py files run in both cases: compiled is an optimisation, never a different behaviour.
 `tlsproxy --version` says which one runs (tlsproxy/cli.py), and `make venv` prints it last.
 """
@@ -34,16 +37,9 @@ CORE = [
     "tlsproxy/http/h1server.py",
     "tlsproxy/http/h1client.py",
     "tlsproxy/http/response.py",
-    # the engine's I/O shell for HTTP/1.1 (async code: mypyc compiles coroutines too; trio runs them
-    # as it runs any awaitable). The keep-alive request's path, minus trio and ssl.py.
-    "tlsproxy/http/forward.py",
-    "tlsproxy/http/shell.py",
-    "tlsproxy/http/sink.py",
-    "tlsproxy/http/deadlines.py",
-    "tlsproxy/http/pool.py",
 ]  # the Makefile's CORE lists the same modules (tests/test_compiled.py)
 GROUP = "tlsproxy.http.core"
-MODE = os.environ.get("TLSPROXY_BUILD_MYPYC", "auto").strip().lower()
+MODE = os.environ.get("TLSPROXY_BUILD_MYPYC", "0").strip().lower()
 if MODE not in ("auto", "require", "0"):
     sys.exit(f"TLSPROXY_BUILD_MYPYC={MODE!r}: expected auto, require or 0")
 
@@ -100,10 +96,7 @@ class BuildCore(build_ext):
                 return mypycify(
                     ["--ignore-missing-imports", "--follow-imports=silent", "--cache-dir=/dev/null", *CORE],
                     group_name=GROUP,
-                    # -Os: the same instructions per request as -O3 (callgrind, 330,067 vs 329,350:
-                    # compiled Python is calls into CPython's API), 23 % less machine code, and
-                    # what the library maps is idle memory in every pod (docs/performance.md)
-                    opt_level="s",
+                    opt_level="3",    # -Os ran ~8 % slower (docs/performance.md)
                 )
             except (Exception, SystemExit) as e:  # mypy reports type errors by exiting
                 why = f"mypyc failed ({type(e).__name__}: {str(e)[:120]})"
@@ -122,10 +115,11 @@ class BuildCore(build_ext):
         # Pure Python: no extension may be installed, neither half of this build nor one an earlier
         # build left in build/ (the wheel packs what is there), and in an editable install none may
         # stay beside the sources (Python would import it before the .py: code older than its source).
-        for path in OUTPUTS:
-            Path(self.build_lib, path).unlink(missing_ok=True)
-            if inplace:
-                Path(path).unlink(missing_ok=True)
+        # Every extension in tlsproxy/http is this build's (a module no longer in CORE included).
+        for root in (Path(self.build_lib), *((Path("."),) if inplace else ())):
+            found = {str(p.relative_to(root)) for p in root.glob(f"tlsproxy/http/*{SUFFIX}")}
+            for path in {*OUTPUTS, *found}:
+                Path(root, path).unlink(missing_ok=True)
 
     def _fallback(self, why: str) -> None:
         if MODE == "require":
