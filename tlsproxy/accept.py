@@ -125,8 +125,8 @@ class ConnectionHandler:
             return True
         if drain.draining:
             return False
-        if stream.ssl_object.pending():
-            return True
+        if stream.ssl_object.pending() or net.readable_now(stream.fileno()):
+            return True           # the request came with the handshake's last flight: no park
         watchdog = drain.watchdog
         watch = watchdog.watch_fd(stream.fileno())
         watch.arm(IDLE, self.cfg.first_byte_timeout_s)

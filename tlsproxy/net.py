@@ -12,6 +12,7 @@ import contextlib
 import errno
 import functools
 import ipaddress
+import select
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -480,6 +481,14 @@ async def park(wait, fd: int) -> None:
         await wait(fd)
     except trio.ClosedResourceError:
         raise trio.ClosedResourceError("stream was closed while waiting") from None
+
+
+def readable_now(fd: int) -> bool:
+    """True when ``fd`` has bytes (or EOF) to read now: one ``poll`` with no wait, no scheduler pass
+    (a trio wait parks even when the answer is yes)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLPRI)
+    return bool(poller.poll(0))
 
 
 def release_fd(fd: int) -> None:

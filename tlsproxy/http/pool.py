@@ -9,13 +9,13 @@ finished the exchange cleanly.
 
 from __future__ import annotations
 
-import select
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import h11
 import trio
 
+from ..net import readable_now
 from .h1client import H1Client
 
 IDLE_TIMEOUT_S = 30.0   # below common app keep-alive timeouts (Go 90 s, nginx 75 s, node 5 s is the outlier)
@@ -112,8 +112,4 @@ def _stale(stream) -> bool:
     """True when an idle pooled connection is readable: EOF (the app closed it) or bytes nobody
     asked for (an app that answered twice). Either way it must not carry the next request."""
     fd = stream.fileno()
-    if fd < 0:
-        return True
-    poller = select.poll()
-    poller.register(fd, select.POLLIN | select.POLLPRI)
-    return bool(poller.poll(0))
+    return fd < 0 or readable_now(fd)
