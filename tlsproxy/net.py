@@ -410,13 +410,13 @@ class PlainStream(FdStream, trio.abc.HalfCloseableStream):
             size = max_bytes or 65536
             blocked = False
             if self._sent_last:
-                # Right after a send (a request to the app) the answer is not there yet. Rather than
-                # registering for readiness at once (an epoll_ctl and a park), let the other tasks
-                # run first: under load the app has answered by the time they have, and the recv
-                # below takes it without a readiness wait; otherwise it gets EAGAIN and parks as
-                # before. −6 % CPU per keep-alive request, −9 % outbound (docs/performance.md).
-                # (The TLS stream keeps waiting first: its peer is a client whose next request
-                # rarely comes that soon, measured no faster.)
+                # Right after a send (a request to the app; outbound, a response to the local
+                # client) the answer is not there yet. Rather than registering for readiness at
+                # once (an epoll_ctl and a park), let the other tasks run first: under load the
+                # answer has come by the time they have, and the recv below takes it without a
+                # readiness wait; otherwise it gets EAGAIN and parks as before. −6 % CPU per
+                # keep-alive request, −9 % outbound (docs/performance.md). (The TLS stream keeps
+                # waiting first: measured, it was no faster there.)
                 self._sent_last = False
                 blocked = True
                 await trio.lowlevel.checkpoint()
