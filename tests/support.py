@@ -364,3 +364,19 @@ def wait_for(pred, timeout: float = 10, interval: float = 0.05) -> bool:
             return True
         time.sleep(interval)
     return pred()
+
+
+@contextlib.contextmanager
+def websockets_app(handler, **kw) -> Iterator[int]:
+    """A real WebSocket app (the ``websockets`` library's sync server) on 127.0.0.1 in a thread;
+    yields its port. ``kw`` goes to ``websockets.sync.server.serve`` (process_request, close_timeout…)."""
+    from websockets.sync.server import serve
+
+    with serve(handler, "127.0.0.1", 0, **kw) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield server.socket.getsockname()[1]
+        finally:
+            server.shutdown()
+            thread.join(5)

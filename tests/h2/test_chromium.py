@@ -8,19 +8,15 @@ tests/inbound/test_websocket_chromium.py.
 
 from __future__ import annotations
 
-import contextlib
 import http
 import json
-import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 from websockets.sync.client import connect
-from websockets.sync.server import serve
 
 from tests.inbound.test_websocket_chromium import DevTools, chromium
-from tests.support import running_proxy, settings_for
+from tests.support import running_proxy, settings_for, websockets_app
 
 PAGE = "<!doctype html><title>h2</title><p>over HTTP/2</p>"
 
@@ -39,16 +35,8 @@ def _page(connection, request):
     return None
 
 
-@contextlib.contextmanager
-def page_and_ws_app() -> Iterator[int]:
-    with serve(_echo, "127.0.0.1", 0, process_request=_page) as server:
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        try:
-            yield server.socket.getsockname()[1]
-        finally:
-            server.shutdown()
-            thread.join(5)
+def page_and_ws_app():
+    return websockets_app(_echo, process_request=_page)
 
 
 ROUND_TRIP = """

@@ -10,18 +10,14 @@ test_websocket_chromium.py.
 
 from __future__ import annotations
 
-import contextlib
 import ssl
-import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 from websockets.exceptions import ConnectionClosedOK
 from websockets.sync.client import connect
-from websockets.sync.server import serve
 
-from tests.support import running_proxy, settings_for
+from tests.support import running_proxy, settings_for, websockets_app
 
 PROMPT_S = 0.1        # a normal close through the proxy ends within this (direct: ~2 ms)
 CLOSE_TIMEOUT_S = 10  # the client's own patience: a stalled close would show as seconds
@@ -36,16 +32,8 @@ def _handler(ws) -> None:
         ws.send(f"echo:{message}")
 
 
-@contextlib.contextmanager
-def ws_app() -> Iterator[int]:
-    with serve(_handler, "127.0.0.1", 0, close_timeout=CLOSE_TIMEOUT_S) as server:
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        try:
-            yield server.socket.getsockname()[1]
-        finally:
-            server.shutdown()
-            thread.join(5)
+def ws_app():
+    return websockets_app(_handler, close_timeout=CLOSE_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +82,9 @@ def test_close_returns_promptly_through_the_proxy(proxied, how):
     direct = min(how(*proxied["direct"]) for _ in range(2))
     through = [how(*proxied["proxy"]) for _ in range(3)]
     assert direct < PROMPT_S, direct                    # the app itself closes promptly
-    assert max(through) < PROMPT_S, (through, direct)
+    # the median of three: one close slowed by the machine (a browser starting beside it) is not
+    # the bug this pins, which made every close wait out the close timeout
+    assert sorted(through)[1] < PROMPT_S, (through, direct)
 
 
 def test_messages_still_flow_both_ways_before_the_close(proxied):
