@@ -28,7 +28,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from . import load, nginx, procs
+from . import load, procs
 from .run import Bench, Plan
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,18 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="tlsproxy-calls-"))
     b = Bench(Plan(runs=1, duration_s=args.seconds), work)
     try:
-        from tlsproxy.certs import generate
-
-        ca = generate.make_ca("bench CA")
-        leaf = generate.issue(ca, "localhost", dns=("localhost",), ips=("127.0.0.1",))
-        b.ca, b.cert, b.key = work / "ca.pem", work / "cert.pem", work / "key.pem"
-        b.ca.write_bytes(ca.cert_pem)
-        b.cert.write_bytes(leaf.cert_pem)
-        b.key.write_bytes(leaf.key_pem)
-        nginx.write_site(work)
-        pt = b.ports
-        b._nginx("upstream", nginx.upstream_conf(work, pt.upstream, pt.peer, b.cert, b.key), procs.CPU_LOAD,
-                 [pt.upstream, pt.peer])
+        b.setup_upstream()
         if args.mode == "idle":
             return _idle(b, args)
         stats = work / "calls.prof"

@@ -83,20 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="tlsproxy-bench-"))
     b = Bench(Plan(runs=1, duration_s=args.seconds), work)
     try:
-        from tlsproxy.certs import generate
-
-        from . import nginx
-
-        ca = generate.make_ca("bench CA")
-        leaf = generate.issue(ca, "localhost", dns=("localhost",), ips=("127.0.0.1",))
-        b.ca, b.cert, b.key = work / "ca.pem", work / "cert.pem", work / "key.pem"
-        b.ca.write_bytes(ca.cert_pem)
-        b.cert.write_bytes(leaf.cert_pem)
-        b.key.write_bytes(leaf.key_pem)
-        nginx.write_site(work)
+        b.setup_upstream()
         pt = b.ports
-        b._nginx("upstream", nginx.upstream_conf(work, pt.upstream, pt.peer, b.cert, b.key), procs.CPU_LOAD,
-                 [pt.upstream])
         b._tlsproxy("tp", pt.tp, pt.tp_admin, procs.CPU_PROXY, "--tls-session-tickets", "0")
         load.wrk(b.url(pt.tp, args.path), connections=args.connections, duration_s=1, env=b.env)  # warm up
         raw = Path(args.keep_raw).resolve() if args.keep_raw else work / "profile.txt"

@@ -120,7 +120,9 @@ class Bench:
         self.env = load.client_env(load.openssl_conf(work / "client-openssl.cnf"))
 
     # ------------------------------------------------------------------ setup
-    def setup(self) -> None:
+    def setup_upstream(self) -> None:
+        """The certificates, the site and the upstream nginx (app and TLS peer): what every bench
+        tool (this run, ``bench.calls``, ``bench.profile``) puts behind the proxy it measures."""
         w = self.work
         ca = generate.make_ca("bench CA")                   # ECDSA P-256 (generate's default)
         leaf = generate.issue(ca, "localhost", dns=("localhost",), ips=("127.0.0.1",))
@@ -132,6 +134,10 @@ class Bench:
         pt = self.ports
         self._nginx("upstream", nginx.upstream_conf(w, pt.upstream, pt.peer, self.cert, self.key),
                     procs.CPU_LOAD, [pt.upstream, pt.peer])
+
+    def setup(self) -> None:
+        self.setup_upstream()
+        w, pt = self.work, self.ports
         self._nginx("proxy", nginx.proxy_conf(w, port=pt.ng, resume_port=pt.ng_resume,
                                               upstream_port=pt.upstream, cert=self.cert, key=self.key,
                                               h2_port=pt.ng_h2),
