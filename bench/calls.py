@@ -9,6 +9,12 @@ time on a shared machine) with the functions that make them. ``--strace`` instea
 ``strace -c -f`` for the load and prints **syscalls per request**. ``--no-profile`` measures the
 unprofiled CPU µs per request only (as ``bench.profile --no-profile``).
 
+``--proxy nginx`` loads nginx instead, configured as in the full run (``bench/nginx.py``), for
+``--no-profile``, ``--strace`` and ``--perf``: the same load, on the same machine a minute apart, so
+the two proxies' CPU per request compare directly. ``--perf`` records the proxy with ``perf record``
+during the load and splits its CPU per request by shared object (the interpreter, libcrypto, the
+kernel…).
+
 Modes: ``keepalive`` (small requests on 50 kept-alive connections), ``close`` (``Connection:
 close``: one full TLS 1.3 handshake per request), ``resumed`` (the same with session tickets on:
 wrk resumes), ``outbound`` (plain HTTP → tlsproxy ``--outbound`` → the upstream nginx's TLS port).
@@ -28,7 +34,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from . import load, procs
+from . import load, nginx, procs
 from .run import Bench, Plan
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,6 +65,45 @@ def _start(b: Bench, mode: str, stats: Path, profiled: bool, callgrind: bool = F
     proc = b.p.start("tp", argv, cpu=procs.CPU_PROXY, env=env)
     procs.wait_port(port, 300 if callgrind else 30, proc)
     return proc.pid, url
+
+
+def _start_nginx(b: Bench, mode: str) -> tuple[int, str]:
+    """Start nginx as the proxy for ``mode`` (as the full run configures it); its master's pid and
+    the URL to load. Its CPU is the process tree's (master and worker)."""
+    pt, w = b.ports, b.work
+    if mode == "outbound":
+        conf = nginx.outbound_conf(w, port=pt.ng_out, peer_port=pt.peer, ca=b.ca)
+        port, url = pt.ng_out, f"http://127.0.0.1:{pt.ng_out}/small"
+    else:
+        conf = nginx.proxy_conf(w, port=pt.ng, resume_port=pt.ng_resume, upstream_port=pt.upstream,
+                                cert=b.cert, key=b.key)
+        port = pt.ng_resume if mode == "resumed" else pt.ng
+        url = b.url(port, "/small")
+    path = w / "proxy.conf"
+    path.write_text(conf)
+    proc = b.p.start("proxy", ["nginx", "-p", str(w), "-e", str(w / "proxy.error.log"), "-c", str(path)],
+                     cpu=procs.CPU_PROXY)
+    procs.wait_port(port, 20, proc)
+    return proc.pid, url
+
+
+def _perf_by_object(data: Path, cpu_us: float) -> list[tuple[str, float, float]]:
+    """``perf report`` of ``data`` by shared object: (object, share %, µs per request)."""
+    out = subprocess.run(["perf", "report", "-i", str(data), "--no-children", "--sort", "dso", "--stdio"],
+                         capture_output=True, text=True, timeout=300).stdout
+    return parse_dso_report(out, cpu_us)
+
+
+def parse_dso_report(text: str, cpu_us: float) -> list[tuple[str, float, float]]:
+    """The rows of ``perf report --sort dso --stdio`` (``  59.50%  python3.11``): (object, share %,
+    its part of ``cpu_us``), in the report's order (largest first)."""
+    rows = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0].endswith("%") and not line.startswith("#"):
+            share = float(parts[0][:-1])
+            rows.append((parts[1], share, cpu_us * share / 100))
+    return rows
 
 
 def _handshakes(admin_port: int) -> str:
@@ -116,12 +161,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--idle", type=int, default=2000, help="idle mode: connections to hold")
     ap.add_argument("--tracemalloc", action="store_true",
                     help="idle mode: the Python allocations held per connection")
-    ap.add_argument("--keep-stats", help="copy cProfile's stats file here (for pstats)")
+    ap.add_argument("--keep-stats", help="copy cProfile's stats file (with --perf: perf.data) here")
     ap.add_argument("--no-profile", action="store_true", help="only CPU µs per request, unprofiled")
+    ap.add_argument("--proxy", choices=("tlsproxy", "nginx"), default="tlsproxy",
+                    help="the proxy to load (nginx: with --no-profile, --strace or --perf)")
+    ap.add_argument("--perf", action="store_true",
+                    help="CPU per request by shared object (perf record during the load), no profile")
     ap.add_argument("--callgrind", action="store_true",
                     help="instructions per request: tlsproxy under valgrind's callgrind, counting only "
                          "during the load (slow: use --seconds 20 --connections 10)")
     args = ap.parse_args(argv)
+    if args.proxy == "nginx" and not (args.no_profile or args.strace or args.perf):
+        ap.error("--proxy nginx measures with --no-profile, --strace or --perf")
     work = Path(tempfile.mkdtemp(prefix="tlsproxy-calls-"))
     b = Bench(Plan(runs=1, duration_s=args.seconds), work)
     try:
@@ -129,15 +180,28 @@ def main(argv: list[str] | None = None) -> int:
         if args.mode == "idle":
             return _idle(b, args)
         stats = work / "calls.prof"
-        profiled = not (args.strace or args.no_profile or args.callgrind)
-        pid, url = _start(b, args.mode, stats, profiled, args.callgrind)
+        if args.proxy == "nginx":
+            pid, url = _start_nginx(b, args.mode)
+        else:
+            profiled = not (args.strace or args.no_profile or args.callgrind or args.perf)
+            pid, url = _start(b, args.mode, stats, profiled, args.callgrind)
+        profiled = args.proxy == "tlsproxy" and not (args.strace or args.no_profile or args.callgrind
+                                                     or args.perf)
+        pids = procs.tree(pid)     # nginx: the master and its worker; tlsproxy: itself
         close = args.mode in ("close", "resumed")
         load.wrk(url, connections=args.connections, duration_s=1, env=b.env, close=close)   # warm up
         tracer = None
         if args.strace:
-            tracer = subprocess.Popen(procs.pinned(procs.CPU_LOAD, ["strace", "-c", "-f", "-p", str(pid),
+            attach = [a for p in pids for a in ("-p", str(p))]
+            tracer = subprocess.Popen(procs.pinned(procs.CPU_LOAD, ["strace", "-c", "-f", *attach,
                                                                     "-o", str(work / "strace.txt")]),
                                       stderr=subprocess.DEVNULL)
+            time.sleep(1.0)
+        elif args.perf:
+            record = ["perf", "record", "-F", "2000", "-o", str(work / "perf.data"),
+                      "-p", ",".join(map(str, pids))]
+            tracer = subprocess.Popen(procs.pinned(procs.CPU_LOAD, record),
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1.0)
         elif profiled:
             b.p.running["tp"].send_signal(signal.SIGUSR1)
@@ -145,15 +209,16 @@ def main(argv: list[str] | None = None) -> int:
         elif args.callgrind:
             subprocess.run(["callgrind_control", "-i", "on", str(pid)], check=True, capture_output=True,
                            timeout=60)
-        cpu0 = procs.cpu_seconds(pid)
+        cpu0 = procs.tree_cpu_seconds(pid)
         r = load.wrk(url, connections=args.connections, duration_s=args.seconds, env=b.env, close=close)
-        cpu = procs.cpu_seconds(pid) - cpu0
-        if args.mode in ("close", "resumed"):
+        cpu = procs.tree_cpu_seconds(pid) - cpu0
+        if args.mode in ("close", "resumed") and args.proxy == "tlsproxy":
             print(f"handshakes so far (tlsproxy_handshakes_total): {_handshakes(b.ports.tp_admin)}")
         n = max(r.requests, 1)
         print(f"{args.mode}: wrk -c{args.connections} {r.rps:.0f} req/s, {r.requests} requests, "
-              f"errors {r.errors}; tlsproxy CPU {1e6 * cpu / n:.0f} µs per request"
-              + (" (profiled)" if profiled else " (straced)" if tracer else ""))
+              f"errors {r.errors}; {args.proxy} CPU {1e6 * cpu / n:.0f} µs per request"
+              + (" (profiled)" if profiled else " (straced)" if args.strace else
+                 " (under perf)" if args.perf else ""))
         if args.callgrind:
             subprocess.run(["callgrind_control", "-i", "off", str(pid)], check=True, capture_output=True,
                            timeout=60)
@@ -164,6 +229,14 @@ def main(argv: list[str] | None = None) -> int:
                       if line.startswith(("summary:", "totals:"))]
             ir = int(totals[-1].split()[1])
             print(f"instructions per request (callgrind, {r.requests} requests): {ir / n:,.0f}")
+        elif args.perf and tracer is not None:
+            tracer.send_signal(signal.SIGINT)
+            tracer.wait(60)
+            if args.keep_stats:
+                shutil.copy(work / "perf.data", args.keep_stats)
+            print(f"{args.proxy} CPU per request by shared object (perf record -F 2000):")
+            for obj, share, us in _perf_by_object(work / "perf.data", 1e6 * cpu / n)[:8]:
+                print(f"  {share:5.1f} %  {us:7.1f} µs  {obj}")
         elif tracer is not None:
             tracer.send_signal(signal.SIGINT)
             tracer.wait(20)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import load, procs, report, run
+from bench import calls, load, procs, report, run
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = ("nginx", "wrk", "h2load", "taskset", "openssl", "curl")
@@ -91,6 +91,40 @@ def test_smoke_run_prints_the_whole_table(tmp_path):
     assert not Path(work).exists()                       # removed without --keep
     time.sleep(0.5)
     assert _mentioning(work) == set(), "the benchmark left processes running"
+
+
+def test_calls_measures_nginx_under_the_same_load():
+    """``bench.calls --proxy nginx`` loads nginx as the full run configures it and reads its CPU
+    from its process tree (master and worker): a worker's CPU not counted would print 0 µs."""
+    r = subprocess.run([sys.executable, "-m", "bench.calls", "--proxy", "nginx", "--mode", "keepalive",
+                        "--no-profile", "--seconds", "1", "--connections", "4"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-3000:]
+    m = re.search(r"keepalive: wrk -c4 \d+ req/s, (\d+) requests, errors 0; nginx CPU (\d+) µs per request",
+                  r.stdout)
+    assert m, r.stdout
+    assert int(m.group(1)) > 0 and int(m.group(2)) > 0, r.stdout
+    refused = subprocess.run([sys.executable, "-m", "bench.calls", "--proxy", "nginx"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "--proxy nginx measures with" in refused.stderr
+
+
+def test_perf_report_by_object_scales_shares_to_the_cpu_per_request():
+    text = """# Samples: 23K of event 'cpu-clock:ppp'
+#
+# Overhead  Shared Object
+# ........  ..................
+#
+    59.50%  python3.11
+    30.80%  [kernel.kallsyms]
+     4.20%  libc.so.6
+
+# (cmdline : perf record)
+"""
+    rows = calls.parse_dso_report(text, 200.0)
+    assert [name for name, _, _ in rows] == ["python3.11", "[kernel.kallsyms]", "libc.so.6"]
+    assert rows[0][1] == 59.5 and abs(rows[0][2] - 119.0) < 1e-9
+    assert abs(rows[2][2] - 8.4) < 1e-9
 
 
 def test_parse_wrk_output():
