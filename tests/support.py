@@ -11,6 +11,8 @@ import hashlib
 import http.server
 import json
 import logging
+import os
+import shutil
 import socket
 import ssl
 import subprocess
@@ -380,3 +382,65 @@ def websockets_app(handler, **kw) -> Iterator[int]:
         finally:
             server.shutdown()
             thread.join(5)
+
+
+NGINX_TLS13_CONF = """
+daemon off;
+master_process off;
+worker_processes 1;
+error_log {dir}/error.log;
+pid {dir}/nginx.pid;
+events {{ worker_connections 256; }}
+http {{
+  access_log off;
+  client_body_temp_path {dir}/body; proxy_temp_path {dir}/proxy; fastcgi_temp_path {dir}/fcgi;
+  uwsgi_temp_path {dir}/uwsgi; scgi_temp_path {dir}/scgi;
+  server {{
+    listen 127.0.0.1:{port} ssl;
+    ssl_protocols TLSv1.3;
+    ssl_certificate {cert_dir}/tls.crt;
+    ssl_certificate_key {cert_dir}/tls.key;
+    {extra}
+    location / {{ proxy_pass http://127.0.0.1:{upstream}; proxy_http_version 1.1; }}
+  }}
+}}
+"""
+
+
+@contextlib.contextmanager
+def nginx_tls13(cert_dir: Path, upstream_port: int, directory: Path, extra: str = "") -> Iterator[int]:
+    """nginx as a TLS 1.3-only terminator with ``cert_dir``'s ``tls.crt``/``tls.key`` in front of
+    ``upstream_port`` (one process, no master): the reference the scanner and conformance tests
+    hold tlsproxy to. ``extra``: more ``server`` directives (a second certificate, curves). Yields
+    its port; skips the test when nginx is not installed."""
+    import pytest
+
+    if shutil.which("nginx") is None:
+        pytest.skip("nginx is not installed (make deps)")
+    port = free_port()
+    directory.mkdir(parents=True, exist_ok=True)
+    conf = directory / "nginx.conf"
+    conf.write_text(NGINX_TLS13_CONF.format(dir=directory, port=port, cert_dir=cert_dir,
+                                            upstream=upstream_port, extra=extra))
+    env = {k: v for k, v in os.environ.items() if k != "OPENSSL_CONF"}   # nginx says it in its own file
+    proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(directory)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        if not wait_for(lambda: _accepts(port), timeout=10):
+            raise RuntimeError("nginx did not start: " + (directory / "error.log").read_text())
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def _accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False

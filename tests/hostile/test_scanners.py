@@ -8,68 +8,15 @@ line of an id counts); sslyze's protocols, cipher suites, curves and vulnerabili
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import subprocess
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.hostile.helpers import keepalive_ok, proxy_process, scripted_upstream
-from tests.support import PKI, ROOT, free_port
-
-NGINX_CONF = """
-daemon off;
-master_process off;
-worker_processes 1;
-error_log {dir}/error.log;
-pid {dir}/nginx.pid;
-events {{ worker_connections 256; }}
-http {{
-  access_log off;
-  client_body_temp_path {dir}/body; proxy_temp_path {dir}/proxy; fastcgi_temp_path {dir}/fcgi;
-  uwsgi_temp_path {dir}/uwsgi; scgi_temp_path {dir}/scgi;
-  server {{
-    listen 127.0.0.1:{port} ssl;
-    ssl_certificate {cert_dir}/tls.crt;
-    ssl_certificate_key {cert_dir}/tls.key;
-    ssl_protocols TLSv1.3;
-    location / {{ proxy_pass http://127.0.0.1:{upstream}; proxy_http_version 1.1; }}
-  }}
-}}
-"""
-
-
-@contextlib.contextmanager
-def nginx(pki: PKI, upstream_port: int, directory: Path) -> Iterator[int]:
-    if shutil.which("nginx") is None:
-        pytest.skip("nginx is not installed (make deps)")
-    port = free_port()
-    directory.mkdir(parents=True, exist_ok=True)
-    conf = directory / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(dir=directory, port=port, cert_dir=pki.cert_dir,
-                                      upstream=upstream_port))
-    proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(directory)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        import socket
-
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-            time.sleep(0.1)
-        yield port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+from tests.support import PKI, ROOT, nginx_tls13
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +26,7 @@ def targets(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("scan")
     pki = make_pki(tmp)
     with scripted_upstream(keepalive_ok) as up, proxy_process(pki, up.port) as proxy, \
-            nginx(pki, up.port, tmp / "nginx") as nginx_port:
+            nginx_tls13(pki.cert_dir, up.port, tmp / "nginx") as nginx_port:
         yield pki, tmp, {"tlsproxy": proxy.port, "nginx": nginx_port}
 
 

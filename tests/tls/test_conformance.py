@@ -10,14 +10,9 @@ checked byte for byte. Issue 20.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
 import socket
 import subprocess
-import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from tlslite.constants import TLS_1_3_HRR, CipherSuite, ContentType, ExtensionType, GroupName, SignatureScheme
@@ -34,7 +29,7 @@ from tlslite.messages import ClientHello, RecordHeader3, ServerHello
 from tlslite.utils.codec import Parser
 
 from tests.hostile.helpers import keepalive_ok, proxy_process, read_all, scripted_upstream
-from tests.support import PKI, free_port, make_pki, running_proxy, settings_for
+from tests.support import PKI, make_pki, nginx_tls13, running_proxy, settings_for
 from tlsproxy.certs import generate
 from tlsproxy.tls.listener import is_sslv3_client_hello
 
@@ -123,59 +118,8 @@ def hello_answer(answer: bytes) -> tuple[str, str]:
 
 # ---------------------------------------------------------------------------- the two servers
 
-NGINX_CONF = """
-daemon off;
-master_process off;
-worker_processes 1;
-error_log {dir}/error.log;
-pid {dir}/nginx.pid;
-events {{ worker_connections 64; }}
-http {{
-  access_log off;
-  client_body_temp_path {dir}/body; proxy_temp_path {dir}/proxy; fastcgi_temp_path {dir}/fcgi;
-  uwsgi_temp_path {dir}/uwsgi; scgi_temp_path {dir}/scgi;
-  server {{
-    listen 127.0.0.1:{port} ssl;
-    ssl_protocols TLSv1.3;
-    ssl_certificate {cert_dir}/tls.crt;
-    ssl_certificate_key {cert_dir}/tls.key;
-    ssl_certificate {cert_dir}/tls2.crt;
-    ssl_certificate_key {cert_dir}/tls2.key;
-    {extra}
-    location / {{ proxy_pass http://127.0.0.1:{upstream}; }}
-  }}
-}}
-"""
-
-
-@contextlib.contextmanager
-def nginx(cert_dir: Path, upstream_port: int, directory: Path, extra: str = "") -> Iterator[int]:
-    if shutil.which("nginx") is None:
-        pytest.skip("nginx is not installed (make deps)")
-    port = free_port()
-    directory.mkdir(parents=True, exist_ok=True)
-    conf = directory / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(dir=directory, port=port, cert_dir=cert_dir, upstream=upstream_port,
-                                      extra=extra))
-    env = {k: v for k, v in os.environ.items() if k != "OPENSSL_CONF"}   # nginx says it in its own file
-    proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(directory)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-            time.sleep(0.05)
-        else:
-            raise RuntimeError("nginx did not start: " + (directory / "error.log").read_text())
-        yield port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+# nginx serves the RSA chain beside the ECDSA one, as tlsproxy's directory does
+RSA_CHAIN = "ssl_certificate {d}/tls2.crt; ssl_certificate_key {d}/tls2.key;"
 
 
 def _with_rsa_chain(pki: PKI) -> None:
@@ -193,7 +137,8 @@ def servers(tmp_path_factory):
     pki = make_pki(tmp)
     _with_rsa_chain(pki)
     with scripted_upstream(keepalive_ok) as up, running_proxy(settings_for(pki, up.port)) as proxy, \
-            nginx(pki.cert_dir, up.port, tmp / "nginx") as nginx_port:
+            nginx_tls13(pki.cert_dir, up.port, tmp / "nginx", RSA_CHAIN.format(d=pki.cert_dir)) \
+                as nginx_port:
         yield pki, {"tlsproxy": proxy.port, "nginx": nginx_port}
 
 
@@ -262,8 +207,8 @@ def test_groups_set_with_openssl_conf_match_nginx_ssl_ecdh_curve(tmp_path, monke
     cnf = tmp_path / "groups.cnf"
     cnf.write_text(GROUPS_CNF)
     with scripted_upstream(keepalive_ok) as up, \
-            nginx(pki.cert_dir, up.port, tmp_path / "nginx", "ssl_ecdh_curve prime256v1:secp384r1:X25519;") \
-            as nginx_port:
+            nginx_tls13(pki.cert_dir, up.port, tmp_path / "nginx", RSA_CHAIN.format(d=pki.cert_dir)
+                        + " ssl_ecdh_curve prime256v1:secp384r1:X25519;") as nginx_port:
         monkeypatch.setenv("OPENSSL_CONF", str(cnf))
         with proxy_process(pki, up.port) as proxy:
             for groups, shares, expected in CONFIGURED_CASES:
