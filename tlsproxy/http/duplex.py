@@ -40,9 +40,8 @@ from ..errors import HTTPError, UpstreamError
 from . import framing
 from .body import RequestBody
 from .deadlines import Watch
-from .exchange import End
+from .exchange import End, Leg, UpstreamPool
 from .h1server import RequestHead
-from .pool import Leg, UpstreamPool
 from .response import informational_head
 from .shell import (
     DISCARD,

@@ -10,18 +10,39 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from ..errors import HTTPError
 from .deadlines import Watchdog
 from .headers import ForwardFacts
 
-if TYPE_CHECKING:   # the pool imports the client codec; only its type is needed here
-    from .pool import UpstreamPool
-
 Triple = tuple[bytes, bytes, bytes]     # (raw name, lowercased name, value), as a head carries fields
 
 IDLE = "idle"    # the phase of a connection waiting for its next request (a drain wakes it)
+
+
+class Leg(Protocol):
+    """What a pool lends the engine for one exchange: ``pool.UpstreamConn``, an
+    ``h2pool.H2Leg`` from the h2c pool. ``h11`` is the leg's codec (``h1client.H1Client`` or the
+    h2 stream's), ``stream`` what it reads and writes."""
+
+    @property
+    def stream(self) -> Any: ...
+    @property
+    def h11(self) -> Any: ...
+    @property
+    def reused(self) -> bool: ...
+
+
+class UpstreamPool(Protocol):
+    """What the engine needs of a pool (``pool.Pool``, ``h2pool.H2Pool``)."""
+
+    http2: bool          # the leg speaks HTTP/2 (trailers, gRPC)
+    http10: bool         # the app answered in HTTP/1.0 once (no 100 Continue to wait for)
+
+    async def acquire(self, *, fresh: bool = False) -> Any: ...
+    def release(self, conn: Any) -> None: ...
+    def discard(self, conn: Any) -> None: ...
 
 
 class End:

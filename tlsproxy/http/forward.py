@@ -48,11 +48,10 @@ from . import framing
 from . import headers as hdr
 from .deadlines import Watch
 from .duplex import exchange_with_body
-from .exchange import IDLE, ConnFacts, Drain, End, ResponseHead, Route
+from .exchange import IDLE, ConnFacts, Drain, End, Leg, ResponseHead, Route, UpstreamPool
 from .h1client import CLOSED, NEED_DATA, UpstreamProtocolError
 from .h1server import RequestHead, parse_request_head
 from .local import answer_locally
-from .pool import Leg, UpstreamPool
 from .response import FramingError, informational_head
 from .shell import (
     BODY_IN,
@@ -179,7 +178,7 @@ class Forwarder:
             if facts.deny is not None:
                 raise facts.deny
             if route.local is not None:
-                keep = await answer_locally(self, stream, head, pending, entry, watch)
+                keep = await answer_locally(route, self.drain, stream, head, pending, entry, watch)
             else:
                 keep = await self._forward(stream, head, pending, entry, watch)
         except HTTPError as err:

@@ -11,30 +11,25 @@ sends no body to a HEAD request. An exception in a handler is a logged 500, neve
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from ..errors import HTTPError
 from ..log import get_logger
 from . import framing
 from . import headers as hdr
 from .body import RequestBody
 from .deadlines import Watch
-from .exchange import End, Limits, LocalRequest, LocalResponse
+from .exchange import Drain, End, Limits, LocalRequest, LocalResponse, Route
 from .h1server import RequestHead
 from .response import ResponseWriter, informational_head
 from .shell import AccessEntry, client_send, linger
-
-if TYPE_CHECKING:
-    from .forward import Forwarder
 
 log = get_logger("http")
 
 CONTINUE = informational_head(100, b"Continue", ())
 
 
-async def answer_locally(fwd: Forwarder, stream, head: RequestHead, pending: bytearray, entry: AccessEntry,
-                         watch: Watch) -> bool:
-    route = fwd.route
+async def answer_locally(route: Route, drain: Drain, stream, head: RequestHead, pending: bytearray,
+                         entry: AccessEntry, watch: Watch) -> bool:
+    """Answer one request with ``route.local``; True when the connection may carry another."""
     limits = route.limits
     body = b""
     if head.has_body:
@@ -59,7 +54,7 @@ async def answer_locally(fwd: Forwarder, stream, head: RequestHead, pending: byt
     writer = ResponseWriter()
     out = writer.head(reply.status, hdr.reason_phrase(reply.status), items, request_method=head.method,
                       client_http11=head.http_version == b"1.1", client_keep_alive=head.keep_alive,
-                      close=reply.close or fwd.drain.draining)
+                      close=reply.close or drain.draining)
     if head.method != b"HEAD":
         out += reply.body
     entry.status = reply.status

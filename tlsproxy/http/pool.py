@@ -10,7 +10,7 @@ finished the exchange cleanly.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any
 
 import h11
 import trio
@@ -20,30 +20,6 @@ from .h1client import H1Client
 
 IDLE_TIMEOUT_S = 30.0   # below common app keep-alive timeouts (Go 90 s, nginx 75 s, node 5 s is the outlier)
 MAX_IDLE = 128          # idle connections kept per upstream
-
-
-class Leg(Protocol):
-    """What a pool lends the engine for one exchange: :class:`UpstreamConn` here, an
-    ``h2pool.H2Leg`` from the h2c pool. ``h11`` is the leg's codec (``h1client.H1Client`` or the
-    h2 stream's), ``stream`` what it reads and writes."""
-
-    @property
-    def stream(self) -> Any: ...
-    @property
-    def h11(self) -> Any: ...
-    @property
-    def reused(self) -> bool: ...
-
-
-class UpstreamPool(Protocol):
-    """What the engine needs of a pool (:class:`Pool`, ``h2pool.H2Pool``)."""
-
-    http2: bool          # the leg speaks HTTP/2 (trailers, gRPC)
-    http10: bool         # the app answered in HTTP/1.0 once (no 100 Continue to wait for)
-
-    async def acquire(self, *, fresh: bool = False) -> Any: ...
-    def release(self, conn: Any) -> None: ...
-    def discard(self, conn: Any) -> None: ...
 
 
 class UpstreamConn:
