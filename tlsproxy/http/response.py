@@ -27,7 +27,7 @@ from collections.abc import Iterable
 
 from .framing import last_chunk
 from .headers import Triple
-from .headers import comma_tokens as _tokens
+from .headers import split_tokens as _split
 
 NONE, LENGTH, CHUNKED, CLOSE = "none", "length", "chunked", "close"
 
@@ -58,24 +58,43 @@ class ResponseWriter:
     """One response's framing. ``head()`` first, then ``data()`` for each body chunk, then ``end()``.
     ``keep_alive`` tells afterwards whether the connection may carry another request."""
 
-    __slots__ = ("framing", "keep_alive", "_remaining", "_length")
+    __slots__ = ("framing", "keep_alive", "_remaining")
 
     def __init__(self) -> None:
         self.framing = NONE
         self.keep_alive = False
         self._remaining = 0
-        self._length = 0
 
     def head(self, status: int, reason: bytes, items: list[Triple], *, request_method: bytes,
              client_http11: bool, client_keep_alive: bool, close: bool = False) -> bytes:
+        # One pass over the fields for what the framing depends on.
+        length = -1
+        te = False
+        connection: list[bytes] = []
+        for _, name, value in items:
+            if name == b"content-length":
+                if length < 0:
+                    length = int(value)
+            elif name == b"transfer-encoding":
+                te = te or bool(_split(value))
+            elif name == b"connection":
+                connection += _split(value)
         # The framing the headers describe (for HEAD, the one a GET would get: h11 keeps the
         # headers of the body the client did not ask for) ...
-        method = b"GET" if request_method == b"HEAD" else request_method
-        framing = self._framing_of(status, method, items)
+        if status in (204, 304) or (request_method == b"CONNECT" and 200 <= status < 300):
+            framing, length = LENGTH, 0
+        elif te:
+            framing = CHUNKED
+        elif length >= 0:
+            framing = LENGTH
+        else:
+            framing = CLOSE
         # ... and the body actually written: none for HEAD.
-        self.framing = self._framing_of(status, request_method, items)
-        if self.framing == LENGTH:
-            self._remaining = self._length
+        if request_method == b"HEAD":
+            self.framing, self._remaining = LENGTH, 0
+        else:
+            self.framing = framing
+            self._remaining = length if framing == LENGTH else 0
         need_close = close or not client_keep_alive
         if framing in (CHUNKED, CLOSE):
             items = [t for t in items if t[1] != b"content-length"]
@@ -91,24 +110,11 @@ class ResponseWriter:
                 if self.framing == CHUNKED:
                     self.framing = CLOSE
         if need_close:     # one field per token, at the end, as h11's set_comma_header does
-            kept = sorted({t for t in _tokens(items, b"connection") if t != b"keep-alive"} | {b"close"})
+            kept = sorted({t for t in connection if t != b"keep-alive"} | {b"close"})
             items = [t for t in items if t[1] != b"connection"]
             items += [(b"Connection", b"connection", t) for t in kept]
-        self.keep_alive = not need_close and b"close" not in _tokens(items, b"connection")
+        self.keep_alive = not need_close and b"close" not in connection
         return _head(status, reason, items)
-
-    def _framing_of(self, status: int, method: bytes, items: list[Triple]) -> str:
-        if status in (204, 304) or method == b"HEAD" or (method == b"CONNECT" and 200 <= status < 300):
-            self._length = 0
-            return LENGTH
-        te = _tokens(items, b"transfer-encoding")
-        if te:
-            return CHUNKED
-        for _, name, value in items:
-            if name == b"content-length":
-                self._length = int(value)
-                return LENGTH
-        return CLOSE
 
     def data(self, chunk: bytes | bytearray | memoryview) -> tuple[bytes | bytearray | memoryview, ...]:
         """The wire form of a body chunk (parts to concatenate; the chunk itself is not copied)."""
