@@ -226,6 +226,8 @@ def to_origin_form(target: bytes, items: list[Triple]) -> tuple[bytes, list[Trip
     authority in the target wins over Host. Return the origin-form target and the headers with Host
     set to that authority, so the app never sees a Host that disagrees with the URI (a classic
     routing and cache-key confusion). Other targets come back unchanged."""
+    if target[:1] == b"/":      # origin form, the common case: nothing to do
+        return target, items
     lower = target[:8].lower()
     if not (lower.startswith(b"http://") or lower.startswith(b"https://")):
         return target, items
@@ -294,13 +296,13 @@ def has_token(full_items: Iterable[Triple], name: bytes, token: bytes) -> bool:
     return False
 
 
-_RID_PREFIX = os.urandom(8).hex()     # per process: ids stay unique across workers and restarts
+_RID_PREFIX = os.urandom(8).hex().encode()   # per process: ids stay unique across workers and restarts
 _rid_counter = itertools.count(int.from_bytes(os.urandom(4), "big"))
 
 
 def new_request_id() -> bytes:
     """32 hex characters: a random per-process prefix and a counter (no getrandom per request)."""
-    return f"{_RID_PREFIX}{next(_rid_counter) & 0xFFFFFFFFFFFFFFFF:016x}".encode()
+    return b"%s%016x" % (_RID_PREFIX, next(_rid_counter) & 0xFFFFFFFFFFFFFFFF)
 
 
 def _port_of(host: bytes) -> bytes | None:
@@ -388,7 +390,9 @@ def rewrite_request(full_items: list[Triple], facts: ForwardFacts, *, host_overr
 
 def rewrite_response(full_items: list[Triple], *, upgrade: bool = False) -> list[Triple]:
     """Headers for the client leg: hop-by-hop removed (kept for a 101 that switches protocols)."""
-    tokens = set(comma_tokens(full_items, b"connection"))
+    tokens: set[bytes] = set()
+    for value in [v for _, n, v in full_items if n == b"connection"]:    # usually one: keep-alive
+        tokens.update(split_tokens(value))
     if upgrade:
         return [i for i in full_items if i[1] not in tokens or i[1] in (b"upgrade",)
                 if i[1] not in (b"keep-alive", b"proxy-connection", b"transfer-encoding")]

@@ -95,8 +95,12 @@ async def linger(stream) -> None:
         pass
 
 
+_CODE_CLASSES = ("1xx", "1xx", "2xx", "3xx", "4xx", "5xx")
+
+
 def code_class(status: int) -> str:
-    return f"{min(max(status // 100, 1), 5)}xx"
+    """The metrics' status class: 1xx … 5xx (anything out of range is clamped into it)."""
+    return _CODE_CLASSES[min(max(status // 100, 1), 5)]
 
 
 class AccessEntry:
