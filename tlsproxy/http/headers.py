@@ -27,6 +27,9 @@ HOP_BY_HOP = frozenset({
 # Client-identity headers only tlsproxy may set: always removed from what clients send (spoofing).
 CLIENT_CERT_HEADERS = frozenset({b"x-forwarded-client-cert", b"client-cert", b"client-cert-chain"})
 FORWARDED_HEADERS = frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-port"})
+# What rewrite_request never passes on as the client sent it (it sets its own where one belongs).
+_NOT_FORWARDED = HOP_BY_HOP | CLIENT_CERT_HEADERS | FORWARDED_HEADERS | {
+    b"x-forwarded-for", b"x-request-id", b"expect"}
 
 _REQUEST_ID_RE = re.compile(rb"^[\x21-\x7e]{1,200}$")   # visible ASCII, bounded: safe to log and pass on
 # RFC 9112 §3.2 / RFC 3986 §3.2.2: Host = uri-host [ ":" port ]; a server MUST answer 400 to an
@@ -335,34 +338,34 @@ def rewrite_request(full_items: list[Triple], facts: ForwardFacts, *, host_overr
     host = b""
     xff = b""
     request_id = b""
-    for _raw, name, value in full_items:
-        if name == b"connection":
-            tokens.update(split_tokens(value))
-        elif name == b"upgrade":
-            upgrade = value
-        elif name == b"host":
-            host = value
-        elif name == b"x-forwarded-for":
-            xff = xff + b", " + value if xff else value
-        elif name == b"x-request-id":
-            request_id = value
-    if b"upgrade" not in tokens:
-        upgrade = None
-    if not _REQUEST_ID_RE.match(request_id):
-        request_id = new_request_id()
     out: list[Triple] = []
-    drop = HOP_BY_HOP if tokens <= HOP_BY_HOP else HOP_BY_HOP | tokens   # usually no new set
     kept_host = False
-    for item in full_items:
+    for item in full_items:        # one pass: read what the rewrite needs, keep what goes on
         name = item[1]
-        if (name in drop or name in CLIENT_CERT_HEADERS or name in FORWARDED_HEADERS
-                or name == b"x-forwarded-for" or name == b"x-request-id" or name == b"expect"):
+        if name in _NOT_FORWARDED:
+            if name == b"connection":
+                tokens.update(split_tokens(item[2]))
+            elif name == b"upgrade":
+                upgrade = item[2]
+            elif name == b"x-forwarded-for":
+                xff = xff + b", " + item[2] if xff else item[2]
+            elif name == b"x-request-id":
+                request_id = item[2]
             continue
         if name == b"host":
+            host = item[2]
             if host_override is not None:
                 continue
             kept_host = True
         out.append(item)
+    if not tokens <= HOP_BY_HOP:   # Connection names more fields (RFC 9110 §7.6.1): they go too
+        named = tokens - HOP_BY_HOP
+        out = [item for item in out if item[1] not in named]
+        kept_host = kept_host and b"host" not in named
+    if b"upgrade" not in tokens:
+        upgrade = None
+    if not _REQUEST_ID_RE.match(request_id):
+        request_id = new_request_id()
     if host_override is not None:
         out.insert(0, (b"Host", b"host", host_override))
     elif not kept_host:
