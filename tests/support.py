@@ -426,21 +426,27 @@ def nginx_tls13(cert_dir: Path, upstream_port: int, directory: Path, extra: str 
     proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(directory)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        if not wait_for(lambda: _accepts(port), timeout=10):
+        if not wait_for(lambda: accepts(port), timeout=10):
             raise RuntimeError("nginx did not start: " + (directory / "error.log").read_text())
         yield port
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc)
 
 
-def _accepts(port: int) -> bool:
+def accepts(port: int) -> bool:
+    """Whether something accepts TCP connections on 127.0.0.1:``port`` now."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=1):
             return True
     except OSError:
         return False
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 10) -> None:
+    """End a process a test started: SIGTERM, then SIGKILL if it has not exited in ``timeout``."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.support import free_port
+from tests.support import free_port, stop_process
 
 TLSPROXY = Path(sys.executable).parent / "tlsproxy"
 
@@ -139,12 +139,7 @@ class LiveProxy:
             raise
 
     def __exit__(self, *exc):
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
+        stop_process(self.proc)
         self.proc.stdout.close()
         self.app.__exit__()
 

@@ -15,7 +15,7 @@ import h2.config
 import h2.connection
 import h2.events
 
-from tests.support import PKI, TLSPROXY, curl, free_port, wait_for
+from tests.support import PKI, TLSPROXY, accepts, curl, free_port, stop_process, wait_for
 
 
 @dataclass
@@ -35,14 +35,6 @@ class ProxyProcess:
         return curl(f"http://127.0.0.1:{self.admin}/metrics").stdout.decode()
 
 
-def _accepts(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
-
-
 @contextlib.contextmanager
 def proxy_process(pki: PKI, upstream: str, *extra: str, log=subprocess.DEVNULL) -> Iterator[ProxyProcess]:
     """A real ``tlsproxy serve`` process (its own interpreter: load tests do not share our GIL)."""
@@ -52,15 +44,10 @@ def proxy_process(pki: PKI, upstream: str, *extra: str, log=subprocess.DEVNULL) 
                              "--upstream", upstream, "--drain-delay", "0",
                              *extra], stdout=log, stderr=log)
     try:
-        assert wait_for(lambda: _accepts(port), 20), "proxy did not start"
+        assert wait_for(lambda: accepts(port), 20), "proxy did not start"
         yield ProxyProcess(port, admin, proc)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop_process(proc, 30)
 
 
 class FastApp:

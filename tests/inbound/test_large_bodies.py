@@ -3,24 +3,15 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import time
 
 import pytest
 
-from tests.support import TLSPROXY, curl, wait_for
+from tests.support import TLSPROXY, accepts, curl, wait_for
 from tests.support import free_port as _free_port
 
 GiB = 1 << 30
-
-
-def _accepts(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
 
 
 def _rss_kib(pid: int, field: str = "VmRSS") -> int:
@@ -42,7 +33,7 @@ def test_one_gib_upload_and_download_keep_rss_bounded(pki, app, tmp_path):
     try:
         # /healthz answers once the admin listener is up, which is before the TLS listener binds
         assert wait_for(lambda: curl(f"http://127.0.0.1:{admin}/healthz").returncode == 0, 15)
-        assert wait_for(lambda: _accepts(port), 15)
+        assert wait_for(lambda: accepts(port), 15)
         curl("--cacert", str(pki.ca_file), "-o", "/dev/null", f"https://localhost:{port}/warmup")
         baseline = _rss_kib(proc.pid)
         t0 = time.monotonic()

@@ -25,7 +25,7 @@ import pytest
 from websockets.sync.client import connect
 
 from tests.inbound.test_websocket_close import ws_app
-from tests.support import make_pki, running_proxy, settings_for
+from tests.support import make_pki, running_proxy, settings_for, stop_process
 
 PROMPT_MS = 100.0
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -67,12 +67,7 @@ def chromium(profile: Path) -> Iterator[str]:
                 yield m.group(1)
                 return
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc)
 
 
 class DevTools:
