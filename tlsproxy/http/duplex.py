@@ -32,7 +32,7 @@ taking the body does not cancel the response side: what the app already answered
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import trio
 
@@ -40,7 +40,7 @@ from ..errors import HTTPError, UpstreamError
 from . import framing
 from .body import RequestBody
 from .deadlines import Watch
-from .exchange import End, Leg, UpstreamPool
+from .exchange import Drain, End, Leg, ResponseHead, Route, UpstreamPool
 from .h1server import RequestHead
 from .response import informational_head
 from .shell import (
@@ -53,9 +53,26 @@ from .shell import (
     linger,
     upstream_send,
 )
+from .sink import H1Sink
 
-if TYPE_CHECKING:
-    from .forward import Forwarder
+
+class Engine(Protocol):
+    """What a body exchange uses of the engine (``forward.Forwarder``, which calls in here): the
+    pool, the upstream's response relayed to the client, and what an expired deadline means."""
+
+    route: Route
+    drain: Drain
+
+    async def acquire(self, pool: UpstreamPool, fresh: bool = False) -> Leg: ...
+    def release(self, pool: UpstreamPool, up: Leg) -> None: ...
+    def count_in(self, n: int) -> None: ...
+    def h1_sink(self, stream: Any, head: RequestHead, watch: Watch) -> H1Sink: ...
+    async def read_response_head(self, sink: Any, up: Leg, upgrading: bool, watch: Watch,
+                                 flow: Any) -> ResponseHead: ...
+    async def stream_response(self, sink: Any, up: Leg, response: ResponseHead, entry: AccessEntry,
+                              watch: Watch, *, close: bool) -> bool: ...
+    def upstream_failed(self, exc: UpstreamError) -> HTTPError: ...
+    def expiry(self, phase: str) -> HTTPError | Close: ...
 
 EXPECT_WAIT_S = 1.0               # curl's --expect100-timeout default
 EXPECT_ANSWER = informational_head(100, b"Continue", ())
@@ -71,7 +88,7 @@ class Flow:
                  "response_started", "request_done", "error", "upstream_broken", "stopped", "http10",
                  "pump_done")
 
-    def __init__(self, fwd: Forwarder, head: RequestHead, body: RequestBody, up: Leg,
+    def __init__(self, fwd: Engine, head: RequestHead, body: RequestBody, up: Leg,
                  watch: Watch) -> None:
         self.fwd = fwd
         self.head = head
@@ -118,7 +135,7 @@ class Flow:
         self.watch.scope.cancel()
 
 
-async def exchange_with_body(fwd: Forwarder, stream, head: RequestHead, upstream_req, pending: bytearray,
+async def exchange_with_body(fwd: Engine, stream, head: RequestHead, upstream_req, pending: bytearray,
                              entry: AccessEntry, pool: UpstreamPool, watch: Watch) -> bool:
     reader = head.body_reader()
     if pending:
@@ -151,7 +168,7 @@ async def exchange_with_body(fwd: Forwarder, stream, head: RequestHead, upstream
     return keep
 
 
-async def _run(fwd: Forwarder, stream, flow: Flow, upstream_req, entry: AccessEntry, watch: Watch) -> bool:
+async def _run(fwd: Engine, stream, flow: Flow, upstream_req, entry: AccessEntry, watch: Watch) -> bool:
     keep = False
     failure: BaseException | None = None
     try:
@@ -199,7 +216,7 @@ def _first(group: BaseExceptionGroup) -> BaseException:
     return flat[0]
 
 
-async def _pump(fwd: Forwarder, stream, flow: Flow, upstream_req, entry: AccessEntry,
+async def _pump(fwd: Engine, stream, flow: Flow, upstream_req, entry: AccessEntry,
                 conn_watch: Watch) -> None:
     bw = flow.watch
     try:
@@ -221,7 +238,7 @@ async def _pump(fwd: Forwarder, stream, flow: Flow, upstream_req, entry: AccessE
         conn_watch.arm(UPSTREAM_WAIT, fwd.route.limits.upstream_response_timeout_s)
 
 
-async def _pump_body(fwd: Forwarder, stream, flow: Flow, upstream_req, entry: AccessEntry) -> None:
+async def _pump_body(fwd: Engine, stream, flow: Flow, upstream_req, entry: AccessEntry) -> None:
     body, up, bw = flow.body, flow.up, flow.watch
     upc = up.h11
     out = bytearray(upstream_req)        # the head, written before the tasks started
@@ -260,7 +277,7 @@ async def _pump_body(fwd: Forwarder, stream, flow: Flow, upstream_req, entry: Ac
     flow.request_done = True
 
 
-async def _wait_for_app(fwd: Forwarder, flow: Flow) -> None:
+async def _wait_for_app(fwd: Engine, flow: Flow) -> None:
     """Up to EXPECT_WAIT_S for the app's 100 Continue or final answer."""
     watchdog = fwd.drain.watchdog
     ew = watchdog.watch()
