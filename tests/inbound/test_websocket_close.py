@@ -41,7 +41,12 @@ def proxied(tmp_path_factory):
     from tests.support import make_pki
 
     pki = make_pki(tmp_path_factory.mktemp("pki"))
-    with ws_app() as app_port, running_proxy(settings_for(pki, app_port)) as proxy:
+    # No TLS 1.3 session tickets: the sync `websockets` client reads on one thread and writes on
+    # another over one SSLSocket, and when the tickets arrive while it sends its upgrade request,
+    # the request can be lost inside the client — strace showed it never written, and tlsproxy
+    # then closing the silent connection at its first-byte timeout (about one run in five).
+    # Closing is what this module tests; tickets have their own tests (tests/tls).
+    with ws_app() as app_port, running_proxy(settings_for(pki, app_port, tls_session_tickets=0)) as proxy:
         ctx = ssl.create_default_context(cafile=str(pki.ca_file))
         yield {"proxy": (f"wss://localhost:{proxy.port}/ws", ctx),
                "direct": (f"ws://127.0.0.1:{app_port}/ws", None)}
