@@ -48,9 +48,10 @@ def _read_until(sock, marker: bytes, timeout: float = 10) -> bytes:
     return bytes(buf)
 
 
-def test_early_401_reaches_curl_before_the_upload(pki, tmp_path):
-    """HTTP/1.1: the proxy passes ``Expect: 100-continue`` on and relays the app's early 401, so
-    curl never starts the body (over HTTP/2 the proxy answers ``100`` itself: the next test)."""
+def _upload_refused_early(pki, tmp_path, http: str) -> tuple[str, str, int, float, int]:
+    """curl (``--http1.1`` or ``--http2``) PUTs 100 MiB with ``Expect: 100-continue`` to an app
+    that answers 401 at once and never reads the body. Returns the HTTP version and status curl
+    saw, the bytes it uploaded, how long it took, and the body bytes that reached the app."""
     after_head = []
 
     def refuse_unread(conn: Conn) -> None:
@@ -70,45 +71,33 @@ def test_early_401_reaches_curl_before_the_upload(pki, tmp_path):
         f.truncate(100 * 1024 * 1024)
     with scripted_upstream(refuse_unread) as up, running_proxy(settings_for(pki, up.port)) as proxy:
         t0 = time.monotonic()
-        p = subprocess.run(["curl", "-sS", "--http1.1", "-o", "/dev/null",
-                            "-w", "%{http_code} %{size_upload}", "--cacert", str(pki.ca_file),
+        p = subprocess.run(["curl", "-sS", http, "-o", "/dev/null",
+                            "-w", "%{http_version} %{http_code} %{size_upload}", "--cacert", str(pki.ca_file),
                             "-H", "Expect: 100-continue", "--limit-rate", "50M",
                             "-T", str(big), f"{proxy.url}/upload"], capture_output=True, timeout=60)
         elapsed = time.monotonic() - t0
-    code, uploaded = p.stdout.decode().split()
-    assert code == "401", p.stderr
-    assert int(uploaded) < 1024 * 1024, uploaded
+    assert after_head, p.stderr
+    version, code, uploaded = p.stdout.decode().split()
+    return version, code, int(uploaded), elapsed, after_head[0]
+
+
+def test_early_401_reaches_curl_before_the_upload(pki, tmp_path):
+    """HTTP/1.1: the proxy passes ``Expect: 100-continue`` on and relays the app's early 401, so
+    curl never starts the body (over HTTP/2 the proxy answers ``100`` itself: the next test)."""
+    version, code, uploaded, elapsed, at_app = _upload_refused_early(pki, tmp_path, "--http1.1")
+    assert (version, code) == ("1.1", "401")
+    assert uploaded < 1024 * 1024, uploaded
     assert elapsed < 5, elapsed
-    assert after_head and after_head[0] < 1024 * 1024
+    assert at_app < 1024 * 1024
 
 
 def test_early_401_stops_an_http2_upload(pki, tmp_path):
     """HTTP/2: the proxy answers ``Expect: 100-continue`` itself (docs/http2.md), so the body
     starts; the app's early 401 still reaches curl at once and ends the upload after what the
     stream window and the app's unread socket buffers took — a fraction of the 100 MiB."""
-    def refuse_unread(conn: Conn) -> None:
-        _read_head(conn)
-        conn.sock.sendall(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 13\r\n\r\nunauthorized\n")
-        conn.sock.settimeout(5)
-        try:
-            while conn.sock.recv(65536):
-                pass
-        except OSError:
-            pass
-
-    big = tmp_path / "big"
-    with big.open("wb") as f:
-        f.truncate(100 * 1024 * 1024)
-    with scripted_upstream(refuse_unread) as up, running_proxy(settings_for(pki, up.port)) as proxy:
-        t0 = time.monotonic()
-        p = subprocess.run(["curl", "-sS", "--http2", "-o", "/dev/null",
-                            "-w", "%{http_version} %{http_code} %{size_upload}", "--cacert", str(pki.ca_file),
-                            "-H", "Expect: 100-continue", "--limit-rate", "50M",
-                            "-T", str(big), f"{proxy.url}/upload"], capture_output=True, timeout=60)
-        elapsed = time.monotonic() - t0
-    version, code, uploaded = p.stdout.decode().split()
-    assert (version, code) == ("2", "401"), p.stderr
-    assert int(uploaded) < 16 * 1024 * 1024, uploaded
+    version, code, uploaded, elapsed, _ = _upload_refused_early(pki, tmp_path, "--http2")
+    assert (version, code) == ("2", "401")
+    assert uploaded < 16 * 1024 * 1024, uploaded
     assert elapsed < 5, elapsed
 
 
