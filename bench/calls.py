@@ -180,13 +180,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.mode == "idle":
             return _idle(b, args)
         stats = work / "calls.prof"
+        profiled = args.proxy == "tlsproxy" and not (args.strace or args.no_profile or args.callgrind
+                                                     or args.perf)
         if args.proxy == "nginx":
             pid, url = _start_nginx(b, args.mode)
         else:
-            profiled = not (args.strace or args.no_profile or args.callgrind or args.perf)
             pid, url = _start(b, args.mode, stats, profiled, args.callgrind)
-        profiled = args.proxy == "tlsproxy" and not (args.strace or args.no_profile or args.callgrind
-                                                     or args.perf)
         pids = procs.tree(pid)     # nginx: the master and its worker; tlsproxy: itself
         close = args.mode in ("close", "resumed")
         load.wrk(url, connections=args.connections, duration_s=1, env=b.env, close=close)   # warm up

@@ -393,9 +393,7 @@ def rewrite_request(full_items: list[Triple], facts: ForwardFacts, *, host_overr
 
 def rewrite_response(full_items: list[Triple], *, upgrade: bool = False) -> list[Triple]:
     """Headers for the client leg: hop-by-hop removed (kept for a 101 that switches protocols)."""
-    tokens: set[bytes] = set()
-    for value in [v for _, n, v in full_items if n == b"connection"]:    # usually one: keep-alive
-        tokens.update(split_tokens(value))
+    tokens = set(comma_tokens(full_items, b"connection"))
     if upgrade:
         return [i for i in full_items if i[1] not in tokens or i[1] in (b"upgrade",)
                 if i[1] not in (b"keep-alive", b"proxy-connection", b"transfer-encoding")]
